@@ -1,0 +1,124 @@
+"""The complete config: every key the project reads, with iGPT-S defaults at 32x32.
+
+Every other config file starts from `make_config` here and changes only what differs, so a key exists in one place.
+Each file's `get_config(arg)` takes an optional argument after the file name on the command line:
+`--config=configs/igpt_l.py:48` or `--config=configs/igpt_l.py:image_size=48` sets the image side (and with it the
+context length and the position table). Any key can then be overridden: `--config.model.num_layers=2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Keys accepted in the `:ARG` part of --config, with their types. The rest is set with --config.KEY=VALUE.
+ARG_KEYS = {"image_size": int}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """Parses `48` or `image_size=48` into {'image_size': 48}; unknown keys are refused by name."""
+    out = dict(defaults)
+    if not arg:
+        return out
+    for part in str(arg).split(","):
+        key, sep, value = part.partition("=")
+        if not sep:  # a bare value is the image size
+            key, value = "image_size", key
+        key = key.strip()
+        if key not in ARG_KEYS:
+            raise ValueError(f"config argument {key!r} is unknown; allowed: {sorted(ARG_KEYS)}")
+        try:
+            out[key] = ARG_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} is not a {ARG_KEYS[key].__name__}") from None
+    return out
+
+
+def make_config(
+    *,
+    image_size: int = 32,
+    num_layers: int = 24,
+    embed_dim: int = 512,
+    num_heads: int = 8,
+    learning_rate: float = 0.003,
+) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global, in images (the paper's batch for S/M/L)
+    c.total_steps = 1_000_000
+    c.microbatches = 1  # gradient accumulation: each step runs batch_size / microbatches at a time
+    c.log_every_steps = 100
+    c.eval_every_steps = 5_000
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    c.objective = "ar"  # 'ar': next pixel in raster order; 'bert': masked pixels
+    c.bert_mask_prob = 0.15
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_layers = num_layers
+    c.model.embed_dim = embed_dim
+    c.model.num_heads = num_heads
+    c.model.mlp_ratio = 4
+    c.model.image_size = image_size
+    # Rows of the learned position table; image_size**2 must fit. Kept separate from image_size so a checkpoint's
+    # table size is explicit (OpenAI's 32x32 models have 1024 rows).
+    c.model.num_positions = image_size * image_size
+    c.model.vocab_size = 512  # palette colours (the SOS is a separate learned vector, not a vocabulary row)
+    c.model.norm_eps = 1e-5
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Logits and loss are always fp32.
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # see igpt_jax.model.REMAT_POLICIES
+    c.model.scan_layers = True
+    c.model.attention = "auto"  # see igpt_jax.attention.IMPLEMENTATIONS
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "imagenet2012"
+    c.data.data_dir = ""  # TFDS data_dir; empty: TFDS's default
+    c.data.manual_dir = ""  # where manual downloads (ILSVRC tars) live; empty: <data_dir>/downloads/manual
+    c.data.train_split = "train"
+    c.data.eval_split = "validation"
+    c.data.palette = ""  # path to a (K, 3) kmeans_centers.npy; empty: fit k-means on the train split
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95  # the paper: 0.999 caused loss spikes
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.warmup_steps = 10_000  # about one ImageNet epoch at batch 128
+    c.optimizer.schedule = "cosine"
+    c.optimizer.grad_clip_norm = 0.0  # 0 turns clipping off
+
+    # Mesh axis sizes; one -1 per dict takes what is left. ici: within a slice/host, dcn: across them.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    c.mesh.dcn = {"data": -1, "fsdp": 1, "tensor": 1}
+    # Logical axis -> mesh axes (tuples are tried as a group). Parameters: embed/mlp/heads/kv/vocab/layers;
+    # activations: act_batch/act_len/act_embed.
+    c.logical_axis_rules = [
+        ("act_batch", ("data", "fsdp")),
+        ("act_len", None),
+        ("act_embed", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("layers", None),
+    ]
+
+    c.probe = ml_collections.ConfigDict()
+    c.probe.dataset = "cifar10"
+    c.probe.layers = ()  # empty: every layer
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_images = 16
+    c.sample.temperature = 1.0
+    c.sample.top_k = 0  # 0: no top-k (the paper samples from the full distribution)
+    c.sample.completion = False  # True: complete the bottom half of held-out images
+
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""  # e.g. 'v5p:4x4x4'
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return make_config(**parse_arg(arg))

@@ -1,0 +1,59 @@
+"""Attention implementations behind one signature, chosen by name (`config.model.attention`).
+
+Every implementation takes q, k, v of shape [batch, length, heads, head_dim] and returns the same shape, scaling
+logits by 1/sqrt(head_dim) as OpenAI does. Softmax always runs in fp32. Backend-specific kernels (cuDNN flash on GPU,
+Pallas splash on TPU, blockwise on CPU, ring attention for long contexts) register here under their own names;
+`auto` picks the best one registered for the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[..., jax.Array]
+
+# OpenAI masks with w*b - 1e10*(1-b); any value that underflows exp() in fp32 gives the same probabilities.
+_MASK_VALUE = -1e10
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+    """Plain softmax(q k^T / sqrt(d)) v, materialising [heads, q_len, k_len] scores. Exact reference."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if causal:
+        q_len, k_len = scores.shape[-2:]
+        allowed = jnp.tril(jnp.ones((q_len, k_len), dtype=bool), k=k_len - q_len)
+        scores = jnp.where(allowed, scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+IMPLEMENTATIONS: dict[str, AttentionFn] = {
+    "xla": xla_attention,
+}
+
+# What `auto` means on each backend, best first; the first registered name wins.
+_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("xla",),
+    "gpu": ("xla",),
+    "tpu": ("xla",),
+}
+
+
+def allowed_names() -> list[str]:
+    return ["auto", *IMPLEMENTATIONS]
+
+
+def get(name: str, backend: str | None = None) -> AttentionFn:
+    """Returns the attention function called `name`; `auto` resolves by backend (default: JAX's)."""
+    if name == "auto":
+        backend = backend or jax.default_backend()
+        for candidate in _AUTO_PREFERENCE.get(backend, ("xla",)):
+            if candidate in IMPLEMENTATIONS:
+                return IMPLEMENTATIONS[candidate]
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"config.model.attention={name!r} is unknown; allowed: {allowed_names()}")
+    return IMPLEMENTATIONS[name]

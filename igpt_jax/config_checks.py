@@ -1,0 +1,143 @@
+"""Refuses a bad config before anything is built or compiled, naming the key, its value and what is allowed.
+
+Unknown keys and wrong types are already refused by ml_collections (configs are locked and typed); this module
+checks values and the relations between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from igpt_jax import attention, model, objectives
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names every offending key."""
+
+
+def _positive_ints(c) -> list[str]:
+    keys = [
+        "batch_size",
+        "total_steps",
+        "microbatches",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "model.num_layers",
+        "model.embed_dim",
+        "model.num_heads",
+        "model.mlp_ratio",
+        "model.image_size",
+        "model.num_positions",
+        "model.vocab_size",
+        "sample.num_images",
+    ]
+    out = []
+    for key in keys:
+        value = _get(c, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            out.append(f"config.{key}={value!r}: must be a positive integer")
+    return out
+
+
+def _choices(c) -> list[str]:
+    table = {
+        "model.dtype": list(model.DTYPES),
+        "model.param_dtype": list(model.DTYPES),
+        "model.remat": list(model.REMAT_POLICIES),
+        "model.attention": attention.allowed_names(),
+        "objective": list(objectives.OBJECTIVES),
+    }
+    return [
+        f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
+        for key, allowed in table.items()
+        if _get(c, key) not in allowed
+    ]
+
+
+def _model_shape(c) -> list[str]:
+    m = c.model
+    out = []
+    if _all_positive(m.embed_dim, m.num_heads) and m.embed_dim % m.num_heads:
+        out.append(
+            f"config.model.embed_dim={m.embed_dim} must be a multiple of config.model.num_heads={m.num_heads} "
+            f"(head_dim = embed_dim / num_heads)"
+        )
+    if _all_positive(m.image_size, m.num_positions) and m.image_size**2 > m.num_positions:
+        out.append(
+            f"config.model.image_size={m.image_size} needs {m.image_size**2} positions but "
+            f"config.model.num_positions={m.num_positions}; allowed: image_size**2 <= num_positions "
+            f"(set --config.model.num_positions={m.image_size**2}, or pass the size as the config "
+            f"argument, e.g. configs/igpt_l.py:{m.image_size})"
+        )
+    if not (isinstance(m.norm_eps, float) and m.norm_eps > 0):
+        out.append(f"config.model.norm_eps={m.norm_eps!r}: must be > 0")
+    return out
+
+
+def _training(c) -> list[str]:
+    out = []
+    if _all_positive(c.batch_size, c.microbatches) and c.batch_size % c.microbatches:
+        out.append(f"config.batch_size={c.batch_size} must be a multiple of config.microbatches={c.microbatches}")
+    if not 0.0 < c.bert_mask_prob < 1.0:
+        out.append(f"config.bert_mask_prob={c.bert_mask_prob}: allowed: 0 < p < 1")
+    o = c.optimizer
+    if not o.learning_rate > 0:
+        out.append(f"config.optimizer.learning_rate={o.learning_rate}: must be > 0")
+    for key in ("b1", "b2"):
+        if not 0.0 <= o[key] < 1.0:
+            out.append(f"config.optimizer.{key}={o[key]}: allowed: 0 <= {key} < 1")
+    for key in ("weight_decay", "grad_clip_norm", "warmup_steps"):
+        if o[key] < 0:
+            out.append(f"config.optimizer.{key}={o[key]}: must be >= 0")
+    if not c.sample.temperature > 0:
+        out.append(f"config.sample.temperature={c.sample.temperature}: must be > 0")
+    if c.sample.top_k < 0:
+        out.append(f"config.sample.top_k={c.sample.top_k}: must be >= 0 (0 turns top-k off)")
+    return out
+
+
+def _mesh(c) -> list[str]:
+    out = []
+    for part in ("ici", "dcn"):
+        sizes = dict(c.mesh[part])
+        unknown = sorted(set(sizes) - set(MESH_AXES))
+        if unknown:
+            out.append(f"config.mesh.{part} has unknown axes {unknown}; allowed: {list(MESH_AXES)}")
+        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or (v < 1 and v != -1)}
+        if bad:
+            out.append(f"config.mesh.{part}={sizes}: sizes must be positive integers or -1, got {bad}")
+        if list(sizes.values()).count(-1) > 1:
+            out.append(f"config.mesh.{part}={sizes}: at most one axis may be -1")
+    return out
+
+
+CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
+    _positive_ints,
+    _choices,
+    _model_shape,
+    _training,
+    _mesh,
+)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError listing every problem, one per line; returns None for a usable config."""
+    problems = [p for fn in CHECKS for p in fn(config)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def _get(c, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _all_positive(*values) -> bool:
+    return all(isinstance(v, int) and v > 0 for v in values)

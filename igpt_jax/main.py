@@ -1,0 +1,125 @@
+"""Command-line entry point: `python -m igpt_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR --mode=MODE`.
+
+Also installed as the console script `igpt`. The config is checked before anything is built or compiled; a bad
+key or value exits with status 2 and one message naming it. Modes are a registry (name -> function of config and
+workdir) that grows as they land.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from igpt_jax import config_checks
+
+ModeFn = Callable[[ml_collections.ConfigDict, str], None]
+
+# Every mode the CLI will have (DESIGN.md); MODES holds the ones implemented so far.
+ALL_MODES = ("train", "eval", "probe", "sample", "compile")
+MODES: dict[str, ModeFn] = {}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/fashion_mnist.py or configs/igpt_l.py:48.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (local or gs://).")
+_MODE = flags.DEFINE_string("mode", "train", f"One of {', '.join(ALL_MODES)}.")
+
+
+def _fail(message: str) -> None:
+    print(f"igpt: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_mode(mode: str) -> ModeFn:
+    """The function for `mode`, or a one-line exit naming what exists."""
+    if mode in MODES:
+        return MODES[mode]
+    available = ", ".join(MODES) or "none yet"
+    if mode in ALL_MODES:
+        _fail(f"--mode={mode} is not implemented yet (implemented: {available})")
+    _fail(f"--mode={mode} is unknown; allowed: {', '.join(ALL_MODES)}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; a bad config file, key or value becomes one line that says what is allowed."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any failure here is a usage error, reported in one line
+        _fail(_explain_flag_error(argv, e))
+
+
+def _explain_flag_error(argv: list[str], error: Exception) -> str:
+    for arg in argv[1:]:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config.") :].split("=", 1)[0]
+            missing = _missing_part(argv, key)
+            if missing is not None:
+                parent, keys = missing
+                where = f"config.{parent}" if parent else "config"
+                return f"unknown config key config.{key}; keys under {where}: {', '.join(keys)}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    # A config file that raised: its last line is the exception, the first says which flag.
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def _load_config_arg(argv: list[str]) -> ml_collections.ConfigDict | None:
+    """The config that --config=PATH[:ARG] in argv names, or None if there is none or it does not load."""
+    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_igpt_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - the original error is reported instead
+        return None
+
+
+def _missing_part(argv: list[str], dotted: str) -> tuple[str, list[str]] | None:
+    """(parent path, its keys) for the first part of `dotted` the loaded config lacks; None if all exist."""
+    node = _load_config_arg(argv)
+    if node is None:
+        return None
+    path: list[str] = []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return ".".join(path), keys
+        node, path = node[part], [*path, part]
+    return None
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; flags look like --config=... --workdir=... --mode=...")
+    mode_fn = check_mode(_MODE.value)
+    try:
+        config = _CONFIG.value  # config files load lazily: a missing or failing file raises here
+    except Exception as e:  # noqa: BLE001
+        _fail(_explain_flag_error([], e))
+    if config is None:
+        _fail("--config is required, e.g. --config=configs/fashion_mnist.py")
+    if not _WORKDIR.value:
+        _fail("--workdir is required: where checkpoints, metrics and samples go")
+    try:
+        config_checks.check(config)
+    except config_checks.ConfigError as e:
+        _fail("bad config: " + str(e).replace("\n", "; "))
+    logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
+    mode_fn(config, _WORKDIR.value)
+
+
+def run() -> None:
+    """Console-script entry point (`igpt`)."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,229 @@
+"""Image GPT exactly as OpenAI built it (github.com/openai/image-gpt, src/model.py), in Flax NNX.
+
+A GPT-2 pre-norm decoder with OpenAI's changes: a gain-only RMS norm (no mean, no bias, eps inside the sqrt), no
+biases anywhere, quick-GELU x*sigmoid(1.702x), learned absolute positions, a learned start-of-sequence vector that
+is not a vocabulary row, an untied output head, and OpenAI's initialisation (the output head starts at zero). No
+dropout.
+
+Tokens in, logits out: `model(tokens[B, N])` returns fp32 logits [B, N, vocab] where position i predicts token i.
+In AR mode the input is [SOS, x_0 .. x_{N-2}] (the last token is never an input) under a causal mask; in BERT mode
+the input is x_0 .. x_{N-1} with masked positions' embeddings zeroed, no causal mask and no SOS.
+
+The blocks' parameters are stacked along a leading `layers` axis, whether the forward pass scans over them
+(`scan_layers=True`: one compiled block, fast compiles for 48-60 layers) or unrolls a Python loop. The parameter tree
+is therefore the same either way, and so are checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from igpt_jax import attention as attention_lib
+from igpt_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Named rematerialisation policies (config.model.remat). `None` means no remat: every activation is kept.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep every matmul output, recompute the cheap elementwise work (norms, GELU, softmax).
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    # Keep only weight matmuls (no batch dims), recompute attention scores: MaxText's "minimal".
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACTIVATION_NAMES = ("act_batch", "act_len", "act_embed")
+
+
+def _param(init: Callable, rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
+    """A parameter carrying its logical axis names; sharding is applied later by jit, never eagerly here."""
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI's "gelu2": x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class RMSNorm(nnx.Module):
+    """OpenAI's `norm`: x / sqrt(mean(x^2) + eps) * g. No mean subtraction, no bias; computed in fp32."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = _param(nnx.initializers.ones, rngs, (dim,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with per-head projections and no biases."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        d, h = cfg.embed_dim, cfg.num_heads
+        pd = DTYPES[cfg.param_dtype]
+        qkv_init = nnx.initializers.normal(1.0 / math.sqrt(d))
+        out_init = nnx.initializers.normal(1.0 / math.sqrt(d * cfg.num_layers))
+        names = ("embed", "heads", "kv")
+        self.query = _param(qkv_init, rngs, (d, h, d // h), names, pd)
+        self.key = _param(qkv_init, rngs, (d, h, d // h), names, pd)
+        self.value = _param(qkv_init, rngs, (d, h, d // h), names, pd)
+        self.out = _param(out_init, rngs, (h, d // h, d), ("heads", "kv", "embed"), pd)
+        self.dtype = DTYPES[cfg.dtype]
+        self.attend = attention_lib.get(cfg.attention)
+
+    def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
+        def project(w):
+            return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype))
+
+        o = self.attend(project(self.query), project(self.key), project(self.value), causal=causal)
+        return jnp.einsum("bshk,hkd->bsd", o, self.out[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        d, m = cfg.embed_dim, cfg.embed_dim * cfg.mlp_ratio
+        pd = DTYPES[cfg.param_dtype]
+        init = nnx.initializers.normal(0.02)
+        self.fc = _param(init, rngs, (d, m), ("embed", "mlp"), pd)
+        self.proj = _param(init, rngs, (m, d), ("mlp", "embed"), pd)
+        self.dtype = DTYPES[cfg.dtype]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = quick_gelu(jnp.einsum("bsd,dm->bsm", x, self.fc[...].astype(self.dtype)))
+        return jnp.einsum("bsm,md->bsd", h, self.proj[...].astype(self.dtype))
+
+
+class Block(nnx.Module):
+    """Pre-norm block: a = h + attn(norm(h)); out = a + mlp(norm(a))."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        kw = dict(eps=cfg.norm_eps, param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+        self.ln_1 = RMSNorm(cfg.embed_dim, **kw)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ln_2 = RMSNorm(cfg.embed_dim, **kw)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, h: jax.Array, *, causal: bool) -> tuple[jax.Array, jax.Array]:
+        """Returns the new residual stream and norm(h): the paper's linear-probe features for this layer."""
+        n = self.ln_1(h)
+        h = h + self.attn(n, causal=causal)
+        h = h + self.mlp(self.ln_2(h))
+        return h, n
+
+
+def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
+    """`num_layers` blocks as one Block whose parameters have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return create(rngs)
+
+
+class IGPT(nnx.Module):
+    """The whole model. `objective` ('ar' or 'bert') fixes how inputs are formed and whether attention is causal."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, objective: str = "ar", rngs: nnx.Rngs):
+        if objective not in ("ar", "bert"):
+            raise ValueError(f"objective={objective!r} is unknown; allowed: ['ar', 'bert']")
+        d, v = cfg.embed_dim, cfg.vocab_size
+        pd = DTYPES[cfg.param_dtype]
+        normal = nnx.initializers.normal
+        self.objective = objective
+        self.dtype = DTYPES[cfg.dtype]
+        self.num_layers = cfg.num_layers
+        self.scan_layers = cfg.scan_layers
+        if cfg.remat not in REMAT_POLICIES:
+            raise ValueError(f"config.model.remat={cfg.remat!r} is unknown; allowed: {list(REMAT_POLICIES)}")
+        self.remat = cfg.remat
+        self.wte = _param(normal(0.02), rngs, (v, d), ("vocab", "embed"), pd)
+        self.wpe = _param(normal(0.01), rngs, (cfg.num_positions, d), (None, "embed"), pd)
+        self.sos = _param(normal(0.02), rngs, (d,), ("embed",), pd)
+        self.blocks = _stacked_blocks(cfg, rngs)
+        self.ln_f = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        # OpenAI zero-initialises every projection that produces logits.
+        self.head = _param(nnx.initializers.zeros, rngs, (d, v), ("embed", "vocab"), pd)
+
+    def embed(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """Input embeddings [B, N, d]: AR shifts in the SOS vector; BERT zeroes masked positions."""
+        n = tokens.shape[1]
+        if n > self.wpe.shape[0]:
+            raise ValueError(f"{n} tokens do not fit the {self.wpe.shape[0]}-row position table")
+        wte = self.wte[...]
+        if self.objective == "ar":
+            x = jnp.take(wte, tokens[:, :-1], axis=0)
+            sos = jnp.broadcast_to(self.sos[...], (tokens.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([sos.astype(x.dtype), x], axis=1)
+        else:
+            x = jnp.take(wte, tokens, axis=0)
+            if mask is not None:
+                x = jnp.where(mask[..., None], 0, x)
+        h = (x + self.wpe[:n][None]).astype(self.dtype)
+        return constrain(h, ACTIVATION_NAMES)
+
+    def run_blocks(self, h: jax.Array, *, features: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """All blocks over the residual stream; optionally each layer's mean-pooled norm(h) as [L, B, d] fp32."""
+        causal = self.objective == "ar"
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(h, layer_params):
+            h, n = nnx.merge(graphdef, layer_params)(h, causal=causal)
+            pooled = jnp.mean(n.astype(jnp.float32), axis=1) if features else None
+            return constrain(h, ACTIVATION_NAMES), pooled
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            return jax.lax.scan(body, h, stacked)
+        pooled = []
+        for i in range(self.num_layers):
+            h, p = body(h, jax.tree.map(lambda x, i=i: x[i], stacked))
+            pooled.append(p)
+        return h, (jnp.stack(pooled) if features else None)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm then the untied head, in fp32 (the head is small: vocab 512)."""
+        n = self.ln_f(h).astype(jnp.float32)
+        return jnp.einsum("bsd,dv->bsv", n, self.head[...].astype(jnp.float32))
+
+    def __call__(
+        self, tokens: jax.Array, *, mask: jax.Array | None = None, features: bool = False
+    ) -> jax.Array | tuple[jax.Array, jax.Array]:
+        """Logits [B, N, vocab] (fp32); with `features=True` also per-layer probe features [L, B, d].
+
+        `mask` (bool [B, N], BERT only) marks the positions whose input embedding is zeroed.
+        """
+        if mask is not None and self.objective != "bert":
+            raise ValueError("a mask is only meaningful for the 'bert' objective")
+        h, pooled = self.run_blocks(self.embed(tokens, mask), features=features)
+        logits = self.logits(h)
+        return (logits, pooled) if features else logits
+
+
+def build(config: ml_collections.ConfigDict, *, seed: int | None = None) -> IGPT:
+    """The model a full config describes, initialised from `seed` (default: config.seed)."""
+    seed = config.seed if seed is None else seed
+    return IGPT(config.model, objective=config.objective, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(config: ml_collections.ConfigDict) -> IGPT:
+    """The model's shapes and logical axis names without allocating anything (jax.eval_shape)."""
+    return nnx.eval_shape(lambda: build(config))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

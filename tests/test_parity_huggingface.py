@@ -1,0 +1,70 @@
+"""Our model equals Hugging Face's ImageGPT (PyTorch) on the same weights: the architecture is pinned."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+
+from igpt_jax import convert
+
+SIDE, WIDTH, HEADS, LAYERS, VOCAB = 4, 32, 4, 3, 16
+
+
+def _random_hf_model(seed: int) -> ImageGPTForCausalImageModeling:
+    torch.manual_seed(seed)
+    hf_config = ImageGPTConfig(
+        vocab_size=VOCAB + 1,
+        n_positions=SIDE * SIDE,
+        n_embd=WIDTH,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = ImageGPTForCausalImageModeling(hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))  # gains away from 1, so a missing gain is caught
+            elif name == "lm_head.weight":
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_logits_equal_huggingface(tmp_path, fmt):
+    hf = _random_hf_model(seed=0)
+    hf.save_pretrained(tmp_path, safe_serialization=(fmt == "safetensors"))
+    model, config = convert.from_huggingface(tmp_path)
+    assert (config.model.num_layers, config.model.embed_dim, config.model.num_heads) == (LAYERS, WIDTH, HEADS)
+    assert config.model.vocab_size == VOCAB and config.model.image_size == SIDE
+
+    tokens = np.random.default_rng(0).integers(0, VOCAB, (3, SIDE * SIDE))
+    sos = np.full((3, 1), VOCAB)  # HF's SOS is the last vocabulary row
+    hf_input = torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1))
+    with torch.no_grad():
+        expected = hf(hf_input).logits.numpy()  # [B, N, VOCAB]: position i predicts token i
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    assert ours.shape == expected.shape == (3, SIDE * SIDE, VOCAB)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_nonzero_biases_are_refused(tmp_path):
+    hf = _random_hf_model(seed=1)
+    with torch.no_grad():
+        hf.transformer.h[1].mlp.c_fc.bias.fill_(0.25)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(convert.ConversionError, match=r"h\.1\.mlp\.c_fc\.bias.*no biases"):
+        convert.from_huggingface(tmp_path)
+
+
+def test_other_activation_is_refused(tmp_path):
+    hf = _random_hf_model(seed=2)
+    hf.config.activation_function = "gelu_new"
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(convert.ConversionError, match="activation_function='gelu_new'"):
+        convert.from_huggingface(tmp_path)
