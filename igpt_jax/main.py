@@ -99,9 +99,12 @@ def _missing_part(argv: list[str], dotted: str) -> tuple[str, list[str]] | None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config=... --workdir=... --mode=...")
-    mode_fn = check_mode(_MODE.value)
+    if _MODE.value not in ALL_MODES:
+        check_mode(_MODE.value)  # exits, naming the modes
     try:
-        config = _CONFIG.value  # config files load lazily: a missing or failing file raises here
+        config = _CONFIG.value
+        if config is not None:
+            config.keys()  # config files load lazily: a missing or failing file raises on first use
     except Exception as e:  # noqa: BLE001
         _fail(_explain_flag_error([], e))
     if config is None:
@@ -112,6 +115,7 @@ def main(argv: list[str]) -> None:
         config_checks.check(config)
     except config_checks.ConfigError as e:
         _fail("bad config: " + str(e).replace("\n", "; "))
+    mode_fn = check_mode(_MODE.value)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
     mode_fn(config, _WORKDIR.value)
 

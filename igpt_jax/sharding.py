@@ -11,8 +11,9 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import jax
+from flax import nnx
 from flax.core import spmd as flax_spmd
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -51,3 +52,13 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh.empty or not rules:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.axis_names))
+
+
+def variable_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+    """A NamedSharding per variable of `state` (real or abstract) from its logical names; unnamed: replicated."""
+
+    def one(variable: nnx.Variable) -> NamedSharding:
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        return NamedSharding(mesh, logical_to_spec(names, rules, mesh.axis_names))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,108 @@
+"""Bad configs and bad CLI input are refused before anything is built, with messages naming key and allowed values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import fashion_mnist, igpt_s
+from igpt_jax import config_checks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check(**overrides):
+    config = igpt_s.get_config()
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    config_checks.check(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model__num_layers": -1}, r"config\.model\.num_layers=-1: must be a positive integer"),
+        ({"model__embed_dim": 0}, r"config\.model\.embed_dim=0: must be a positive integer"),
+        ({"batch_size": -8}, r"config\.batch_size=-8: must be a positive integer"),
+        ({"model__embed_dim": 500}, r"embed_dim=500 must be a multiple of config\.model\.num_heads=8"),
+        (
+            {"model__image_size": 48},
+            r"image_size=48 needs 2304 positions but config\.model\.num_positions=1024; "
+            r"allowed: image_size\*\*2 <= num_positions",
+        ),
+        ({"model__remat": "some"}, r"config\.model\.remat='some' is unknown; allowed: \['none', 'full'"),
+        ({"model__attention": "flash9"}, r"config\.model\.attention='flash9' is unknown; allowed: \['auto', 'xla'"),
+        ({"model__dtype": "float8"}, r"config\.model\.dtype='float8' is unknown; allowed: \['float32', 'bfloat16'"),
+        ({"objective": "mae"}, r"config\.objective='mae' is unknown; allowed: \['ar', 'bert'\]"),
+        ({"microbatches": 3}, r"config\.batch_size=128 must be a multiple of config\.microbatches=3"),
+        ({"optimizer__b2": 1.0}, r"config\.optimizer\.b2=1\.0: allowed: 0 <= b2 < 1"),
+        ({"mesh__ici": {"data": -1, "fsdp": -1}}, r"config\.mesh\.ici=.*at most one axis may be -1"),
+        ({"mesh__ici": {"pipeline": 2}}, r"config\.mesh\.ici has unknown axes \['pipeline'\]"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(config_checks.ConfigError, match=message):
+        _check(**overrides)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(config_checks.ConfigError) as e:
+        _check(model__num_layers=0, model__embed_dim=500)
+    assert "num_layers=0" in str(e.value) and "embed_dim=500" in str(e.value)
+
+
+@pytest.mark.parametrize("preset", [igpt_s, fashion_mnist])
+def test_presets_pass(preset):
+    config_checks.check(preset.get_config())
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("igpt: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode=probe"], "--mode=probe is not implemented yet"),
+        (["--mode=dance"], "--mode=dance is unknown; allowed: train, eval, probe, sample, compile"),
+        (["--config.model.depth=3"], "unknown config key config.model.depth; keys under config.model: attention,"),
+        (["--config.modle.num_layers=3"], "unknown config key config.modle.num_layers; keys under config: batch_size"),
+        (["--config.model.num_layers=abc"], "--config.model.num_layers=abc: invalid literal for int()"),
+        (["--config.model.num_layers=-2"], "bad config: config.model.num_layers=-2: must be a positive integer"),
+        (["--config.model.embed_dim=100"], "embed_dim=100 must be a multiple of config.model.num_heads=8"),
+        (["--config.model.image_size=64"], "image_size=64 needs 4096 positions but config.model.num_positions=1024"),
+    ],
+)
+def test_cli_refuses_with_one_line(args, message):
+    mode = [] if any(a.startswith("--mode") for a in args) else ["--mode=train"]
+    line = _one_line_error(_cli("--config=configs/igpt_s.py", "--workdir=/tmp/igpt_cli_test", *mode, *args))
+    assert message in line, line
+
+
+def test_cli_refuses_missing_config_file():
+    line = _one_line_error(_cli("--config=configs/nope.py", "--workdir=/tmp/x"))
+    assert "No such file or directory: 'configs/nope.py'" in line, line
+
+
+def test_cli_refuses_bad_config_argument():
+    line = _one_line_error(_cli("--config=configs/igpt_s.py:size=3", "--workdir=/tmp/x"))
+    assert "config argument 'size' is unknown; allowed: ['image_size']" in line, line
