@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, model, objectives
+from igpt_jax import attention, model, objectives, optim
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -52,6 +52,7 @@ def _choices(c) -> list[str]:
         "model.remat": list(model.REMAT_POLICIES),
         "model.attention": attention.allowed_names(),
         "objective": list(objectives.OBJECTIVES),
+        "optimizer.schedule": list(optim.SCHEDULES),
     }
     return [
         f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
@@ -87,8 +88,8 @@ def _training(c) -> list[str]:
     if not 0.0 < c.bert_mask_prob < 1.0:
         out.append(f"config.bert_mask_prob={c.bert_mask_prob}: allowed: 0 < p < 1")
     o = c.optimizer
-    if not o.learning_rate > 0:
-        out.append(f"config.optimizer.learning_rate={o.learning_rate}: must be > 0")
+    if not 0 < o.learning_rate < float("inf"):
+        out.append(f"config.optimizer.learning_rate={o.learning_rate}: must be finite and > 0")
     for key in ("b1", "b2"):
         if not 0.0 <= o[key] < 1.0:
             out.append(f"config.optimizer.{key}={o[key]}: allowed: 0 <= {key} < 1")

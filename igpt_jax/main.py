@@ -8,6 +8,7 @@ workdir) that grows as they land.
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import sys
 from collections.abc import Callable
 
@@ -21,7 +22,18 @@ ModeFn = Callable[[ml_collections.ConfigDict, str], None]
 
 # Every mode the CLI will have (DESIGN.md); MODES holds the ones implemented so far.
 ALL_MODES = ("train", "eval", "probe", "sample", "compile")
-MODES: dict[str, ModeFn] = {}
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
+    from igpt_jax import sharding, train  # imported here so that config errors are reported before JAX loads
+
+    try:
+        train.train_and_evaluate(config, workdir)
+    except (sharding.MeshError, FileNotFoundError) as e:  # the topology or the data, not a bug: one line
+        _fail(str(e))
+
+
+MODES: dict[str, ModeFn] = {"train": _train}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fashion_mnist.py or configs/igpt_l.py:48.", lock_config=True
@@ -96,7 +108,18 @@ def _missing_part(argv: list[str], dotted: str) -> tuple[str, list[str]] | None:
     return None
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO chatter from Orbax and friends (every save logs ~20 lines); their warnings still show."""
+
+    NOISY = ("orbax", "tensorstore", "etils", "absl/logging")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
 def main(argv: list[str]) -> None:
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(_QuietLibraries())
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config=... --workdir=... --mode=...")
     if _MODE.value not in ALL_MODES:

@@ -8,6 +8,7 @@ model runs unsharded in tests and sharded under `jax.set_mesh`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -55,10 +56,89 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 def variable_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
-    """A NamedSharding per variable of `state` (real or abstract) from its logical names; unnamed: replicated."""
+    """A NamedSharding per variable of `state` (real or abstract) from its logical names; unnamed: replicated.
+
+    A dimension that its mesh axes do not divide (4 heads on tensor=8) is replicated rather than refused.
+    """
 
     def one(variable: nnx.Variable) -> NamedSharding:
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
-        return NamedSharding(mesh, logical_to_spec(names, rules, mesh.axis_names))
+        spec = logical_to_spec(names, rules, mesh.axis_names)
+        return NamedSharding(mesh, _divisible(spec, variable.shape, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*out)
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the global batch is split over these (FSDP is data parallel for activations)
+
+
+class MeshError(ValueError):
+    """The mesh in the config does not fit the devices, or the batch does not fit the mesh."""
+
+
+def _resolve(sizes: dict, total: int, key: str) -> dict[str, int]:
+    """Axis sizes with the one -1 filled in so that their product is `total`; refused with the numbers otherwise."""
+    sizes = {axis: int(sizes.get(axis, 1)) for axis in MESH_AXES}
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+        if total % known:
+            raise MeshError(f"{key}={sizes}: {total} devices are not divisible by the fixed sizes' product {known}")
+        sizes = {a: (total // known if v == -1 else v) for a, v in sizes.items()}
+    if math.prod(sizes.values()) != total:
+        raise MeshError(f"{key}={sizes}: product {math.prod(sizes.values())} != {total} devices available for it")
+    return sizes
+
+
+def _granules(devices: Sequence[jax.Device]) -> int:
+    """Slices (TPU multislice) or, elsewhere, processes: the units that `mesh.dcn` spans."""
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    if None not in slices:
+        return len(slices)
+    return len({d.process_index for d in devices})
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh.ici` (within a slice/host) x `config.mesh.dcn` (across)."""
+    from jax.experimental import mesh_utils
+
+    devices = list(devices if devices is not None else jax.devices())
+    granules = _granules(devices)
+    dcn = _resolve(dict(config.mesh.dcn), granules, "config.mesh.dcn")
+    ici = _resolve(dict(config.mesh.ici), len(devices) // granules, "config.mesh.ici")
+    if math.prod(dcn.values()) > 1:
+        array = mesh_utils.create_hybrid_device_mesh(
+            [ici[a] for a in MESH_AXES],
+            [dcn[a] for a in MESH_AXES],
+            devices,
+            process_is_granule=not hasattr(devices[0], "slice_index"),
+        )
+    else:
+        array = mesh_utils.create_device_mesh([ici[a] for a in MESH_AXES], devices)
+    return jax.sharding.Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_batch(config, mesh: jax.sharding.Mesh) -> None:
+    """Each microbatch must split evenly over the batch axes of the mesh."""
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    micro = config.batch_size // config.microbatches
+    if micro % shards:
+        raise MeshError(
+            f"config.batch_size={config.batch_size} / config.microbatches={config.microbatches} = {micro} images "
+            f"per microbatch, not divisible by the {shards} batch shards of the mesh "
+            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (ndim - 1)))

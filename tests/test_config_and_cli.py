@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import override
 
 from configs import fashion_mnist, igpt_s
 from igpt_jax import config_checks
@@ -16,14 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check(**overrides):
-    config = igpt_s.get_config()
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    config_checks.check(config)
+    config_checks.check(override(igpt_s.get_config(), **overrides))
 
 
 @pytest.mark.parametrize(

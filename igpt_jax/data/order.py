@@ -1,0 +1,30 @@
+"""Which examples each step reads: a pure function of (seed, step, batch size, split size).
+
+Epoch e is a fresh permutation seeded by (seed, e); step s takes examples [s*B, (s+1)*B) of the concatenated epochs.
+No iterator state exists, so a run resumes at any step instantly and on any number of processes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def global_indices(seed: int, step: int, batch_size: int, num_examples: int, *, shuffle: bool = True) -> np.ndarray:
+    """Example indices (int64 [batch_size]) of step `step`'s global batch."""
+    start = step * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs, offsets = np.divmod(positions, num_examples)
+    if not shuffle:
+        return offsets
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+        chosen = epochs == epoch
+        out[chosen] = perm[offsets[chosen]]
+    return out
+
+
+def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """The contiguous part of the global batch that this process loads (rows it owns under the batch sharding)."""
+    per = len(indices) // process_count
+    return indices[process_index * per : (process_index + 1) * per]

@@ -1,0 +1,108 @@
+"""Metrics: `metrics.jsonl` + TensorBoard events from process 0, a progress line per log step, and MFU.
+
+FLOPs per token for training (forward + backward = 3x forward, matmuls only, MaxText's convention):
+  6 * (12 * L * d^2 + d * V)       weights: q, k, v, out (4 d^2), MLP (8 d^2) per layer, and the head
++ 6 * L * S * d                    attention scores and values, causal: half of the 12 * L * S * d a full mask costs
+Embedding lookups, norms and softmax are not counted. MFU = achieved FLOP/s per device / peak FLOP/s per device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# Dense bf16 peak FLOP/s per chip (vendor figures, not the 2:4-sparse ones).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def flops_per_token(config: ml_collections.ConfigDict) -> float:
+    m = config.model
+    seq = m.image_size**2
+    matmul = 12 * m.num_layers * m.embed_dim**2 + m.embed_dim * m.vocab_size
+    attention = 6 * m.num_layers * seq * m.embed_dim  # causal-halved (bert, bidirectional, uses the same figure)
+    return 6 * matmul + attention
+
+
+def _measured_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a jitted fp32 n x n matmul on this host's CPU: the peak that CPU MFU is quoted against."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        f(x).block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    device = jax.devices()[0]
+    for prefix, peak in PEAK_FLOPS.items():
+        if device.device_kind.startswith(prefix):
+            return peak, f"{prefix} bf16 dense peak"
+    if device.platform == "cpu":
+        per_device = _measured_cpu_peak() / jax.local_device_count()
+        return per_device, "measured fp32 matmul throughput of this CPU, split over its JAX devices"
+    return float("nan"), f"unknown peak for {device.device_kind}"
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to workdir/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str, *, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, record: Mapping) -> None:
+        if not self.enabled:
+            return
+        record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            prefix = record.get("mode", "train")
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def progress_line(record: Mapping, total_steps: int) -> str:
+    eta = record.get("eta_seconds")
+    eta_text = f"{eta / 60:.1f} min" if eta is not None else "?"
+    return (
+        f"step {record['step']}/{total_steps}  loss {record['loss']:.4f} nats ({record['bits_per_token']:.3f} bits)"
+        f"  {record['tokens_per_sec']:.0f} tokens/s  MFU {100 * record['mfu']:.1f}%  ETA {eta_text}"
+    )

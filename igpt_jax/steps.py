@@ -1,0 +1,164 @@
+"""The train state and the jitted steps, as pure functions of (config, mesh).
+
+Training, tests and ahead-of-time compilation all build their steps here, so they compile the same program. The
+state is a plain pytree, {'step', 'params', 'opt_state'}, with fp32 params and Adam moments; its shardings come from
+the parameters' logical axis names and `config.logical_axis_rules` (jax.eval_shape, nothing allocated), and init is
+jitted with those shardings as `out_shardings`, so no device ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from igpt_jax import model as model_lib
+from igpt_jax import objectives, optim, palette, sharding
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything the steps are built from: static parts (graphdef, optimizer) and the state's layout."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract_state: State  # ShapeDtypeStructs carrying their shardings
+    state_shardings: State
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def _param_shardings(abstract_model: nnx.Module, mesh, rules) -> dict:
+    return nnx.to_pure_dict(sharding.variable_shardings(nnx.state(abstract_model, nnx.Param), mesh, rules))
+
+
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+    """Shapes and shardings of the train state for `config` on `mesh`, from jax.eval_shape (nothing allocated)."""
+    sharding.check_batch(config, mesh)
+    tx = optim.make(config)
+    abstract_model = model_lib.abstract(config)
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    params = nnx.to_pure_dict(abstract_params)
+    param_shardings = _param_shardings(abstract_model, mesh, config.logical_axis_rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: replicated
+    )
+    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return Setup(config, mesh, graphdef, tx, abstract_state, shardings)
+
+
+def init_state(setup: Setup, seed: int | None = None) -> State:
+    """A fresh state, created directly in its shards (jit with out_shardings)."""
+    config = setup.config
+
+    def init():
+        model = model_lib.build(config, seed=seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": setup.tx.init(params)}
+
+    with jax.set_mesh(setup.mesh):
+        return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def _tokens(batch: dict, clusters: jax.Array | None) -> jax.Array:
+    """Palette tokens for a batch of uint8 images (quantised here, on the device) or of ready tokens."""
+    if "tokens" in batch:
+        return batch["tokens"]
+    return palette.quantize(batch["images"], clusters)
+
+
+def _loss_fn(setup: Setup):
+    objective = objectives.get(setup.config.objective)
+    config = setup.config
+
+    def loss_fn(params, tokens, key):
+        model = nnx.merge(setup.graphdef, nnx.State(params))
+        with sharding.axis_rules(config.logical_axis_rules):
+            return objective(model, tokens, key, config)
+
+    return loss_fn
+
+
+def _step_key(config, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(config.seed), step)
+
+
+def make_grad_fn(setup: Setup):
+    """(params, tokens, key) -> (grads, metrics), averaged over `config.microbatches` sequential microbatches
+    (lax.scan): microbatching changes peak memory, not the result."""
+    config = setup.config
+    grad_fn = jax.value_and_grad(_loss_fn(setup), has_aux=True)
+    k = config.microbatches
+
+    def grads_and_metrics(params, tokens, key):
+        if k == 1:
+            (_, metrics), grads = grad_fn(params, tokens, key)
+            return grads, metrics
+        micro = tokens.reshape(k, tokens.shape[0] // k, *tokens.shape[1:])
+
+        def accumulate(carry, xs):
+            i, toks = xs
+            (_, m), g = grad_fn(params, toks, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (g, m)), None
+
+        (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, micro[0], key)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        return jax.tree.map(lambda x: x / k, (grads, metrics))
+
+    return grads_and_metrics
+
+
+def make_train_step(setup: Setup):
+    """jit(state, batch, clusters) -> (state, metrics), with the state donated."""
+    config = setup.config
+    grads_and_metrics = make_grad_fn(setup)
+    lr = optim.schedule(config)
+
+    def train_step(state: State, batch: dict, clusters: jax.Array | None):
+        tokens = _tokens(batch, clusters)
+        grads, metrics = grads_and_metrics(state["params"], tokens, _step_key(config, state["step"]))
+        updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "learning_rate": lr(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(setup.state_shardings, None, setup.replicated),
+        out_shardings=(setup.state_shardings, setup.replicated),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(setup: Setup):
+    """jit(params, batch, clusters, step) -> metrics on a held-out batch (BERT masks drawn from the step)."""
+    config = setup.config
+    loss_fn = _loss_fn(setup)
+
+    def eval_step(params, batch, clusters, step):
+        tokens = _tokens(batch, clusters)
+        _, metrics = loss_fn(params, tokens, jax.random.fold_in(_step_key(config, step), 1 << 20))
+        return metrics
+
+    return jax.jit(
+        eval_step,
+        in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
+        out_shardings=setup.replicated,
+    )

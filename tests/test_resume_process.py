@@ -1,0 +1,88 @@
+"""Real processes: kill -9 after a checkpoint and relaunch the same command; SIGTERM saves and exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = [
+    "--config=configs/fashion_mnist.py:16",
+    "--config.model.num_layers=2",
+    "--config.model.embed_dim=64",
+    "--config.batch_size=16",
+    "--config.total_steps=40",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=20",
+    "--config.checkpoint_every_steps=10",
+    "--config.keep_checkpoints=10",
+    "--config.optimizer.warmup_steps=5",
+]
+
+
+def _launch(workdir: Path) -> subprocess.Popen:
+    log = open(workdir.parent / f"{workdir.name}.log", "a")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *FLAGS],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+
+
+def _wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():  # finalized folders only: tmp ones have a suffix
+        assert proc.poll() is None, f"run ended (rc={proc.returncode}) before checkpoint {step}"
+        assert time.time() < deadline, f"no checkpoint {step} after {timeout}s"
+        time.sleep(0.02)
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    """Last logged loss per step (a resumed run logs the steps after its checkpoint again)."""
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "mode" not in r}
+
+
+def _log(workdir: Path) -> str:
+    return (workdir.parent / f"{workdir.name}.log").read_text()
+
+
+def test_kill_9_then_relaunch_gives_the_same_loss_bitwise(tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert _launch(reference).wait(timeout=600) == 0, _log(reference)
+
+    proc = _launch(killed)
+    _wait_for_checkpoint(killed, 10, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before_kill = max(_losses(killed))
+    assert steps_before_kill < 40, "the run finished before it could be killed"
+
+    assert _launch(killed).wait(timeout=600) == 0, _log(killed)
+    assert "resumed from" in _log(killed)
+    assert _losses(killed)[40] == _losses(reference)[40]  # bitwise: floats from the same float32
+    assert _losses(killed) == _losses(reference)
+
+
+def test_sigterm_saves_exits_0_and_relaunch_resumes(tmp_path):
+    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
+    assert _launch(reference).wait(timeout=600) == 0, _log(reference)
+
+    proc = _launch(stopped)
+    _wait_for_checkpoint(stopped, 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, _log(stopped)
+    saved = sorted(int(s) for s in os.listdir(stopped / "checkpoints"))
+    last_logged = max(_losses(stopped))
+    assert saved[-1] == last_logged < 40, (saved, last_logged)  # saved exactly the step it stopped at
+
+    assert _launch(stopped).wait(timeout=600) == 0, _log(stopped)
+    assert f"resumed from {stopped / 'checkpoints'}/{saved[-1]}" in _log(stopped)
+    assert _losses(stopped)[40] == _losses(reference)[40]
