@@ -76,6 +76,8 @@ def make_config(
     c.data.manual_dir = ""  # where manual downloads (ILSVRC tars) live; empty: <data_dir>/downloads/manual
     c.data.train_split = "train"
     c.data.eval_split = "validation"
+    c.data.flip = False  # random horizontal flips in training (the paper mentions none for pretraining)
+    c.data.prefetch = 2  # batches prepared ahead of the device by a background thread
     c.data.palette = ""  # path to a (K, 3) kmeans_centers.npy; empty: fit k-means on the train split
 
     c.optimizer = ml_collections.ConfigDict()

@@ -26,10 +26,11 @@ ALL_MODES = ("train", "eval", "probe", "sample", "compile")
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
     from igpt_jax import sharding, train  # imported here so that config errors are reported before JAX loads
+    from igpt_jax.data import preprocess
 
     try:
         train.train_and_evaluate(config, workdir)
-    except (sharding.MeshError, FileNotFoundError) as e:  # the topology or the data, not a bug: one line
+    except (sharding.MeshError, FileNotFoundError, preprocess.DecodeError) as e:  # topology or data, not a bug
         _fail(str(e))
 
 

@@ -39,7 +39,7 @@ def load_or_fit_palette(config, source, workdir: str) -> np.ndarray | None:
         clusters = palette.load(config.data.palette)
     else:
         n = min(PALETTE_SAMPLE_IMAGES, source.num_examples(config.data.train_split))
-        sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, n))
+        sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, n), None)
         start = time.perf_counter()
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
         log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
@@ -127,9 +127,12 @@ def train_and_evaluate(
     last = {}
     run_start = last_time = time.perf_counter()
     last_step = step
+    prefetch = pipeline.Prefetcher(
+        lambda s: pipeline.global_batch(source, config.data.train_split, config, s, mesh), step, config.data.prefetch
+    )
     try:
         while step < config.total_steps:
-            batch = pipeline.global_batch(source, config.data.train_split, config, step, mesh)
+            batch = prefetch.get(step)
             with jax.set_mesh(mesh):
                 state, step_metrics = train_step(state, batch, clusters_device)
             step += 1
@@ -175,6 +178,7 @@ def train_and_evaluate(
                 log.warning("preempted: saved step %d, exiting", step)
                 break
     finally:
+        prefetch.close()
         ckpt.wait()
         ckpt.close()
         writer.close()
@@ -196,7 +200,7 @@ def evaluate(config, source, eval_step, state, clusters, mesh) -> dict:
     split = config.data.eval_split
     n_batches = min(EVAL_BATCHES, max(source.num_examples(split) // config.batch_size, 1))
     for i in range(n_batches):
-        batch = pipeline.global_batch(source, split, config, i, mesh, shuffle=False)
+        batch = pipeline.global_batch(source, split, config, i, mesh, train=False)
         with jax.set_mesh(mesh):
             values = jax.device_get(eval_step(state["params"], batch, clusters, state["step"]))
         for k, v in values.items():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import ml_collections
 
 from configs import base
@@ -15,6 +18,10 @@ def tiny_config(*, image_size: int = 4, objective: str = "ar", **model) -> ml_co
     for key, value in model.items():
         config.model[key] = value
     return config
+
+
+# TFDS prepares Fashion-MNIST (from Debian's files) once per machine here, not in the user's ~/tensorflow_datasets.
+TFDS_TEST_DIR = os.path.join(tempfile.gettempdir(), "igpt_jax_test_tfds")
 
 
 def fashion_config(*, image_size: int = 8, total_steps: int = 30, **overrides) -> ml_collections.ConfigDict:
@@ -31,6 +38,7 @@ def fashion_config(*, image_size: int = 8, total_steps: int = 30, **overrides) -
     config.keep_checkpoints = 10
     config.optimizer.warmup_steps = 5
     config.optimizer.learning_rate = 3e-3
+    config.data.data_dir = TFDS_TEST_DIR
     return override(config, **overrides)
 
 
@@ -47,7 +55,6 @@ def override(config: ml_collections.ConfigDict, **overrides) -> ml_collections.C
 
 def read_metrics(workdir) -> list[dict]:
     import json
-    import os
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import read_metrics
+from helpers import TFDS_TEST_DIR, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = [
@@ -23,6 +23,7 @@ FLAGS = [
     "--config.checkpoint_every_steps=10",
     "--config.keep_checkpoints=10",
     "--config.optimizer.warmup_steps=5",
+    f"--config.data.data_dir={TFDS_TEST_DIR}",
 ]
 
 
@@ -54,14 +55,18 @@ def _log(workdir: Path) -> str:
     return (workdir.parent / f"{workdir.name}.log").read_text()
 
 
-def test_kill_9_then_relaunch_gives_the_same_loss_bitwise(tmp_path):
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
+def _reference_and_interrupted(tmp_path: Path, sig: int) -> tuple[Path, Path, int]:
+    """Runs the reference to the end, then a second run that gets `sig` once its step-10 checkpoint exists."""
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     assert _launch(reference).wait(timeout=600) == 0, _log(reference)
+    proc = _launch(interrupted)
+    _wait_for_checkpoint(interrupted, 10, proc)
+    proc.send_signal(sig)
+    return reference, interrupted, proc.wait(timeout=120)
 
-    proc = _launch(killed)
-    _wait_for_checkpoint(killed, 10, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+def test_kill_9_then_relaunch_gives_the_same_loss_bitwise(tmp_path):
+    reference, killed, _ = _reference_and_interrupted(tmp_path, signal.SIGKILL)
     steps_before_kill = max(_losses(killed))
     assert steps_before_kill < 40, "the run finished before it could be killed"
 
@@ -72,13 +77,8 @@ def test_kill_9_then_relaunch_gives_the_same_loss_bitwise(tmp_path):
 
 
 def test_sigterm_saves_exits_0_and_relaunch_resumes(tmp_path):
-    reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    assert _launch(reference).wait(timeout=600) == 0, _log(reference)
-
-    proc = _launch(stopped)
-    _wait_for_checkpoint(stopped, 10, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, _log(stopped)
+    reference, stopped, returncode = _reference_and_interrupted(tmp_path, signal.SIGTERM)
+    assert returncode == 0, _log(stopped)
     saved = sorted(int(s) for s in os.listdir(stopped / "checkpoints"))
     last_logged = max(_losses(stopped))
     assert saved[-1] == last_logged < 40, (saved, last_logged)  # saved exactly the step it stopped at

@@ -1,18 +1,105 @@
-"""Global batches: each process loads its rows of step s's batch and JAX assembles the sharded global array."""
+"""Global batches: each process loads only its rows of step s's batch; JAX assembles the sharded global array.
+
+Which rows a process loads comes from the batch sharding itself (the rows its devices hold), so the assembled array
+is the same bytes whatever the number of processes. A background thread keeps `depth` batches ready ahead of the
+device, so the step does not wait on decoding when the host keeps up.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Callable
+
 import jax
+import ml_collections
+import numpy as np
 
 from igpt_jax import sharding
 from igpt_jax.data import order
 from igpt_jax.data.sources import Source
 
 
-def global_batch(source: Source, split: str, config, step: int, mesh, *, shuffle: bool = True) -> dict:
-    """Step `step`'s global batch as a sharded jax.Array; each process loads only its own rows."""
+def local_rows(batch_sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
+    """The contiguous rows of the global batch that this process's devices hold."""
+    intervals = set()
+    for index in batch_sharding.addressable_devices_indices_map(global_shape).values():
+        rows = index[0]
+        intervals.add((rows.start or 0, global_shape[0] if rows.stop is None else rows.stop))
+    lo, hi = min(a for a, _ in intervals), max(b for _, b in intervals)
+    if sum(b - a for a, b in intervals) != hi - lo:
+        raise ValueError(f"this process's devices hold non-contiguous batch rows {sorted(intervals)}")
+    return slice(lo, hi)
+
+
+def load_rows(
+    source: Source, split: str, config: ml_collections.ConfigDict, step: int, rows: slice, *, train: bool
+) -> np.ndarray:
+    """Rows `rows` of step `step`'s batch as numpy (uint8 images or int32 tokens)."""
     n = source.num_examples(split)
-    indices = order.global_indices(config.seed, step, config.batch_size, n, shuffle=shuffle)
-    local = source.get(split, order.process_slice(indices, jax.process_index(), jax.process_count()))
-    array = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, local.ndim), local)
-    return {source.kind: array}
+    indices = order.global_indices(config.seed, step, config.batch_size, n, shuffle=train)[rows]
+    positions = step * config.batch_size + np.arange(config.batch_size)[rows]
+    rngs = [np.random.default_rng([config.seed, int(p)]) for p in positions] if train else None
+    return source.get(split, indices, rngs)
+
+
+def _global_shape(source: Source, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    size = config.model.image_size
+    if source.kind == "tokens":
+        return (config.batch_size, size * size)
+    return (config.batch_size, size, size, 3)
+
+
+def global_batch(
+    source: Source,
+    split: str,
+    config: ml_collections.ConfigDict,
+    step: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    train: bool = True,
+) -> dict[str, jax.Array]:
+    """Step `step`'s global batch, sharded over the mesh's batch axes, loaded process-locally."""
+    shape = _global_shape(source, config)
+    batch_sharding = sharding.batch_sharding(mesh, len(shape))
+    local = load_rows(source, split, config, step, local_rows(batch_sharding, shape), train=train)
+    return {source.kind: jax.make_array_from_process_local_data(batch_sharding, local, shape)}
+
+
+class Prefetcher:
+    """Runs load(step) for start, start+1, ... in a background thread, up to `depth` steps ahead."""
+
+    def __init__(self, load: Callable[[int], object], start: int, depth: int = 2):
+        self._load = load
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(start,), daemon=True, name="prefetch")
+        self._thread.start()
+
+    def _run(self, step: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (step, self._load(step), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def get(self, step: int):
+        got, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: wanted step {step}, got {got}")
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -1,16 +1,27 @@
-"""Sources: synthetic tokens and Fashion-MNIST from Debian's files. TFDS-backed sources register here too."""
+"""Data sources behind one interface, chosen by `config.data.dataset` from a registry.
+
+A source says how many examples a split has and returns, for any list of example indices, uint8 images
+[n, size, size, 3] (or int32 tokens [n, size*size] for `synthetic`). Random access by index is what makes the data
+order a pure function of (seed, step): TFDS datasets are prepared as ArrayRecord files and read through
+`builder.as_data_source`, which reads any example without reading the ones before it.
+"""
 
 from __future__ import annotations
 
-import gzip
-from collections.abc import Callable
-from pathlib import Path
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Protocol
 
 import ml_collections
 import numpy as np
 
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+from igpt_jax.data import preprocess
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -18,11 +29,13 @@ class Source(Protocol):
 
     def num_examples(self, split: str) -> int: ...
 
-    def get(self, split: str, indices: np.ndarray) -> np.ndarray: ...
+    def get(self, split: str, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None) -> np.ndarray:
+        """Examples `indices` of `split`; `rngs` (one per example) for training augmentation, None for eval."""
+        ...
 
 
 class Synthetic:
-    """Random tokens, a pure function of (seed, example index): for speed runs and tests, no palette needed."""
+    """Random tokens, a pure function of (seed, split, example index): for speed runs and tests, no palette."""
 
     kind = "tokens"
 
@@ -34,77 +47,135 @@ class Synthetic:
     def num_examples(self, split: str) -> int:
         return 1 << 30
 
-    def get(self, split: str, indices: np.ndarray) -> np.ndarray:
-        salt = 0 if split == "train" else 1
+    def get(self, split: str, indices: np.ndarray, rngs=None) -> np.ndarray:
+        salt = 0 if split.startswith("train") else 1
         rows = [np.random.default_rng([self.seed, salt, int(i)]).integers(0, self.vocab, self.shape) for i in indices]
         return np.stack(rows).astype(np.int32)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (gzipped): images uint8 [n, rows, cols] or labels uint8 [n]."""
-    try:
-        with gzip.open(path) as f:
-            raw = f.read()
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable gzip IDX file ({e})") from e
-    ndim = raw[3]
-    dims = np.frombuffer(raw, ">u4", count=ndim, offset=4).astype(int)
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != np.prod(dims):
-        raise ValueError(f"{path}: header says {tuple(dims)} but holds {data.size} bytes")
-    return data.reshape(dims)
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    name: str  # TFDS name, with its config: 'imagenet_resized/32x32'
+    family: str  # key of preprocess.FAMILIES
+    manual_files: tuple[str, ...] = ()  # at least one must be in manual_dir (manual-download datasets)
+    offline_prepare: Callable[[str, dict], None] | None = None  # (manual_dir, url_infos) -> files TFDS will accept
 
 
-class FashionMNIST:
-    """Zalando's Fashion-MNIST (60k train, 10k test, 28x28 gray) from the IDX files Debian installs.
+def _debian_fashion_mnist(manual_dir: str, url_infos: dict) -> None:
+    from igpt_jax.data import debian_fashion_mnist
 
-    `config.data.data_dir` may point at another folder holding the same four files. Gray becomes RGB; other
-    image sizes are resized with PIL's antialiased bilinear filter.
-    """
+    debian_fashion_mnist.ensure_manual_files(manual_dir, url_infos)
+
+
+class TfdsSource:
+    """A TFDS image dataset, prepared once (ArrayRecord) under config.data.data_dir and read by index."""
 
     kind = "images"
-    FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        self.dir = Path(config.data.data_dir or DEBIAN_FASHION_MNIST)
+    def __init__(self, config: ml_collections.ConfigDict, spec: TfdsSpec):
+        import tensorflow_datasets as tfds
+
+        self.spec = spec
         self.size = config.model.image_size
-        self._cache: dict[str, np.ndarray] = {}
+        self.flip = config.data.flip
+        self.builder = tfds.builder(spec.name, data_dir=config.data.data_dir or None, file_format="array_record")
+        root = str(self.builder.data_dir).removesuffix(self.builder.info.full_name).rstrip("/")
+        self.manual_dir = config.data.manual_dir or os.path.join(root, "downloads", "manual")
+        _prepare_once(self)
+        self.train_fn, self.eval_fn = preprocess.FAMILIES[spec.family]
+        self._sources: dict[str, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="decode")
 
-    def _images(self, split: str) -> np.ndarray:
-        if split not in self.FILES:
-            raise ValueError(f"fashion_mnist has splits {list(self.FILES)}, not {split!r}")
-        if split not in self._cache:
-            path = self.dir / self.FILES[split]
-            if not path.exists():
-                raise FileNotFoundError(
-                    f"{path} not found: install Debian's dataset-fashion-mnist (bash launch/setup_local.sh does) "
-                    "or set --config.data.data_dir to a folder with the Fashion-MNIST .gz files"
-                )
-            self._cache[split] = _read_idx(path)
-        return self._cache[split]
+    def prepare(self) -> None:
+        """download_and_prepare, with the manual files checked first. TFDS writes into a temporary folder and
+        renames it when done, so a failure leaves nothing half-written in data_dir."""
+        import tensorflow_datasets as tfds
+
+        if self.spec.manual_files and not any(
+            os.path.exists(os.path.join(self.manual_dir, f)) for f in self.spec.manual_files
+        ):
+            raise FileNotFoundError(
+                f"{self.spec.name} needs its downloaded files in config.data.manual_dir={self.manual_dir}: "
+                f"expected {' and/or '.join(self.spec.manual_files)}, found none"
+            )
+        if self.spec.offline_prepare is not None:
+            self.spec.offline_prepare(self.manual_dir, type(self.builder).url_infos)
+        log.info("preparing %s in %s (once)", self.spec.name, self.builder.data_dir)
+        self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir))
+
+    def _source(self, split: str):
+        if split not in self._sources:
+            import tensorflow_datasets as tfds
+
+            self._sources[split] = self.builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+        return self._sources[split]
 
     def num_examples(self, split: str) -> int:
-        return len(self._images(split))
+        return len(self._source(split))
 
-    def get(self, split: str, indices: np.ndarray) -> np.ndarray:
-        gray = self._images(split)[np.asarray(indices)]
-        if gray.shape[1] != self.size:
-            from PIL import Image
+    def get(self, split: str, indices: np.ndarray, rngs: Sequence[np.random.Generator] | None) -> np.ndarray:
+        records = self._source(split).__getitems__([int(i) for i in indices])
+        jobs = [
+            (record, f"{self.spec.name} {split}[{int(i)}]{_file_name(record)}", None if rngs is None else rngs[k])
+            for k, (i, record) in enumerate(zip(indices, records, strict=True))
+        ]
+        return np.stack(list(self._pool.map(self._one, jobs)))
 
-            gray = np.stack(
-                [np.asarray(Image.fromarray(g).resize((self.size, self.size), Image.BILINEAR)) for g in gray]
+    def _one(self, job) -> np.ndarray:
+        record, name, rng = job
+        image = preprocess.decode(record["image"], name)
+        fn = self.eval_fn if rng is None else self.train_fn
+        array = fn(image, self.size, rng, self.flip and rng is not None)
+        if array.shape != (self.size, self.size, 3) or array.dtype != np.uint8:
+            raise ValueError(
+                f"{name}: preprocessing gave {array.dtype} {array.shape}, expected uint8 ({self.size}, {self.size}, 3)"
             )
-        return np.repeat(gray[..., None], 3, axis=-1)
+        return array
 
+
+def _file_name(record: dict) -> str:
+    name = record.get("file_name")
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return f" ({name})" if name else ""
+
+
+def _prepare_once(source: TfdsSource) -> None:
+    """Process 0 prepares while the others wait; a process that still sees nothing (local disks) prepares too."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0 and not source.builder.is_prepared():
+        source.prepare()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"igpt_prepare_{source.spec.name}")
+    if not source.builder.is_prepared():
+        source.prepare()
+
+
+TFDS_DATASETS = [
+    TfdsSpec("imagenet2012", "imagenet", manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")),
+    TfdsSpec("imagenet_resized/32x32", "low_resolution"),
+    TfdsSpec("imagenet_resized/64x64", "low_resolution"),
+    TfdsSpec("downsampled_imagenet/32x32", "low_resolution"),
+    TfdsSpec("downsampled_imagenet/64x64", "low_resolution"),
+    TfdsSpec("cifar10", "low_resolution"),
+    TfdsSpec("cifar100", "low_resolution"),
+    TfdsSpec("stl10", "low_resolution"),
+    TfdsSpec("fashion_mnist", "low_resolution", offline_prepare=_debian_fashion_mnist),
+]
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
     "synthetic": Synthetic,
-    "fashion_mnist": FashionMNIST,
+    **{spec.name: partial(TfdsSource, spec=spec) for spec in TFDS_DATASETS},
 }
 
 
 def get_source(config: ml_collections.ConfigDict) -> Source:
     name = config.data.dataset
     if name not in SOURCES:
-        raise ValueError(f"config.data.dataset={name!r} is not available; allowed: {sorted(SOURCES)}")
+        raise ValueError(f"config.data.dataset={name!r} is unknown; allowed: {sorted(SOURCES)}")
     return SOURCES[name](config)
+
+
+__all__ = ["SOURCES", "Source", "TfdsSpec", "get_source"]

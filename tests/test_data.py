@@ -1,0 +1,224 @@
+"""The data pipeline: real TFDS builders offline, the paper's preprocessing, byte-identical batches across process
+counts and resumes, clear errors for bad data."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import fashion_config, read_metrics
+from PIL import Image
+
+from igpt_jax import train
+from igpt_jax.data import get_source, pipeline, preprocess
+
+HERE = Path(__file__).resolve().parent
+
+
+# --- Fashion-MNIST through TFDS's real builder, fed offline from Debian's files
+
+
+def test_fashion_mnist_builder_runs_offline_from_debian_files():
+    config = fashion_config(image_size=28)
+    source = get_source(config)
+    assert source.builder.is_prepared()
+    assert source.num_examples("train") == 60_000 and source.num_examples("test") == 10_000
+    rng = np.random.default_rng(0)
+    images = source.get("train", rng.choice(60_000, 500, replace=False), None)
+    assert images.shape == (500, 28, 28, 3) and images.dtype == np.uint8
+    assert np.array_equal(images[..., 0], images[..., 2])  # gray became RGB
+    assert abs(images.mean() - 72.94) < 3  # Fashion-MNIST's pixel mean
+
+
+# --- preprocessing
+
+
+def _photo(w=500, h=375, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def test_imagenet_train_crop_is_random_but_reproducible():
+    image = _photo()
+    a = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 5]), flip=False)
+    b = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 5]), flip=False)
+    c = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 6]), flip=False)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_imagenet_eval_is_the_centre_crop():
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[:, 150:250] = 255  # a white band in the middle: survives the centre crop, fills 100/300*224 px of 224
+    out = preprocess.imagenet_eval(Image.fromarray(image), 28, None, flip=False)
+    assert out.shape == (28, 28, 3)
+    assert out[:, 14].min() == 255 and out[:, 0].max() == 0
+
+
+def test_downsampling_is_anti_aliased():
+    checker = (np.indices((224, 224)).sum(0) % 2 * 255).astype(np.uint8)
+    out = preprocess.resize_only(Image.fromarray(np.stack([checker] * 3, -1)), 32, None, flip=False)
+    block_means = checker.reshape(32, 7, 32, 7).mean(axis=(1, 3))  # 224 = 32 x 7: each output pixel's footprint
+    assert np.abs(out[..., 0] - block_means).max() <= 1  # area average (24 or 25 of 49 white), no aliasing pattern
+
+
+# --- ImageNet: the real imagenet2012 builder, offline, on a manual_dir of real photos
+
+
+def _photos() -> list[np.ndarray]:
+    from skimage import data
+
+    return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_ilsvrc_manual_dir(path: Path, per_class: int = 4, corrupt: str | None = None) -> None:
+    """ILSVRC2012_img_{train,val}.tar as the imagenet2012 builder reads them, cut from real photos.
+    `corrupt` names one training JPEG to replace with bytes that are not an image."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    synsets = ["n02123045", "n03063599", "n04266014", "n09246464", "n03733131"]  # all in TFDS's labels.txt
+
+    def crop(photo):
+        h, w = photo.shape[:2]
+        ch, cw = int(rng.integers(128, min(h, 320))), int(rng.integers(128, min(w, 320)))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        return photo[y : y + ch, x : x + cw, :3]
+
+    photos = _photos()
+    with tarfile.open(path / "ILSVRC2012_img_train.tar", "w") as outer:
+        for k, synset in enumerate(synsets):
+            inner_bytes = io.BytesIO()
+            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+                for j in range(per_class):
+                    name = f"{synset}_{j + 1}.JPEG"
+                    data = b"not a jpeg" if name == corrupt else _jpeg(crop(photos[k]))
+                    _add(inner, name, data)
+            _add(outer, f"{synset}.tar", inner_bytes.getvalue())
+    with tarfile.open(path / "ILSVRC2012_img_val.tar", "w") as val:
+        for i in range(10):
+            _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(crop(photos[i % len(photos)])))
+
+
+def _imagenet_config(tmp_path: Path, **overrides):
+    config = fashion_config(image_size=8, total_steps=4, batch_size=8, **overrides)
+    config.data.dataset = "imagenet2012"
+    config.data.eval_split = "validation"
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.manual_dir = str(tmp_path / "manual")
+    config.checkpoint_every_steps = 2
+    return config
+
+
+def test_imagenet2012_builder_feeds_training_end_to_end(tmp_path):
+    make_ilsvrc_manual_dir(tmp_path / "manual")
+    config = _imagenet_config(tmp_path)
+    last = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert last["step"] == 4 and np.isfinite(last["loss"])
+    source = get_source(config)
+    assert source.num_examples("train") == 20 and source.num_examples("validation") == 10
+    assert any(r.get("mode") == "eval" for r in read_metrics(tmp_path / "work"))
+
+
+def test_missing_manual_files_are_named_and_nothing_is_half_written(tmp_path):
+    (tmp_path / "manual").mkdir()
+    config = _imagenet_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"expected ILSVRC2012_img_train\.tar and/or ILSVRC2012_img_val\.tar"):
+        get_source(config)
+    leftovers = [p for p in (tmp_path / "tfds").rglob("*") if p.is_file()] if (tmp_path / "tfds").exists() else []
+    assert leftovers == []
+
+
+def test_undecodable_image_is_named(tmp_path):
+    make_ilsvrc_manual_dir(tmp_path / "manual", corrupt="n03063599_2.JPEG")
+    config = _imagenet_config(tmp_path)
+    try:
+        source = get_source(config)
+    except Exception as e:  # TFDS refused it while preparing: its message must name the file
+        assert "n03063599_2.JPEG" in str(e), e
+        return
+    with pytest.raises(preprocess.DecodeError, match=r"n03063599_2\.JPEG.*cannot decode image"):
+        source.get("train", np.arange(source.num_examples("train")), None)
+
+
+def test_wrong_shaped_preprocessing_output_is_refused(monkeypatch):
+    config = fashion_config(image_size=8)
+    source = get_source(config)
+    monkeypatch.setattr(source, "eval_fn", lambda image, size, rng, flip: np.zeros((size, size + 1, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"fashion_mnist train\[3\].*expected uint8 \(8, 8, 3\)"):
+        source.get("train", np.array([3]), None)
+
+
+# --- the same bytes whatever the number of processes, and after a resume
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digests(tmp_path: Path, num_processes: int, start: int) -> dict:
+    out = tmp_path / f"digests_{num_processes}_{start}.json"
+    port = str(_free_port())
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "batch_digests.py"), str(num_processes), str(i), port, str(start), str(out)],
+            env=env,
+            cwd=HERE.parent,
+        )
+        for i in range(num_processes)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0] * num_processes
+    result = json.loads(out.read_text())
+    assert result["devices"] == 8 and result["processes"] == num_processes
+    return {int(k): v for k, v in result["digests"].items()}
+
+
+def test_global_batches_identical_across_processes_and_resume(tmp_path):
+    get_source(fashion_config())  # prepare once before the processes start
+    one = _digests(tmp_path, 1, 0)
+    two = _digests(tmp_path, 2, 0)
+    resumed = _digests(tmp_path, 1, 10)
+    assert sorted(one) == list(range(21))
+    assert one == two
+    assert resumed == {s: d for s, d in one.items() if s >= 10}
+    assert len(set(one.values())) == 21  # and every step differs
+
+
+# --- prefetching
+
+
+def test_prefetcher_keeps_order_and_passes_errors_on():
+    def load(step):
+        if step == 5:
+            raise ValueError("bad step 5")
+        return step * 10
+
+    prefetch = pipeline.Prefetcher(load, start=2, depth=2)
+    assert [prefetch.get(s) for s in (2, 3, 4)] == [20, 30, 40]
+    with pytest.raises(ValueError, match="bad step 5"):
+        prefetch.get(5)
+    prefetch.close()
