@@ -126,13 +126,16 @@ def train_and_evaluate(
     step = first_step = int(jax.device_get(state["step"]))
     last = {}
     run_start = last_time = time.perf_counter()
+    data_wait = 0.0
     last_step = step
     prefetch = pipeline.Prefetcher(
         lambda s: pipeline.global_batch(source, config.data.train_split, config, s, mesh), step, config.data.prefetch
     )
     try:
         while step < config.total_steps:
+            wait_start = time.perf_counter()
             batch = prefetch.get(step)
+            data_wait += time.perf_counter() - wait_start
             with jax.set_mesh(mesh):
                 state, step_metrics = train_step(state, batch, clusters_device)
             step += 1
@@ -140,7 +143,8 @@ def train_and_evaluate(
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 values = jax.device_get(step_metrics)
                 now = time.perf_counter()
-                sec_per_step = (now - last_time) / max(step - last_step, 1)
+                interval = now - last_time
+                sec_per_step = interval / max(step - last_step, 1)
                 last_time, last_step = now, step
                 last = {
                     "step": step,
@@ -149,7 +153,10 @@ def train_and_evaluate(
                     "mfu": flops_per_step / sec_per_step / (peak * mesh.size),
                     "seconds": now - run_start,
                     "eta_seconds": (config.total_steps - step) * sec_per_step,
+                    # time the loop waited for the input pipeline, as a share of the interval's wall time
+                    "data_wait_fraction": data_wait / max(interval, 1e-9),
                 }
+                data_wait = 0.0
                 writer.write(last)
                 _check_finite(last["loss"], step)
                 if jax.process_index() == 0:
@@ -168,7 +175,7 @@ def train_and_evaluate(
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
                 log.info("first step (with compilation) took %.1fs", time.perf_counter() - last_time)
-                last_time, last_step = time.perf_counter(), step
+                last_time, last_step, data_wait = time.perf_counter(), step, 0.0
 
             stop = preemption.agreed()
             if step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps:

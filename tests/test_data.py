@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 
 from igpt_jax import train
 from igpt_jax.data import get_source, pipeline, preprocess
+from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,9 +49,9 @@ def _photo(w=500, h=375, seed=0) -> Image.Image:
 
 def test_imagenet_train_crop_is_random_but_reproducible():
     image = _photo()
-    a = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 5]), flip=False)
-    b = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 5]), flip=False)
-    c = preprocess.imagenet_train(image, 32, np.random.default_rng([0, 6]), flip=False)
+    a = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 5]), flip=False)
+    b = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 5]), flip=False)
+    c = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 6]), flip=False)
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -60,65 +60,19 @@ def test_imagenet_train_crop_is_random_but_reproducible():
 def test_imagenet_eval_is_the_centre_crop():
     image = np.zeros((300, 400, 3), np.uint8)
     image[:, 150:250] = 255  # a white band in the middle: survives the centre crop, fills 100/300*224 px of 224
-    out = preprocess.imagenet_eval(Image.fromarray(image), 28, None, flip=False)
+    out = preprocess.imagenet_eval(Image.fromarray(image), "band", 28, None, flip=False)
     assert out.shape == (28, 28, 3)
     assert out[:, 14].min() == 255 and out[:, 0].max() == 0
 
 
 def test_downsampling_is_anti_aliased():
     checker = (np.indices((224, 224)).sum(0) % 2 * 255).astype(np.uint8)
-    out = preprocess.resize_only(Image.fromarray(np.stack([checker] * 3, -1)), 32, None, flip=False)
+    out = preprocess.resize_only(Image.fromarray(np.stack([checker] * 3, -1)), "checker", 32, None, flip=False)
     block_means = checker.reshape(32, 7, 32, 7).mean(axis=(1, 3))  # 224 = 32 x 7: each output pixel's footprint
     assert np.abs(out[..., 0] - block_means).max() <= 1  # area average (24 or 25 of 49 white), no aliasing pattern
 
 
 # --- ImageNet: the real imagenet2012 builder, offline, on a manual_dir of real photos
-
-
-def _photos() -> list[np.ndarray]:
-    from skimage import data
-
-    return [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.immunohistochemistry()]
-
-
-def _jpeg(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def make_ilsvrc_manual_dir(path: Path, per_class: int = 4, corrupt: str | None = None) -> None:
-    """ILSVRC2012_img_{train,val}.tar as the imagenet2012 builder reads them, cut from real photos.
-    `corrupt` names one training JPEG to replace with bytes that are not an image."""
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    synsets = ["n02123045", "n03063599", "n04266014", "n09246464", "n03733131"]  # all in TFDS's labels.txt
-
-    def crop(photo):
-        h, w = photo.shape[:2]
-        ch, cw = int(rng.integers(128, min(h, 320))), int(rng.integers(128, min(w, 320)))
-        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        return photo[y : y + ch, x : x + cw, :3]
-
-    photos = _photos()
-    with tarfile.open(path / "ILSVRC2012_img_train.tar", "w") as outer:
-        for k, synset in enumerate(synsets):
-            inner_bytes = io.BytesIO()
-            with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
-                for j in range(per_class):
-                    name = f"{synset}_{j + 1}.JPEG"
-                    data = b"not a jpeg" if name == corrupt else _jpeg(crop(photos[k]))
-                    _add(inner, name, data)
-            _add(outer, f"{synset}.tar", inner_bytes.getvalue())
-    with tarfile.open(path / "ILSVRC2012_img_val.tar", "w") as val:
-        for i in range(10):
-            _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(crop(photos[i % len(photos)])))
 
 
 def _imagenet_config(tmp_path: Path, **overrides):
@@ -165,7 +119,7 @@ def test_undecodable_image_is_named(tmp_path):
 def test_wrong_shaped_preprocessing_output_is_refused(monkeypatch):
     config = fashion_config(image_size=8)
     source = get_source(config)
-    monkeypatch.setattr(source, "eval_fn", lambda image, size, rng, flip: np.zeros((size, size + 1, 3), np.uint8))
+    monkeypatch.setattr(source, "eval_fn", lambda image, name, size, rng, flip: np.zeros((size, size + 1, 3), np.uint8))
     with pytest.raises(ValueError, match=r"fashion_mnist train\[3\].*expected uint8 \(8, 8, 3\)"):
         source.get("train", np.array([3]), None)
 
@@ -222,3 +176,16 @@ def test_prefetcher_keeps_order_and_passes_errors_on():
     with pytest.raises(ValueError, match="bad step 5"):
         prefetch.get(5)
     prefetch.close()
+
+
+def test_reduced_jpeg_decoding_matches_full_decoding():
+    """The DCT-scaled decode of a large JPEG gives (nearly) the pixels of the full decode: only a shortcut."""
+    from skimage import data
+
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((1024, 1024), Image.BICUBIC))
+    jpeg, png = io.BytesIO(), io.BytesIO()
+    Image.fromarray(photo).save(jpeg, format="JPEG", quality=95)
+    Image.fromarray(photo).save(png, format="PNG")
+    fast = preprocess.imagenet_eval(preprocess.open_image(jpeg.getvalue(), "a"), "a", 32, None, False)
+    full = preprocess.imagenet_eval(preprocess.open_image(png.getvalue(), "b"), "b", 32, None, False)
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3

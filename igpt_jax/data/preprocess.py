@@ -5,6 +5,8 @@ ImageNet training (paper, section 3.1): resize the shorter side to a random leng
 downsample. Low-resolution datasets (CIFAR, STL-10, Fashion-MNIST, the pre-downsampled ImageNets) are only resized
 when their size differs. Downsampling uses Pillow's BOX filter (the mean over each output pixel's footprint, i.e.
 area averaging: exact anti-aliasing, and what the pre-downsampled ImageNet variants used); upsampling uses bicubic.
+The crop and the downsample are one resampling of the crop's source region, and JPEGs much larger than needed are
+decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as long as the region keeps 4x the output resolution.
 Randomness comes from a per-example generator seeded by (run seed, position in the stream), so any process
 produces the same pixels for the same example at the same step.
 """
@@ -25,54 +27,81 @@ class DecodeError(ValueError):
     """An image that cannot be decoded; the message names the example."""
 
 
-def decode(data: bytes, name: str) -> Image.Image:
-    """Encoded bytes (JPEG, PNG) -> RGB PIL image; grayscale and CMYK become RGB."""
+def open_image(data: bytes, name: str) -> Image.Image:
+    """A lazily decoded image: its size is known, its pixels are decoded by `load` (after a possible draft)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        return Image.open(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
-    return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    if image.size == size:
-        return image
-    shrinking = size[0] < image.size[0] or size[1] < image.size[1]
-    return image.resize(size, Image.BOX if shrinking else Image.BICUBIC)
+def load(image: Image.Image, name: str, box: tuple[float, ...] | None = None, out: int = 0):
+    """Decodes to RGB; returns (image, box in its pixels). With a crop `box` and output side `out`, the JPEG decoder
+    may shrink by a power of two (DCT scaling, itself anti-aliased) while the box stays at least 4x the output."""
+    original = image.size
+    try:
+        if box is not None and image.format == "JPEG":
+            factor = int(min(box[2] - box[0], box[3] - box[1]) // (4 * out))
+            if factor > 1:
+                image.draft("RGB", (max(original[0] // factor, 1), max(original[1] // factor, 1)))
+        image.load()
+    except Exception as e:  # noqa: BLE001
+        raise DecodeError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+    if box is not None:
+        sx, sy = image.size[0] / original[0], image.size[1] / original[1]
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    return (image.convert("RGB") if image.mode != "RGB" else image), box
 
 
-def _short_side(image: Image.Image, target: int) -> Image.Image:
-    w, h = image.size
-    scale = target / min(w, h)
-    return image.resize((max(round(w * scale), target), max(round(h * scale), target)), Image.BICUBIC)
+def _crop_box(size: tuple[int, int], short_side: int, rng: np.random.Generator | None) -> tuple[float, ...]:
+    """The source region that becomes a 224x224 crop once the shorter side is resized to `short_side`:
+    at a random position with `rng`, centred without."""
+    w, h = size
+    scale = short_side / min(w, h)
+    rw, rh = max(round(w * scale), short_side), max(round(h * scale), short_side)
+    if rng is None:
+        x, y = (rw - CROP) // 2, (rh - CROP) // 2
+    else:
+        x, y = int(rng.integers(0, rw - CROP + 1)), int(rng.integers(0, rh - CROP + 1))
+    fx, fy = w / rw, h / rh
+    return (x * fx, y * fy, (x + CROP) * fx, (y + CROP) * fy)
 
 
-def imagenet_train(image: Image.Image, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
-    image = _short_side(image, int(rng.integers(TRAIN_SHORT_SIDE[0], TRAIN_SHORT_SIDE[1] + 1)))
-    w, h = image.size
-    x, y = int(rng.integers(0, w - CROP + 1)), int(rng.integers(0, h - CROP + 1))
-    image = image.crop((x, y, x + CROP, y + CROP))
+def _downsample(image: Image.Image, size: int, box: tuple[float, ...] | None = None) -> np.ndarray:
+    """To size x size from `box` (default: the whole image): BOX (area) filter down, bicubic up."""
+    box = box or (0, 0, *image.size)
+    shrinking = (box[2] - box[0]) > size or (box[3] - box[1]) > size
+    return np.asarray(image.resize((size, size), Image.BOX if shrinking else Image.BICUBIC, box=box))
+
+
+def imagenet_train(image: Image.Image, name: str, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
+    """Shorter side to U[256, 384], random 224 crop, optional flip, area-downsampled to `size`, done as one
+    resampling of the crop's source region (crop and resize commute), with no intermediate 256-384 px image."""
+    short = int(rng.integers(TRAIN_SHORT_SIDE[0], TRAIN_SHORT_SIDE[1] + 1))
+    image, box = load(image, name, _crop_box(image.size, short, rng), size)
+    out = _downsample(image, size, box)
     if flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(_resize(image, (size, size)))
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
-def imagenet_eval(image: Image.Image, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+def imagenet_eval(image: Image.Image, name: str, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+    """Shorter side 224, centre 224 crop, area-downsampled to `size`."""
     del rng, flip
-    image = _short_side(image, CROP)
-    w, h = image.size
-    x, y = (w - CROP) // 2, (h - CROP) // 2
-    return np.asarray(_resize(image.crop((x, y, x + CROP, y + CROP)), (size, size)))
+    image, box = load(image, name, _crop_box(image.size, CROP, None), size)
+    return _downsample(image, size, box)
 
 
-def resize_only(image: Image.Image, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+def resize_only(image: Image.Image, name: str, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+    """Low-resolution datasets: resized only when their size differs, optional flip."""
+    image, _ = load(image, name)
+    out = np.asarray(image) if image.size == (size, size) else _downsample(image, size)
     if flip and rng is not None and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(_resize(image, (size, size)))
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
-Preprocess = Callable[[Image.Image, int, "np.random.Generator | None", bool], np.ndarray]
+Preprocess = Callable[[Image.Image, str, int, "np.random.Generator | None", bool], np.ndarray]
 
 # (train, eval) preprocessing per family of datasets.
 FAMILIES: dict[str, tuple[Preprocess, Preprocess]] = {

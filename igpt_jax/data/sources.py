@@ -123,9 +123,9 @@ class TfdsSource:
 
     def _one(self, job) -> np.ndarray:
         record, name, rng = job
-        image = preprocess.decode(record["image"], name)
+        image = preprocess.open_image(record["image"], name)
         fn = self.eval_fn if rng is None else self.train_fn
-        array = fn(image, self.size, rng, self.flip and rng is not None)
+        array = fn(image, name, self.size, rng, self.flip and rng is not None)
         if array.shape != (self.size, self.size, 3) or array.dtype != np.uint8:
             raise ValueError(
                 f"{name}: preprocessing gave {array.dtype} {array.shape}, expected uint8 ({self.size}, {self.size}, 3)"
