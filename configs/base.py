@@ -50,6 +50,8 @@ def make_config(
     c.eval_every_steps = 5_000
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
+    # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
+    c.watchdog_seconds = 1800
     c.objective = "ar"  # 'ar': next pixel in raster order; 'bert': masked pixels
     c.bert_mask_prob = 0.15
 

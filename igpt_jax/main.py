@@ -25,13 +25,13 @@ ALL_MODES = ("train", "eval", "probe", "sample", "compile")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
-    from igpt_jax import sharding, train  # imported here so that config errors are reported before JAX loads
+    from igpt_jax import distributed, sharding, train  # imported here: config errors come before JAX loads
     from igpt_jax.data import preprocess
 
     try:
         train.train_and_evaluate(config, workdir)
-    except (sharding.MeshError, FileNotFoundError, preprocess.DecodeError) as e:  # topology or data, not a bug
-        _fail(str(e))
+    except (sharding.MeshError, FileNotFoundError, preprocess.DecodeError, distributed.ProgramMismatchError) as e:
+        _fail(str(e))  # the topology, the data or the launch, not a bug: one line
 
 
 MODES: dict[str, ModeFn] = {"train": _train}
@@ -41,6 +41,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (local or gs://).")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {', '.join(ALL_MODES)}.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for multi-process runs (left out: JAX's auto-detection "
+    "on TPU pods, SLURM and Open MPI, else a single process).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 60, "Seconds after which the other processes give up on a process that stopped answering."
+)
 
 
 def _fail(message: str) -> None:
@@ -140,6 +151,15 @@ def main(argv: list[str]) -> None:
     except config_checks.ConfigError as e:
         _fail("bad config: " + str(e).replace("\n", "; "))
     mode_fn = check_mode(_MODE.value)
+    from igpt_jax import distributed  # JAX loads here, after every check that needs no backend
+
+    try:
+        how = distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, heartbeat_timeout=_HEARTBEAT.value
+        )
+    except ValueError as e:
+        _fail(str(e))
+    logging.info("processes: %s", how)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
     mode_fn(config, _WORKDIR.value)
 

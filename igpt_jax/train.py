@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from igpt_jax import checkpoint, metrics, palette, sharding, steps
+from igpt_jax import checkpoint, distributed, metrics, palette, sharding, steps
 from igpt_jax.data import get_source, order, pipeline
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,12 @@ def train_and_evaluate(
     source = get_source(config)
     clusters = load_or_fit_palette(config, source, workdir)
 
+    # --- steps, and the same program on every process (checked before the first collective can hang on it)
+    train_step = steps.make_train_step(setup)
+    eval_step = steps.make_eval_step(setup)
+    lowered = train_step.lower(setup.abstract_state, pipeline.abstract_batch(source, config, mesh), clusters)
+    distributed.check_same_program(distributed.fingerprint(lowered))
+
     # --- state: the newest checkpoint that restores, else fresh
     ckpt = checkpoint.Checkpointer(workdir, config)
     restored = ckpt.restore_latest(setup.abstract_state)
@@ -111,9 +117,6 @@ def train_and_evaluate(
         log.info("resumed from %s/%d", ckpt.directory, start_step)
     clusters_device = None if clusters is None else jax.device_put(clusters, setup.replicated)
 
-    # --- steps
-    train_step = steps.make_train_step(setup)
-    eval_step = steps.make_eval_step(setup)
     writer = metrics.MetricsWriter(workdir)
     flops_per_step = metrics.flops_per_token(config) * config.batch_size * config.model.image_size**2
     peak, peak_source = metrics.peak_flops_per_device()
@@ -123,6 +126,7 @@ def train_and_evaluate(
 
     # --- loop
     preemption = checkpoint.Preemption()
+    watchdog = distributed.Watchdog(config.watchdog_seconds)
     step = first_step = int(jax.device_get(state["step"]))
     last = {}
     run_start = last_time = time.perf_counter()
@@ -139,6 +143,7 @@ def train_and_evaluate(
             with jax.set_mesh(mesh):
                 state, step_metrics = train_step(state, batch, clusters_device)
             step += 1
+            watchdog.kick(f"step {step}")
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 values = jax.device_get(step_metrics)
@@ -185,6 +190,7 @@ def train_and_evaluate(
                 log.warning("preempted: saved step %d, exiting", step)
                 break
     finally:
+        watchdog.close()
         prefetch.close()
         ckpt.wait()
         ckpt.close()

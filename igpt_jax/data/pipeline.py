@@ -50,6 +50,13 @@ def _global_shape(source: Source, config: ml_collections.ConfigDict) -> tuple[in
     return (config.batch_size, size, size, 3)
 
 
+def abstract_batch(source: Source, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+    """The batch's shape, dtype and sharding, for lowering the train step without data."""
+    shape = _global_shape(source, config)
+    dtype = np.int32 if source.kind == "tokens" else np.uint8
+    return {source.kind: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))}
+
+
 def global_batch(
     source: Source,
     split: str,

@@ -1,0 +1,264 @@
+"""Multi-process runs with real processes on 127.0.0.1 (gloo): same losses as one process, checkpoints that move
+between process counts, no silent hang when a process dies, one program everywhere, and the launch scripts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TFDS_TEST_DIR, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = [
+    "--config=configs/fashion_mnist.py:8",
+    "--config.model.num_layers=2",
+    "--config.model.embed_dim=32",
+    "--config.batch_size=16",
+    "--config.total_steps=10",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=10",
+    "--config.checkpoint_every_steps=5",
+    "--config.keep_checkpoints=5",
+    "--config.optimizer.warmup_steps=3",
+    f"--config.data.data_dir={TFDS_TEST_DIR}",
+]
+
+
+def _env(devices: int | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _one_process(workdir: Path, devices: int, *extra: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *FLAGS, *extra],
+        cwd=ROOT,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _local_sh(n: int, devices_each: int, workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = _env() | {
+        "DEVICES_PER_PROCESS": str(devices_each),
+        "LOG_DIR": str(workdir) + "_logs",
+        "PYTHON": sys.executable,
+    }
+    return subprocess.run(
+        ["bash", "launch/local.sh", str(n), f"--workdir={workdir}", *FLAGS, *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(workdir) if "mode" not in r}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """1 process x 4 devices, 10 steps, checkpoints at 5 and 10."""
+    workdir = tmp_path_factory.mktemp("reference") / "work"
+    _one_process(workdir, 4)
+    return workdir
+
+
+def test_two_processes_match_one(tmp_path, reference):
+    result = _local_sh(2, 2, tmp_path / "two")
+    assert result.returncode == 0, result.stderr
+    two, one = _losses(tmp_path / "two"), _losses(reference)
+    assert sorted(two) == list(range(1, 11))
+    assert all(abs(two[s] - one[s]) < 1e-5 for s in one), (two, one)
+    assert len(os.listdir(str(tmp_path / "two") + "_logs")) == 2  # one log per process
+
+
+def test_checkpoint_moves_between_process_counts(tmp_path, reference):
+    # written by 2 processes, resumed by 1
+    assert _local_sh(2, 2, tmp_path / "a").returncode == 0
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "10")
+    _one_process(tmp_path / "a", 4)
+    # written by 1 process (the reference), resumed by 2
+    shutil.copytree(reference, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "10")
+    result = _local_sh(2, 2, tmp_path / "b")
+    assert result.returncode == 0, result.stderr
+    expected = _losses(reference)
+    for workdir in (tmp_path / "a", tmp_path / "b"):
+        resumed = [r for r in read_metrics(workdir) if "mode" not in r][10:]  # the resumed run's own records
+        assert [r["step"] for r in resumed] == list(range(6, 11))
+        assert all(abs(r["loss"] - expected[r["step"]]) < 1e-5 for r in resumed)
+
+
+def test_a_dead_process_stops_the_other_within_the_timeout(tmp_path):
+    port = _free_port()
+    heartbeat = 10
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(open(tmp_path / f"p{i}.log", "w"))  # noqa: SIM115 - closed below
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "igpt_jax.main",
+                    f"--workdir={tmp_path / 'w'}",
+                    *FLAGS,
+                    "--config.total_steps=100000",
+                    "--config.log_every_steps=5",
+                    f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                    f"--heartbeat_timeout={heartbeat}",
+                ],
+                cwd=ROOT,
+                env=_env(2),
+                stdout=logs[-1],
+                stderr=subprocess.STDOUT,
+            )
+        )
+    deadline = time.time() + 300
+    while "step 5/" not in (tmp_path / "p0.log").read_text():
+        assert time.time() < deadline and procs[0].poll() is None, (tmp_path / "p0.log").read_text()[-2000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    returncode = procs[0].wait(timeout=heartbeat + 60)
+    took = time.time() - killed_at
+    for f in logs:
+        f.close()
+    print(f"survivor exited with {returncode} {took:.1f}s after its peer was killed (heartbeat {heartbeat}s)")
+    assert returncode != 0
+    assert took < heartbeat + 15
+    assert "another task died" in (tmp_path / "p0.log").read_text()
+
+
+def test_processes_running_different_programs_stop_with_a_message(tmp_path):
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "igpt_jax.main",
+                f"--workdir={tmp_path / 'w'}",
+                *FLAGS,
+                f"--config.model.num_layers={2 + i}",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, err[-2000:]
+        assert "processes lowered different train steps (fingerprints by process:" in err
+
+
+def test_local_sh_runs_the_default_config(tmp_path):
+    env = _env() | {"DEVICES_PER_PROCESS": "1", "LOG_DIR": str(tmp_path / "logs"), "PYTHON": sys.executable}
+    result = subprocess.run(
+        [
+            "bash",
+            "launch/local.sh",
+            "2",
+            "--config=configs/fashion_mnist.py",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.total_steps=2",
+            "--config.log_every_steps=1",
+            f"--config.data.data_dir={TFDS_TEST_DIR}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "w") if "mode" not in r] == [1, 2]
+    assert "step 2/2" in (tmp_path / "logs" / "process_0.log").read_text()
+
+
+def test_local_sh_fails_when_a_process_fails(tmp_path):
+    result = _local_sh(2, 1, tmp_path / "bad", "--config.model.embed_dim=30")  # refused by every process
+    assert result.returncode == 2
+    assert "exited with status 2" in result.stderr
+
+
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm_gpu.sbatch", "launch/setup_local.sh", ".ci/run"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    result = subprocess.run([shellcheck, script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_dry_runs_print_the_commands():
+    local = subprocess.run(
+        ["bash", "launch/local.sh", "--dry-run", "2", "--config=configs/igpt_s.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(local) == 2 and "--num_processes=2 --process_id=1 --config=configs/igpt_s.py" in local[1]
+    tpu = subprocess.run(
+        [
+            "bash",
+            "launch/tpu_pod.sh",
+            "--dry-run",
+            "run",
+            "igpt-l",
+            "us-east5-a",
+            "2",
+            "--",
+            "--config=configs/igpt_l.py:48",
+            "--workdir=gs://bucket/run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert tpu.count("gcloud compute tpus tpu-vm ssh") == 2 and "--worker=all" in tpu and "igpt_l.py:48" in tpu
+    slurm = subprocess.run(
+        ["bash", "launch/slurm_gpu.sbatch", "--config=configs/igpt_l.py"],
+        cwd=ROOT,
+        env=_env() | {"DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "srun --kill-on-bad-exit=1" in slurm and "igpt_jax.main --config=configs/igpt_l.py" in slurm
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
