@@ -58,3 +58,22 @@ def read_metrics(workdir) -> list[dict]:
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def cli_flags(
+    *, image_size: int, embed_dim: int, total_steps: int, eval_every: int, checkpoint_every: int, warmup: int
+) -> list[str]:
+    """Command-line flags for a tiny 2-layer Fashion-MNIST run of `python -m igpt_jax.main` (batch 16)."""
+    return [
+        f"--config=configs/fashion_mnist.py:{image_size}",
+        "--config.model.num_layers=2",
+        f"--config.model.embed_dim={embed_dim}",
+        "--config.batch_size=16",
+        f"--config.total_steps={total_steps}",
+        "--config.log_every_steps=1",
+        f"--config.eval_every_steps={eval_every}",
+        f"--config.checkpoint_every_steps={checkpoint_every}",
+        "--config.keep_checkpoints=10",
+        f"--config.optimizer.warmup_steps={warmup}",
+        f"--config.data.data_dir={TFDS_TEST_DIR}",
+    ]

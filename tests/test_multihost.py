@@ -12,22 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TFDS_TEST_DIR, read_metrics
+from helpers import TFDS_TEST_DIR, cli_flags, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = [
-    "--config=configs/fashion_mnist.py:8",
-    "--config.model.num_layers=2",
-    "--config.model.embed_dim=32",
-    "--config.batch_size=16",
-    "--config.total_steps=10",
-    "--config.log_every_steps=1",
-    "--config.eval_every_steps=10",
-    "--config.checkpoint_every_steps=5",
-    "--config.keep_checkpoints=5",
-    "--config.optimizer.warmup_steps=3",
-    f"--config.data.data_dir={TFDS_TEST_DIR}",
-]
+FLAGS = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=5, warmup=3)
 
 
 def _env(devices: int | None = None) -> dict:

@@ -9,22 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import TFDS_TEST_DIR, read_metrics
+from helpers import cli_flags, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = [
-    "--config=configs/fashion_mnist.py:16",
-    "--config.model.num_layers=2",
-    "--config.model.embed_dim=64",
-    "--config.batch_size=16",
-    "--config.total_steps=40",
-    "--config.log_every_steps=1",
-    "--config.eval_every_steps=20",
-    "--config.checkpoint_every_steps=10",
-    "--config.keep_checkpoints=10",
-    "--config.optimizer.warmup_steps=5",
-    f"--config.data.data_dir={TFDS_TEST_DIR}",
-]
+FLAGS = cli_flags(image_size=16, embed_dim=64, total_steps=40, eval_every=20, checkpoint_every=10, warmup=5)
 
 
 def _launch(workdir: Path) -> subprocess.Popen:
