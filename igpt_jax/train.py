@@ -38,8 +38,9 @@ def load_or_fit_palette(config, source, workdir: str) -> np.ndarray | None:
     elif config.data.palette:
         clusters = palette.load(config.data.palette)
     else:
-        n = min(PALETTE_SAMPLE_IMAGES, source.num_examples(config.data.train_split))
-        sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, n), None)
+        total = source.num_examples(config.data.train_split)
+        n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
+        sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, total), None)
         start = time.perf_counter()
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
         log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)

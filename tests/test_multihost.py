@@ -219,10 +219,11 @@ def test_dry_runs_print_the_commands():
             "bash",
             "launch/tpu_pod.sh",
             "--dry-run",
+            "--slices",
+            "2",
             "run",
             "igpt-l",
             "us-east5-a",
-            "2",
             "--",
             "--config=configs/igpt_l.py:48",
             "--workdir=gs://bucket/run",
@@ -233,10 +234,11 @@ def test_dry_runs_print_the_commands():
         check=True,
     ).stdout
     assert tpu.count("gcloud compute tpus tpu-vm ssh") == 2 and "--worker=all" in tpu and "igpt_l.py:48" in tpu
+    assert "ssh igpt-l-0 " in tpu and "ssh igpt-l-1 " in tpu  # one queued resource, two slices
     slurm = subprocess.run(
-        ["bash", "launch/slurm_gpu.sbatch", "--config=configs/igpt_l.py"],
+        ["bash", "launch/slurm_gpu.sbatch", "--dry-run", "--config=configs/igpt_l.py"],
         cwd=ROOT,
-        env=_env() | {"DRY_RUN": "1"},
+        env=_env(),
         capture_output=True,
         text=True,
         check=True,
