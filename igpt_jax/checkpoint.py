@@ -3,7 +3,8 @@
 Layout: workdir/checkpoints/<step>/ (Orbax's step folders, only finalized ones count). Restoring takes an abstract
 target that carries the *current* shardings, so a run saved on 8 devices resumes on 4. A checkpoint that fails to
 restore (a truncated or missing file) is skipped with a warning naming it, moved to workdir/unreadable_checkpoints/
-(kept for inspection, out of Orbax's sight), and the one before is tried.
+(kept for inspection, out of Orbax's sight), and the one before is tried. `Preemption` turns a SIGTERM on any
+process into one step at which every process saves and stops (an allgather of a flag per step).
 """
 
 from __future__ import annotations
