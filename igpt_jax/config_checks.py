@@ -11,8 +11,7 @@ from collections.abc import Callable
 import ml_collections
 
 from igpt_jax import attention, model, objectives, optim
-
-MESH_AXES = ("data", "fsdp", "tensor")
+from igpt_jax.sharding import MESH_AXES
 
 
 class ConfigError(ValueError):
