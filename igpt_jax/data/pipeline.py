@@ -67,10 +67,9 @@ def global_batch(
     train: bool = True,
 ) -> dict[str, jax.Array]:
     """Step `step`'s global batch, sharded over the mesh's batch axes, loaded process-locally."""
-    shape = _global_shape(source, config)
-    batch_sharding = sharding.batch_sharding(mesh, len(shape))
-    local = load_rows(source, split, config, step, local_rows(batch_sharding, shape), train=train)
-    return {source.kind: jax.make_array_from_process_local_data(batch_sharding, local, shape)}
+    spec = abstract_batch(source, config, mesh)[source.kind]
+    local = load_rows(source, split, config, step, local_rows(spec.sharding, spec.shape), train=train)
+    return {source.kind: jax.make_array_from_process_local_data(spec.sharding, local, spec.shape)}
 
 
 class Prefetcher:
