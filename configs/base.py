@@ -52,6 +52,10 @@ def make_config(
     c.keep_checkpoints = 3
     # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
     c.watchdog_seconds = 1800
+    # What a relaunch restores from the workdir's newest checkpoint: 'all' (step, parameters, optimizer state) or
+    # 'params' (step and parameters; the optimizer state too where it still fits, else a new one), which also
+    # accepts config changes that 'all' refuses (see igpt_jax/resume.py).
+    c.restore = "all"
     c.objective = "ar"  # 'ar': next pixel in raster order; 'bert': masked pixels
     c.bert_mask_prob = 0.15
 

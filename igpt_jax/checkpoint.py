@@ -1,105 +1,261 @@
-"""Orbax checkpoints of the train state, palette and config, saved asynchronously and restored onto the current mesh.
+"""Orbax checkpoints of the train state, palette and config: saves that fail loudly, restores that never lose work.
 
-Layout: workdir/checkpoints/<step>/ (Orbax's step folders, only finalized ones count). Restoring takes an abstract
-target that carries the *current* shardings, so a run saved on 8 devices resumes on 4. A checkpoint that fails to
-restore (a truncated or missing file) is skipped with a warning naming it, moved to workdir/unreadable_checkpoints/
-(kept for inspection, out of Orbax's sight), and the one before is tried. `Preemption` turns a SIGTERM on any
-process into one step at which every process saves and stops (an allgather of a flag per step).
+Layout: workdir/checkpoints/<step>/ (Orbax's step folders; only finalized ones count) with items `state`, `config`
+and `palette`; the workdir may be local or gs:// (Orbax goes through etils.epath and tensorstore). Restoring takes an
+abstract target that carries the *current* shardings, so a run saved on 8 devices resumes on 4.
+
+Restore tells three failures apart, newest checkpoint first:
+- its own files are broken (missing, truncated or corrupt data or metadata): it is moved to
+  workdir/unreadable_checkpoints/ with a warning naming it (kept for inspection, out of Orbax's sight, so this run
+  can save that step again) and the one before is tried;
+- it does not fit the config (`resume.plan`): the run stops with exit 2 naming the difference, nothing is moved;
+- anything else (a storage error that outlives the retries, permissions): the run stops naming the checkpoint and
+  the cause. It never starts from step 0 while a checkpoint it could not read exists.
+Every process reaches the same verdict (they compare), so none goes on alone.
+
+Saves are asynchronous. `check_saves()`, called every step, turns a failed background save into
+`CheckpointSaveError` (naming the path and the cause) as soon as Orbax has given up on it, so the run stops within a
+step of the failure instead of training on without checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import os
-import signal
+import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from igpt_jax import resume
 
 log = logging.getLogger(__name__)
 
+# Seconds to wait before each retry of a failed read (tensorstore already retries single HTTP requests).
+RETRY_DELAYS = (1.0, 3.0)
+
+# Errors that mean a checkpoint's own bytes are broken, as opposed to a storage system that failed to answer.
+_CORRUPT_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
+_CORRUPT_TYPES = (FileNotFoundError, json.JSONDecodeError, EOFError)
+# OS errors whose words say more than the path they come with.
+_OS_CAUSES = re.compile(
+    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|Input/output error"
+)
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written. The run must stop: training on would only lose more work."""
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason other than its own files being broken."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any  # the full train state, or {'step', 'params'} when plan.params_only
+    palette: np.ndarray | None
+    plan: resume.Plan
+
+
+def cause(error: BaseException) -> str:
+    """A one-line description of an error, leading with the OS's words when there are some."""
+    text = str(error)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    found = _OS_CAUSES.search(text)
+    if found and found.group(0) not in first[:80]:
+        first = f"{found.group(0)} ({first[:200]})"
+    return f"{type(error).__name__}: {first[:400]}"
+
+
+def _intact(steps: list[int] | None) -> str:
+    if steps is None:
+        return "earlier checkpoints were not touched"
+    if not steps:
+        return "no earlier checkpoint exists"
+    if len(steps) == 1:
+        return f"checkpoint {steps[0]} is intact"
+    return f"checkpoints {', '.join(map(str, steps))} are intact"
+
+
+def _is_corrupt(error: BaseException) -> bool:
+    if isinstance(error, _CORRUPT_TYPES):
+        return True
+    if isinstance(error, KeyError) and "was not found in the checkpoint" in str(error):
+        return True  # an item folder is missing
+    return isinstance(error, ValueError) and bool(_CORRUPT_STATUS.search(str(error)))
+
+
+def _agree(ok: bool, corrupt: bool) -> tuple[bool, bool]:
+    """Every process's verdict on a read, combined: ok only if all are, corrupt if any says so."""
+    if jax.process_count() == 1:
+        return ok, corrupt
+    every = np.asarray(multihost_utils.process_allgather(np.array([ok, corrupt], np.int32))).reshape(-1, 2)
+    return bool(every[:, 0].all()), bool(every[:, 1].any())
+
 
 class Checkpointer:
-    def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self.quarantine = os.path.join(os.path.abspath(workdir), "unreadable_checkpoints")
+    def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict):
+        self.directory = workdir / "checkpoints"
+        self.quarantine = workdir / "unreadable_checkpoints"
+        self._config = config
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every_steps,
             max_to_keep=config.keep_checkpoints,
             enable_async_checkpointing=True,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._config = config.to_dict()
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(),
+            "palette": ocp.PyTreeCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._pending: int | None = None  # step of the save in flight, until check_saves has seen it land
 
-    def save(self, step: int, state: Any, palette: np.ndarray | None, *, force: bool = False) -> bool:
-        """Starts an async save if `step` is on the interval (or `force`); returns whether it saved."""
-        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(self._config)}
+    # --- saving
+
+    def save(self, step: int, state: Any, palette: np.ndarray | None) -> None:
+        """Starts an async save of `step`; raises CheckpointSaveError if Orbax refuses it or an earlier one failed."""
+        self.check_saves(block=True)
+        items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(resume.as_saved(self._config))}
         if palette is not None:
-            items["palette"] = ocp.args.StandardSave({"clusters": np.asarray(palette)})
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+            items["palette"] = ocp.args.PyTreeSave({"clusters": np.asarray(palette)})
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - whatever stops a save stops the run, with its cause
+            raise self._save_error(step, e) from e
+        self._pending = step
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, np.ndarray | None] | None:
-        """(step, state, palette) of the newest checkpoint that restores, or None when there is none."""
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            path = os.path.join(self.directory, str(step))
-            try:
-                items = {"state": ocp.args.StandardRestore(abstract_state)}
-                if os.path.isdir(os.path.join(path, "palette")):
-                    items["palette"] = ocp.args.StandardRestore()
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
-                log.warning(
-                    "checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the one before",
-                    path,
-                    type(e).__name__,
-                    str(e).splitlines()[0][:300] if str(e) else "",
-                    self.quarantine,
-                )
-                self._quarantine(step)
-                continue
-            palette = restored.get("palette")
-            return step, restored["state"], (None if palette is None else np.asarray(palette["clusters"]))
-        return None
+    def check_saves(self, *, block: bool = False) -> None:
+        """Raises CheckpointSaveError if the last save failed. Without `block`, a save still in flight is left alone."""
+        if self._pending is None or (not block and self.manager.is_saving_in_progress()):
+            return
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(step, e) from e
+        self.manager.reload()  # the step folders as they are on storage now, not as Orbax remembers them
+        if step not in self.manager.all_steps():
+            raise self._save_error(step, None)
 
-    def _quarantine(self, step: int) -> None:
-        """Moves an unreadable step folder out of Orbax's sight, so this run can save that step again."""
-        if jax.process_index() == 0:
-            os.makedirs(self.quarantine, exist_ok=True)
-            os.replace(
-                os.path.join(self.directory, str(step)),
-                os.path.join(self.quarantine, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"),
-            )
-        multihost_utils.sync_global_devices(f"igpt_quarantine_{step}")
-        self.manager.reload()
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def _save_error(self, step: int, error: BaseException | None) -> CheckpointSaveError:
+        try:
+            self.manager.reload()
+            saved = [s for s in self.manager.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 - the storage may be what failed; the message does without the list
+            saved = None
+        kept = _intact(saved)
+        why = cause(error) if error is not None else "Orbax did not finalize it (see its log above)"
+        return CheckpointSaveError(
+            f"saving checkpoint {step} to {self.directory / str(step)} failed: {why}. Stopped; {kept}. "
+            "Fix the storage and relaunch the same command to resume from the newest one."
+        )
 
     def close(self) -> None:
+        """Waits for the save in flight; raises CheckpointSaveError if it failed (the manager is then left alone:
+        its threads hold the failure and would raise it again; the process is about to exit)."""
+        self.check_saves(block=True)
         self.manager.close()
 
+    # --- restoring
 
-class Preemption:
-    """Remembers a SIGTERM; `agreed()` is true on every process once any process has received one."""
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
 
-    def __init__(self):
-        self.received = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def restore_latest(self, abstract_state: Any) -> Restored | None:
+        """The newest checkpoint that fits the config and reads, or None when the workdir has none.
 
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving at the next step, then exiting")
-        self.received = True
+        Raises resume.CheckpointMismatchError (it does not fit; nothing moved) or CheckpointReadError (it could not be
+        read, for a reason other than broken files)."""
+        expected = resume.leaves_by_path(abstract_state)
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            where = self.directory / str(step)
+            metadata = self._read(step, "metadata", lambda s=step: self._metadata(s))
+            if metadata is None:
+                continue
+            saved_tree, saved_config, has_palette = metadata
+            plan = resume.plan(str(where), step, saved_config, self._config, saved_tree, expected)
+            target = abstract_state
+            if plan.params_only:
+                target = {"step": abstract_state["step"], "params": abstract_state["params"]}
+            items = {
+                "state": ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=plan.params_only,
+                )
+            }
+            if has_palette:
+                items["palette"] = ocp.args.PyTreeRestore()
+            args = ocp.args.Composite(**items)
+            restored = self._read(step, "arrays", lambda s=step, a=args: self.manager.restore(s, args=a))
+            if restored is None:
+                continue
+            palette = restored["palette"]["clusters"] if has_palette else None
+            return Restored(step, restored["state"], None if palette is None else np.asarray(palette), plan)
+        return None
 
-    def agreed(self) -> bool:
-        if jax.process_count() == 1:
-            return self.received
-        return bool(multihost_utils.process_allgather(np.int32(self.received)).max())
+    def _metadata(self, step: int) -> tuple[dict, dict | None, bool]:
+        """(state tree's {path: (shape, dtype)}, saved config, whether a palette is saved), from metadata only."""
+        metadata = self.manager.item_metadata(step)
+        state = metadata.get("state") if metadata is not None else None
+        if state is None:
+            raise FileNotFoundError(f"{self.directory / str(step)}: no readable metadata for the state")
+        tree = state.tree if hasattr(state, "tree") else state
+        names = set(metadata.keys())
+        config = None
+        if "config" in names:
+            config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return resume.leaves_by_path(tree), config, (self.directory / str(step) / "palette").exists()
 
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+    def _read(self, step: int, what: str, read: Callable[[], Any]) -> Any:
+        """read() with retries; None after moving a broken checkpoint aside; CheckpointReadError otherwise."""
+        error: BaseException | None = None
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                result = read()
+                error = None
+            except Exception as e:  # noqa: BLE001 - classified below
+                result, error = None, e
+            ok, corrupt = _agree(error is None, error is not None and _is_corrupt(error))
+            if ok:
+                return result
+            if delay is None or corrupt:
+                break
+            log.warning("reading checkpoint %d (%s) failed (%s); retrying in %.0fs", step, what, cause(error), delay)
+            time.sleep(delay)
+        where = self.directory / str(step)
+        if not corrupt:
+            raise CheckpointReadError(
+                f"cannot read checkpoint {where} ({what}): {cause(error) if error else 'failed on another process'}. "
+                "Stopped without training: nothing was moved, and no step was redone from scratch. Relaunch when "
+                f"the storage answers again, or move {where} aside by hand to resume from the checkpoint before it."
+            )
+        log.warning(
+            "checkpoint %s is broken (%s); moving it to %s and trying the one before",
+            where,
+            cause(error) if error else "on another process",
+            self.quarantine,
+        )
+        self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a broken step folder out of Orbax's sight, so this run can save that step again."""
+        if jax.process_index() == 0:
+            self.quarantine.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(self.quarantine / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"igpt_quarantine_{step}")
+        self.manager.reload()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, model, objectives, optim
+from igpt_jax import attention, model, objectives, optim, resume
 from igpt_jax.sharding import MESH_AXES
 
 
@@ -51,6 +51,7 @@ def _choices(c) -> list[str]:
         "model.remat": list(model.REMAT_POLICIES),
         "model.attention": attention.allowed_names(),
         "objective": list(objectives.OBJECTIVES),
+        "restore": list(resume.RESTORE_MODES),
         "optimizer.schedule": list(optim.SCHEDULES),
     }
     return [

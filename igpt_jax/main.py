@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging as std_logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -25,13 +26,31 @@ ALL_MODES = ("train", "eval", "probe", "sample", "compile")
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
-    from igpt_jax import distributed, sharding, train  # imported here: config errors come before JAX loads
+    from igpt_jax import checkpoint, distributed, resume, run_lock, sharding, train  # JAX loads after config checks
     from igpt_jax.data import preprocess
 
+    usage = (
+        sharding.MeshError,  # the topology, the data, the launch or the workdir, not a bug: exit 2, one line
+        FileNotFoundError,
+        preprocess.DecodeError,
+        distributed.ProgramMismatchError,
+        resume.CheckpointMismatchError,
+        run_lock.WorkdirLockedError,
+        train.PaletteMismatchError,
+    )
+    failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
     try:
         train.train_and_evaluate(config, workdir)
-    except (sharding.MeshError, FileNotFoundError, preprocess.DecodeError, distributed.ProgramMismatchError) as e:
-        _fail(str(e))  # the topology, the data or the launch, not a bug: one line
+    except train.Stopped as e:
+        _exit(str(e), e.code)
+    except KeyboardInterrupt:
+        _exit("interrupted: stopped without saving; the newest checkpoint in the workdir is intact", 130)
+    except usage as e:
+        _exit(str(e), 2)
+    except failures as e:
+        _exit(str(e), 1)
+    except OSError as e:  # a full disk or a read-only folder outside the checkpoints
+        _exit(f"cannot write {e.filename or 'to the workdir'}: {e.strerror or e}", 1)
 
 
 MODES: dict[str, ModeFn] = {"train": _train}
@@ -57,6 +76,15 @@ _HEARTBEAT = flags.DEFINE_integer(
 def _fail(message: str) -> None:
     print(f"igpt: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def _exit(message: str, code: int) -> None:
+    """One line, then exit at once: once a mode has run, background threads (Orbax's savers, jax.distributed) may
+    hold a failure or wait on other processes, and a normal interpreter exit would wait on them, or print their
+    tracebacks, instead of ending the job."""
+    print(f"igpt: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def check_mode(mode: str) -> ModeFn:
@@ -121,12 +149,19 @@ def _missing_part(argv: list[str], dotted: str) -> tuple[str, list[str]] | None:
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Drops INFO chatter from Orbax and friends (every save logs ~20 lines); their warnings still show."""
+    """Drops INFO chatter from Orbax and friends (every save logs ~20 lines); their warnings still show, as one line
+    each: a failed save is reported by igpt_jax with its cause, not by 40 lines of Orbax's thread tracebacks."""
 
     NOISY = ("orbax", "tensorstore", "etils", "absl/logging")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+        if not any(n in record.pathname for n in self.NOISY):
+            return True
+        if record.levelno >= std_logging.ERROR and record.exc_info:
+            message = record.getMessage().splitlines()[0][:200]
+            record.msg, record.args = f"{message} ({type(record.exc_info[1]).__name__})", ()
+            record.exc_info = record.exc_text = None
+        return record.levelno >= std_logging.WARNING
 
 
 def main(argv: list[str]) -> None:

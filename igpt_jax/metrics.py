@@ -9,13 +9,15 @@ Embedding lookups, norms and softmax are not counted. MFU = achieved FLOP/s per 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
+
+from igpt_jax import storage, tensorboard
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, not the 2:4-sparse ones).
 PEAK_FLOPS = {
@@ -66,40 +68,71 @@ def peak_flops_per_device() -> tuple[float, str]:
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 
+METRICS_FILE = "metrics.jsonl"
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
+
+
 class MetricsWriter:
-    """Appends one JSON object per record to workdir/metrics.jsonl and scalars to TensorBoard (process 0 only)."""
+    """One JSON object per record into workdir/metrics.jsonl, and scalars to TensorBoard (process 0 only).
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None):
+    Both go through `storage.AppendOnlyFile`, so a gs:// workdir gets them too. `flush(force=True)` before each
+    checkpoint save makes every record up to the saved step durable."""
+
+    def __init__(self, workdir: epath.Path, *, resumed_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:
-                self._tb = None
+            self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
+            self._tb = tensorboard.EventWriter(workdir / "tensorboard", resumed_step=resumed_step)
 
     def write(self, record: Mapping) -> None:
         if not self.enabled:
             return
         record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            prefix = record.get("mode", "train")
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-            self._tb.flush()
+        self._jsonl.append((json.dumps(record) + "\n").encode())
+        prefix = record.get("mode", "train")
+        scalars = {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        self._tb.scalars(record["step"], scalars)
+        self.flush()
+
+    def flush(self, *, force: bool = False) -> None:
+        if self.enabled:
+            self._jsonl.flush(force=force)
+            self._tb.flush(force=force)
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
-            if self._tb is not None:
-                self._tb.close()
+            self._jsonl.close()
+            self._tb.close()
+
+
+def set_aside_superseded(workdir: epath.Path, resumed_step: int) -> tuple[int, int]:
+    """Makes metrics.jsonl tell one story before a run continues from `resumed_step`.
+
+    Rows for steps after `resumed_step` were written by a run that stopped before saving them: the resumed run
+    computes those steps again. Lines that do not parse (a row cut short by kill -9) cannot be trusted. Both are
+    moved, verbatim, to metrics.superseded.jsonl (appended, nothing is lost) and metrics.jsonl is rewritten with the
+    rest. Returns (rows after the step, broken lines); (0, 0) leaves both files untouched.
+    """
+    location = workdir / METRICS_FILE
+    if not location.exists():
+        return 0, 0
+    kept, superseded, broken = [], [], []
+    for line in location.read_bytes().decode(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            broken.append(line)
+            continue
+        (superseded if step > resumed_step else kept).append(line)
+    if superseded or broken:
+        aside = workdir / SUPERSEDED_FILE
+        previous = aside.read_bytes() if aside.exists() else b""
+        storage.write_bytes(aside, previous + "".join(f"{line}\n" for line in superseded + broken).encode())
+        storage.write_text(location, "".join(f"{line}\n" for line in kept))
+    return len(superseded), len(broken)
 
 
 def progress_line(record: Mapping, total_steps: int) -> str:

@@ -8,6 +8,7 @@ step on the accelerator (images travel as uint8). `fit` is k-means in JAX on a p
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -15,6 +16,8 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from igpt_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -125,17 +128,19 @@ def _kmeans_plus_plus(x: jax.Array, w: jax.Array, k: int, key: jax.Array) -> jax
 
 
 def save(path: str | os.PathLike, clusters: np.ndarray) -> None:
-    """Writes OpenAI's format: a float32 (K, 3) .npy in [-1, 1]. Written to a temp file, then renamed."""
+    """Writes OpenAI's format: a float32 (K, 3) .npy in [-1, 1], whole (local or gs://)."""
     clusters = _checked(np.asarray(clusters, np.float32), str(path))
-    tmp = f"{path}.tmp.npy"
-    np.save(tmp, clusters)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, clusters)
+    storage.write_bytes(storage.path(path), buffer.getvalue())
 
 
 def load(path: str | os.PathLike) -> np.ndarray:
-    """Reads a (K, 3) palette such as OpenAI's kmeans_centers.npy, checking shape, range and finiteness."""
+    """Reads a (K, 3) palette such as OpenAI's kmeans_centers.npy (local or gs://), checking shape, range and
+    finiteness. A missing file raises FileNotFoundError; an unreadable one ValueError."""
+    data = storage.path(path).read_bytes()
     try:
-        clusters = np.load(path, allow_pickle=False)
+        clusters = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"palette {path}: cannot read a .npy array ({e})") from e
     return _checked(np.asarray(clusters, np.float32), str(path))

@@ -76,6 +76,22 @@ def init_state(setup: Setup, seed: int | None = None) -> State:
         return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
+def with_fresh_optimizer(setup: Setup, step: jax.Array, params: dict) -> State:
+    """A state around restored parameters with a new optimizer state, built in its shards (`config.restore='params'`
+    when the checkpoint's optimizer state belongs to another optimizer recipe). Adam's moments start from zero;
+    its step counts are set to `step`, so the learning-rate schedule goes on where the checkpoint left it."""
+
+    def build(step, params):
+        def count_at_step(path, leaf):
+            return jnp.full_like(leaf, step) if getattr(path[-1], "name", None) == "count" else leaf
+
+        opt_state = jax.tree_util.tree_map_with_path(count_at_step, setup.tx.init(params))
+        return {"step": step, "params": params, "opt_state": opt_state}
+
+    with jax.set_mesh(setup.mesh):
+        return jax.jit(build, out_shardings=setup.state_shardings)(step, params)
+
+
 def _tokens(batch: dict, clusters: jax.Array | None) -> jax.Array:
     """Palette tokens for a batch of uint8 images (quantised here, on the device) or of ready tokens."""
     if "tokens" in batch:

@@ -1,25 +1,26 @@
-"""The training loop, top to bottom: workdir, mesh, data and palette, state (resumed or fresh), steps, loop.
+"""The training loop, top to bottom: workdir lock, mesh, state (resumed or fresh), palette, steps, loop.
 
 Resume is exact: data order is a pure function of (seed, step) and the step's randomness is folded from the step,
-so a run killed at any point and relaunched with the same command continues the same curve. SIGTERM (preemption):
-every process agrees on a step, saves it, and exits 0. A NaN or infinite loss stops the run before a checkpoint of
-the bad state can be written.
+so a run killed at any point and relaunched with the same command continues the same curve. A relaunch is checked
+against the checkpoint it resumes (`resume.plan`): a config that no longer fits stops the run before anything in the
+workdir changes. SIGTERM or Ctrl-C: every process agrees on a step, saves it, and exits (0, or 130 after Ctrl-C). A
+save that fails stops the run at once (`checkpoint.CheckpointSaveError`). A NaN or infinite loss stops the run before
+a checkpoint of the bad state can be written.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
-from igpt_jax import checkpoint, distributed, metrics, palette, sharding, steps
+from igpt_jax import checkpoint, distributed, interrupts, metrics, palette, run_lock, sharding, steps, storage, workdir
 from igpt_jax.data import get_source, order, pipeline
 
 log = logging.getLogger(__name__)
@@ -28,27 +29,51 @@ PALETTE_FILE = "palette.npy"
 PALETTE_SAMPLE_IMAGES = 2048
 
 
-def load_or_fit_palette(config, source, workdir: str) -> np.ndarray | None:
-    """The run's palette: the workdir's (a resumed run), config.data.palette, or k-means on the train split."""
+class PaletteMismatchError(ValueError):
+    """The palette the run's tokens were made with differs from the one config.data.palette names."""
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked for
+    """The run stopped on request after saving; `code` is the exit status, the message says how to continue."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray | None = None) -> np.ndarray | None:
+    """The run's palette: the checkpoint's, the workdir's palette.npy, config.data.palette, or k-means on the train
+    split, in that order. A config.data.palette whose colours differ from the run's stops it, naming both."""
     if source.kind == "tokens":
         return None
-    path = os.path.join(workdir, PALETTE_FILE)
-    if os.path.exists(path):
-        clusters = palette.load(path)
+    path = directory / PALETTE_FILE
+    if saved is not None:
+        clusters, origin = saved, "the checkpoint's palette"
+    elif path.exists():
+        clusters, origin = palette.load(path), str(path)
     elif config.data.palette:
-        clusters = palette.load(config.data.palette)
+        clusters, origin = palette.load(config.data.palette), None
     else:
         total = source.num_examples(config.data.train_split)
         n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
         sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, total), None)
         start = time.perf_counter()
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
+        origin = None
         log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+    if origin is not None and config.data.palette:
+        wanted = palette.load(config.data.palette)
+        if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
+            raise PaletteMismatchError(
+                f"config.data.palette={config.data.palette} ({len(wanted)} colours) differs from {origin} "
+                f"({len(clusters)} colours) that this workdir's tokens were made with. Nothing was changed. Ways on: "
+                "leave config.data.palette empty to keep the workdir's palette, or use another --workdir."
+            )
     if len(clusters) > config.model.vocab_size:
         raise ValueError(
             f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
         )
-    if jax.process_index() == 0 and not os.path.exists(path):
+    if jax.process_index() == 0 and not path.exists():
         palette.save(path, clusters)
     return clusters
 
@@ -57,7 +82,8 @@ def _check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss} at step {step}: stopping. No checkpoint of this state was written; the last one in the "
-            "workdir is intact. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            "workdir is intact. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm "
+            "(with --config.restore=params: the optimizer state changes shape)."
         )
 
 
@@ -76,29 +102,61 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _write_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(json.loads(config.to_json_best_effort()), f, indent=2)
+def _restore_or_init(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> tuple[steps.State, np.ndarray | None]:
+    """(state, the checkpoint's palette) from the newest checkpoint that fits and reads, or a fresh state."""
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is None:
+        state = steps.init_state(setup)
+        log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
+        return state, None
+    for change in restored.plan.accepted_changes:
+        log.warning("config changed since checkpoint %d: %s", restored.step, change)
+    state = restored.state
+    if restored.plan.params_only:
+        state = steps.with_fresh_optimizer(setup, state["step"], state["params"])
+        log.warning("config.restore='params': restored the parameters and step %d, new optimizer state", restored.step)
+    log.info("resumed from %s/%d", ckpt.directory, restored.step)
+    return state, restored.palette
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.Device] | None = None
+    config: ml_collections.ConfigDict, workdir_path: str, *, devices: list[jax.Device] | None = None
 ) -> dict:
     """Trains to config.total_steps (resuming from the workdir), returns the last logged train metrics.
 
     `devices` (default: all) lets a caller run on part of the machine, as a smaller topology would.
     """
-    # --- workdir and mesh
-    os.makedirs(workdir, exist_ok=True)
-    _write_config(config, workdir)
+    directory = storage.path(workdir_path)
+    lock = run_lock.acquire_everywhere(directory)  # before anything in the workdir is read or written
+    try:
+        return _train(config, directory, devices, lock)
+    finally:
+        lock.release()
+
+
+def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> dict:
+    # --- mesh and state: a checkpoint that does not fit stops the run here, before anything is written
     mesh = sharding.make_mesh(config, devices)
     setup = steps.make_setup(config, mesh)
     log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    ckpt = checkpoint.Checkpointer(directory, config)
+    state, saved_palette = _restore_or_init(ckpt, setup)
+    first_step = int(jax.device_get(state["step"]))
+    if first_step >= config.total_steps:
+        if jax.process_index() == 0:
+            print(
+                f"igpt: {ckpt.directory} holds step {first_step} >= config.total_steps={config.total_steps}: "
+                "nothing to do (raise --config.total_steps to train further)",
+                flush=True,
+            )
+        ckpt.close()
+        return {}
 
-    # --- data and palette
+    # --- data, palette and config.json
     source = get_source(config)
-    clusters = load_or_fit_palette(config, source, workdir)
+    clusters = load_or_fit_palette(config, source, directory, saved_palette)
+    clusters_device = None if clusters is None else jax.device_put(clusters, setup.replicated)
+    workdir.write_config(directory, config, first_step)
 
     # --- steps, and the same program on every process (checked before the first collective can hang on it)
     train_step = steps.make_train_step(setup)
@@ -106,19 +164,18 @@ def train_and_evaluate(
     lowered = train_step.lower(setup.abstract_state, pipeline.abstract_batch(source, config, mesh), clusters)
     distributed.check_same_program(distributed.fingerprint(lowered))
 
-    # --- state: the newest checkpoint that restores, else fresh
-    ckpt = checkpoint.Checkpointer(workdir, config)
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is None:
-        state = steps.init_state(setup)
-        log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
-    else:
-        start_step, state, saved_palette = restored
-        clusters = saved_palette if saved_palette is not None else clusters
-        log.info("resumed from %s/%d", ckpt.directory, start_step)
-    clusters_device = None if clusters is None else jax.device_put(clusters, setup.replicated)
-
-    writer = metrics.MetricsWriter(workdir)
+    # --- metrics: rows after the resumed step belong to the interrupted run's lost steps
+    if jax.process_index() == 0:
+        superseded, broken = metrics.set_aside_superseded(directory, first_step)
+        if superseded or broken:
+            log.warning(
+                "metrics.jsonl: %d rows after step %d and %d unreadable lines moved to %s",
+                superseded,
+                first_step,
+                broken,
+                metrics.SUPERSEDED_FILE,
+            )
+    writer = metrics.MetricsWriter(directory, resumed_step=first_step)
     flops_per_step = metrics.flops_per_token(config) * config.batch_size * config.model.image_size**2
     peak, peak_source = metrics.peak_flops_per_device()
     log.info(
@@ -126,9 +183,9 @@ def train_and_evaluate(
     )
 
     # --- loop
-    preemption = checkpoint.Preemption()
+    stop_request = interrupts.StopRequest()
     watchdog = distributed.Watchdog(config.watchdog_seconds)
-    step = first_step = int(jax.device_get(state["step"]))
+    step = first_step
     last = {}
     run_start = last_time = time.perf_counter()
     data_wait = 0.0
@@ -136,6 +193,7 @@ def train_and_evaluate(
     prefetch = pipeline.Prefetcher(
         lambda s: pipeline.global_batch(source, config.data.train_split, config, s, mesh), step, config.data.prefetch
     )
+    close_checkpoints = True  # false once closed, or when Orbax's threads hold a failure or an abandoned save
     try:
         while step < config.total_steps:
             wait_start = time.perf_counter()
@@ -145,6 +203,9 @@ def train_and_evaluate(
                 state, step_metrics = train_step(state, batch, clusters_device)
             step += 1
             watchdog.kick(f"step {step}")
+            ckpt.check_saves()  # a background save that failed stops the run now, not one interval later
+            if lock.lost:
+                raise run_lock.WorkdirLockedError(f"another run took over {lock.path}: stopping at step {step}")
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 values = jax.device_get(step_metrics)
@@ -183,26 +244,43 @@ def train_and_evaluate(
                 log.info("first step (with compilation) took %.1fs", time.perf_counter() - last_time)
                 last_time, last_step, data_wait = time.perf_counter(), step, 0.0
 
-            stop = preemption.agreed()
+            stop = stop_request.agreed()
             if step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps:
                 _check_saveable(step_metrics, state, step)
-                ckpt.save(step, state, clusters, force=True)
+                writer.flush(force=True)  # every row up to this step is durable before the step is
+                ckpt.save(step, state, clusters)
             if stop:
-                log.warning("preempted: saved step %d, exiting", step)
+                ckpt.check_saves(block=True)
+                code = stop_request.exit_code()
+                message = f"stopped on request: saved step {step}; relaunch the same command to continue"
+                if code:
+                    raise Stopped(message, code)
+                log.warning(message)
                 break
-    finally:
-        watchdog.close()
-        prefetch.close()
-        ckpt.wait()
+        close_checkpoints = False
         ckpt.close()
+    except (checkpoint.CheckpointSaveError, KeyboardInterrupt):
+        close_checkpoints = False
+        raise
+    finally:
+        prefetch.close()
         writer.close()
-        preemption.restore()
+        if close_checkpoints:
+            _close_quietly(ckpt)
+        watchdog.close()  # after the final save: a save that hangs is still caught
+        stop_request.restore()
     if jax.process_index() == 0:
-        print(
-            f"igpt: workdir {os.path.abspath(workdir)}: checkpoints/, metrics.jsonl, config.json, palette.npy",
-            flush=True,
-        )
+        print(workdir.summary(directory), flush=True)
     return last
+
+
+def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:
+    """Waits for an in-flight save when the loop ended early for another reason; its failure is logged, so the
+    error that ended the loop stays the one reported."""
+    try:
+        ckpt.close()
+    except checkpoint.CheckpointSaveError as e:
+        log.error("%s", e)
 
 
 EVAL_BATCHES = 4

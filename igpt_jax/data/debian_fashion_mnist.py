@@ -13,6 +13,8 @@ import os
 import struct
 from pathlib import Path
 
+from igpt_jax import storage
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Modification times of the upstream files (2017-08-31), from their gzip headers.
 UPSTREAM_MTIME = {"train": 1504176606, "t10k": 1504176627}
@@ -31,9 +33,8 @@ def upstream_bytes(debian_file: Path) -> bytes:
 
 
 def ensure_manual_files(manual_dir: str | os.PathLike, url_infos: dict, debian_dir: Path = DEBIAN_DIR) -> None:
-    """Writes each file TFDS expects into manual_dir (atomically) unless present; checks every sha256."""
-    manual_dir = Path(manual_dir)
-    manual_dir.mkdir(parents=True, exist_ok=True)
+    """Writes each file TFDS expects into manual_dir (local or gs://, whole) unless present; checks every sha256."""
+    manual_dir = storage.path(manual_dir)
     for info in url_infos.values():
         target = manual_dir / info.filename
         if target.exists():
@@ -47,6 +48,4 @@ def ensure_manual_files(manual_dir: str | os.PathLike, url_infos: dict, debian_d
         data = upstream_bytes(source)
         if hashlib.sha256(data).hexdigest() != info.checksum:
             raise ValueError(f"{source}: rebuilt file does not match TFDS's registered sha256 {info.checksum}")
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        storage.write_bytes(target, data)

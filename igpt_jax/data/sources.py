@@ -19,6 +19,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
+from igpt_jax import storage
 from igpt_jax.data import preprocess
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,8 @@ class TfdsSource:
         renames it when done, so a failure leaves nothing half-written in data_dir."""
         import tensorflow_datasets as tfds
 
-        if self.spec.manual_files and not any(
-            os.path.exists(os.path.join(self.manual_dir, f)) for f in self.spec.manual_files
-        ):
+        manual_dir = storage.path(self.manual_dir)  # local or gs://, like data_dir
+        if self.spec.manual_files and not any((manual_dir / f).exists() for f in self.spec.manual_files):
             raise FileNotFoundError(
                 f"{self.spec.name} needs its downloaded files in config.data.manual_dir={self.manual_dir}: "
                 f"expected {' and/or '.join(self.spec.manual_files)}, found none"

@@ -1,0 +1,60 @@
+"""SIGTERM (preemption, `tpu_pod.sh stop`, SLURM) and Ctrl-C both ask the run to save and stop.
+
+The handler only records the request; the loop asks `agreed()` once per step, which is true on every process as soon
+as any process got a signal (an allgather of one flag), so all of them save the same step and stop together. A
+second Ctrl-C while that save runs raises KeyboardInterrupt: the save is abandoned (the checkpoint before it is
+intact) and the run exits at once. A SIGINT that the parent process ignores (background jobs of a shell script) stays
+ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # 130: the shell's convention for Ctrl-C, after the save
+
+
+class StopRequest:
+    """Remembers SIGTERM and SIGINT while installed (between `__init__` and `restore`)."""
+
+    def __init__(self):
+        self.signal: signal.Signals | None = None
+        self.saving = False  # set by the loop while the final save runs: a second Ctrl-C then aborts it
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        sig = signal.Signals(signum)
+        if self.signal is None:
+            self.signal = sig
+            more = " (Ctrl-C again to stop without saving)" if sig == signal.SIGINT else ""
+            log.warning("%s received: saving at the next step, then exiting%s", sig.name, more)
+        elif sig == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C")
+
+    @property
+    def received(self) -> bool:
+        return self.signal is not None
+
+    def agreed(self) -> bool:
+        """True on every process once any process has been asked to stop."""
+        if jax.process_count() == 1:
+            return self.received
+        return bool(multihost_utils.process_allgather(np.int32(self.received)).max())
+
+    def exit_code(self) -> int:
+        """0 after SIGTERM (or a stop another process received), 130 after Ctrl-C."""
+        return EXIT_CODES.get(self.signal, 0)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)

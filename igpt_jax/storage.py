@@ -1,0 +1,129 @@
+"""The one file-system layer: every file a run reads or writes in its workdir goes through here.
+
+A workdir is a local folder or an object-store prefix (gs://bucket/run). Both are `etils.epath.Path`s, which Orbax
+uses too, so checkpoints, config.json, palette.npy, metrics.jsonl, TensorBoard events and later outputs land in the
+same place. gs:// goes through gcsfs (`EPATH_USE_TF=false`, set in igpt_jax/__init__.py): TensorFlow's gfile client,
+epath's default when TensorFlow is installed, cannot be pointed at an emulator, so the tests could not reach the
+code that pods run.
+
+Object stores differ from disks in three ways this module hides: an object is written whole (so every write here is
+atomic: local files go through a temporary file and a rename), objects cannot be appended to (`AppendOnlyFile` keeps
+the content and rewrites the object), and creating an object only if it is absent needs the store's precondition
+(`create_exclusive`, for the workdir lock).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.parse
+
+from etils import epath
+
+Path = epath.Path
+
+
+def path(location: str | os.PathLike) -> epath.Path:
+    """An epath.Path for a local path (made absolute) or a URI such as gs://bucket/run."""
+    text = os.fspath(location)
+    return epath.Path(text if is_remote(text) else os.path.abspath(text))
+
+
+def is_remote(location: str | os.PathLike) -> bool:
+    """True for object-store URIs (gs://, s3://, ...), False for local paths."""
+    return "://" in os.fspath(location)
+
+
+def _scheme(location: epath.Path) -> str:
+    return urllib.parse.urlparse(os.fspath(location)).scheme
+
+
+def write_bytes(location: epath.Path, data: bytes) -> None:
+    """Writes `location` whole: readers see the old content or the new one, never a part.
+
+    Local files: a temporary file in the same folder, flushed to disk, then renamed over the target. Objects are
+    replaced whole by the store itself."""
+    location.parent.mkdir(parents=True, exist_ok=True)
+    if is_remote(location):
+        location.write_bytes(data)
+        return
+    tmp = location.parent / f".{location.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, location)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(location: epath.Path, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def create_exclusive(location: epath.Path, data: bytes) -> bool:
+    """Creates `location` with `data` if nothing is there; False if something is. Atomic against other hosts:
+    O_EXCL on local disks, an if-generation-match=0 precondition on GCS."""
+    location.parent.mkdir(parents=True, exist_ok=True)
+    if not is_remote(location):
+        try:
+            fd = os.open(location, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if _scheme(location) not in ("gs", "gcs"):
+        raise NotImplementedError(f"{location}: exclusive create is implemented for local paths and gs:// only")
+    import fsspec
+
+    try:
+        fsspec.filesystem("gcs").pipe_file(os.fspath(location), data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
+class AppendOnlyFile:
+    """A file that only grows (metrics.jsonl, TensorBoard events), on a disk or in an object store.
+
+    Local: opened for append and flushed at every `flush`. Object stores cannot append (gcsfs's "a" mode
+    overwrites), so the content is kept in memory and the object rewritten at `flush`, at most every
+    `min_flush_seconds` unless forced, since each rewrite uploads the whole file. `flush(force=True)` is called
+    before each checkpoint save and at close, so every record up to a saved step is durable.
+    """
+
+    def __init__(self, location: epath.Path, *, min_flush_seconds: float = 10.0):
+        self.location = location
+        self.remote = is_remote(location)
+        self.min_flush_seconds = min_flush_seconds
+        location.parent.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self._content = bytearray(location.read_bytes() if location.exists() else b"")
+            self._dirty = False
+            self._last_flush = time.monotonic()
+        else:
+            self._file = open(location, "ab")  # noqa: SIM115 - closed in close()
+
+    def append(self, data: bytes) -> None:
+        if self.remote:
+            self._content += data
+            self._dirty = True
+        else:
+            self._file.write(data)
+
+    def flush(self, *, force: bool = False) -> None:
+        if not self.remote:
+            self._file.flush()
+            return
+        if self._dirty and (force or time.monotonic() - self._last_flush >= self.min_flush_seconds):
+            self.location.write_bytes(bytes(self._content))
+            self._dirty = False
+            self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush(force=True)
+        if not self.remote:
+            self._file.close()

@@ -1,0 +1,42 @@
+"""The workdir's own small files: config.json and its history, and the summary line a run ends with.
+
+config.json is the config of the newest launch, written by process 0 only after the checkpoint it resumes from has
+been accepted (an incompatible relaunch never overwrites it). When a relaunch changes keys, the previous file is
+kept under config_history/ first, so the workdir records every recipe it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import ml_collections
+from etils import epath
+
+from igpt_jax import resume, storage
+
+CONFIG_FILE = "config.json"
+CONFIG_HISTORY = "config_history"
+
+
+def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
+    """Writes config.json (process 0), keeping a differing previous one as config_history/<time>-step<step>.json."""
+    if jax.process_index() != 0:
+        return
+    text = json.dumps(resume.as_saved(config), indent=2) + "\n"
+    current = workdir / CONFIG_FILE
+    if current.exists():
+        previous = current.read_text()
+        if previous == text:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        storage.write_text(workdir / CONFIG_HISTORY / f"{stamp}-step{step}.json", previous)
+    storage.write_text(current, text)
+
+
+def summary(workdir: epath.Path) -> str:
+    """'igpt: workdir W: checkpoints/, metrics.jsonl, ...' listing what the workdir holds now."""
+    names = ("checkpoints/", "metrics.jsonl", CONFIG_FILE, "palette.npy", "tensorboard/", "samples/", "probe.json")
+    present = [n for n in names if (workdir / n.rstrip("/")).exists()]
+    return f"igpt: workdir {workdir}: {', '.join(present)}"
