@@ -9,13 +9,13 @@ Embedding lookups, norms and softmax are not counted. MFU = achieved FLOP/s per 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 
 from igpt_jax import storage, tensorboard
 
@@ -78,9 +78,10 @@ class MetricsWriter:
     Both go through `storage.AppendOnlyFile`, so a gs:// workdir gets them too. `flush(force=True)` before each
     checkpoint save makes every record up to the saved step durable."""
 
-    def __init__(self, workdir: epath.Path, *, resumed_step: int = 0, enabled: bool | None = None):
+    def __init__(self, workdir: str | os.PathLike, *, resumed_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
+            workdir = storage.path(workdir)
             self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
             self._tb = tensorboard.EventWriter(workdir / "tensorboard", resumed_step=resumed_step)
 
@@ -105,7 +106,7 @@ class MetricsWriter:
             self._tb.close()
 
 
-def set_aside_superseded(workdir: epath.Path, resumed_step: int) -> tuple[int, int]:
+def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple[int, int]:
     """Makes metrics.jsonl tell one story before a run continues from `resumed_step`.
 
     Rows for steps after `resumed_step` were written by a run that stopped before saving them: the resumed run
@@ -113,6 +114,7 @@ def set_aside_superseded(workdir: epath.Path, resumed_step: int) -> tuple[int, i
     moved, verbatim, to metrics.superseded.jsonl (appended, nothing is lost) and metrics.jsonl is rewritten with the
     rest. Returns (rows after the step, broken lines); (0, 0) leaves both files untouched.
     """
+    workdir = storage.path(workdir)
     location = workdir / METRICS_FILE
     if not location.exists():
         return 0, 0

@@ -2,10 +2,11 @@
 
 Two runs writing the same checkpoints destroy each other's saves, so a second run is refused with one line naming
 the holder. Creation is atomic on every storage the workdir can live on (O_EXCL locally, a generation precondition
-on GCS). The holder rewrites its heartbeat every `heartbeat_seconds`; a lock is stale, and is taken over with a
-warning, when its holder is gone: on the same host when its process no longer exists (kill -9, then relaunch),
-elsewhere when its heartbeat is older than `stale_seconds` (a pod VM that vanished). A holder that finds someone
-else's lock in its place (it was taken over while this run was stuck) sets `lost`, and the loop stops.
+on GCS). The holder rewrites its heartbeat every `heartbeat_seconds`. A lock is stale, and is taken over with a
+warning, when its holder is gone: on the same machine (host name and boot id) when its process no longer exists
+(kill -9, then relaunch), elsewhere when its heartbeat is older than `stale_seconds` (a pod VM that vanished). A
+holder that finds someone else's lock in its place (it was taken over while this run was stuck) sets `lost`, and the
+loop stops.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _boot_id() -> str | None:
+    """This kernel's boot id: with the host name, it tells this machine from another with the same name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _alive(pid: int, start: str | None) -> bool:
     try:
         os.kill(pid, 0)
@@ -67,6 +77,7 @@ class RunLock:
         return json.dumps(
             {
                 "host": socket.gethostname(),
+                "boot_id": _boot_id(),
                 "pid": pid,
                 "process_start": _process_start(pid),
                 "started": started,
@@ -106,9 +117,11 @@ class RunLock:
         if holder is None:
             age = time.time() - self.path.stat().mtime
             return f"unreadable and {age:.0f}s old" if age > self.stale_seconds else None
+        if holder.get("host") == socket.gethostname() and holder.get("boot_id") == _boot_id():
+            # this machine: the process table decides, whatever the heartbeat says (a stopped process still holds)
+            alive = _alive(int(holder["pid"]), holder.get("process_start"))
+            return None if alive else f"its holder, pid {holder['pid']} on this host, is gone"
         age = time.time() - float(holder.get("heartbeat", 0))
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder["pid"]), holder.get("process_start")):
-            return f"its holder, pid {holder['pid']} on this host, is gone"
         if age > self.stale_seconds:
             return f"its holder ({holder.get('host')} pid {holder.get('pid')}) sent no heartbeat for {age:.0f}s"
         return None

@@ -14,9 +14,11 @@ the content and rewrites the object), and creating an object only if it is absen
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.parse
+from collections.abc import Iterator
 
 from etils import epath
 
@@ -56,6 +58,18 @@ def write_bytes(location: epath.Path, data: bytes) -> None:
         os.replace(tmp, location)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _named(location: epath.Path) -> Iterator[None]:
+    """OS errors from writes into an open file carry no file name: give them the path, so a full disk is reported
+    as "cannot write <path>: No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), os.fspath(location)) from e
         raise
 
 
@@ -112,18 +126,22 @@ class AppendOnlyFile:
             self._content += data
             self._dirty = True
         else:
-            self._file.write(data)
+            with _named(self.location):
+                self._file.write(data)
 
     def flush(self, *, force: bool = False) -> None:
-        if not self.remote:
-            self._file.flush()
-            return
-        if self._dirty and (force or time.monotonic() - self._last_flush >= self.min_flush_seconds):
-            self.location.write_bytes(bytes(self._content))
-            self._dirty = False
-            self._last_flush = time.monotonic()
+        with _named(self.location):
+            if not self.remote:
+                self._file.flush()
+            elif self._dirty and (force or time.monotonic() - self._last_flush >= self.min_flush_seconds):
+                self.location.write_bytes(bytes(self._content))
+                self._dirty = False
+                self._last_flush = time.monotonic()
 
     def close(self) -> None:
-        self.flush(force=True)
-        if not self.remote:
-            self._file.close()
+        try:
+            self.flush(force=True)
+        finally:
+            if not self.remote:
+                with contextlib.suppress(OSError):
+                    self._file.close()  # a flush that failed above would fail here again: reported once

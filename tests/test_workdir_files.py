@@ -1,0 +1,176 @@
+"""The workdir's files: whole-file writes, exclusive creation, TensorBoard events TensorBoard can read, metrics.jsonl
+repaired on resume, config.json history, and the workdir lock."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import time
+
+import pytest
+from helpers import fashion_config
+
+from igpt_jax import metrics, run_lock, storage, tensorboard, workdir
+
+
+def test_write_bytes_replaces_whole_and_leaves_no_temporary(tmp_path):
+    target = storage.path(tmp_path / "sub" / "f.json")
+    storage.write_text(target, "old")
+    storage.write_text(target, "new")
+    assert target.read_text() == "new"
+    assert os.listdir(tmp_path / "sub") == ["f.json"]
+
+
+def test_create_exclusive_refuses_an_existing_file(tmp_path):
+    target = storage.path(tmp_path / "lock")
+    assert storage.create_exclusive(target, b"first")
+    assert not storage.create_exclusive(target, b"second")
+    assert target.read_bytes() == b"first"
+
+
+def test_paths_are_absolute_locally_and_untouched_for_gcs():
+    assert os.fspath(storage.path("gs://bucket/run")) == "gs://bucket/run"
+    assert os.path.isabs(os.fspath(storage.path("relative/run")))
+
+
+def _read_events(path: str):
+    import tensorflow as tf
+
+    return list(tf.compat.v1.train.summary_iterator(path))  # checks every record's CRCs
+
+
+def test_tensorboard_events_read_back_and_purge_the_steps_a_resumed_run_redoes(tmp_path):
+    writer = tensorboard.EventWriter(storage.path(tmp_path), resumed_step=40)
+    writer.scalars(41, {"train/loss": 1.5, "train/mfu": 0.25})
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    events = _read_events(path)
+    assert events[0].file_version == "brain.Event:2"
+    assert events[1].step == 41 and events[1].session_log.status == events[1].session_log.START
+    assert events[2].step == 41
+    assert {v.tag: round(v.simple_value, 6) for v in events[2].summary.value} == {"train/loss": 1.5, "train/mfu": 0.25}
+
+
+def test_a_corrupt_event_record_is_detected():
+    import tensorflow as tf
+
+    framed = bytearray(tensorboard.record(b"payload"))
+    framed[-1] ^= 0xFF
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"events.corrupt.{os.getpid()}")
+    with open(path, "wb") as f:
+        f.write(bytes(framed))
+    with pytest.raises(tf.errors.DataLossError):
+        _read_events(path)
+    os.remove(path)
+
+
+def _rows(lines: list[str]) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def test_metrics_rows_after_the_resumed_step_and_a_cut_line_are_set_aside(tmp_path):
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 8)]
+    rows.insert(4, json.dumps({"mode": "eval", "step": 4, "loss": 0.3}))
+    (tmp_path / "metrics.jsonl").write_text(_rows(rows) + '{"step": 8, "lo')  # kill -9 in the middle of a write
+    moved = metrics.set_aside_superseded(storage.path(tmp_path), 5)
+    assert moved == (2, 1)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("mode"), r["step"]) for r in kept] == [
+        (None, 1),
+        (None, 2),
+        (None, 3),
+        (None, 4),
+        ("eval", 4),
+        (None, 5),
+    ]
+    aside = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in aside[:2]] == [6, 7] and aside[2] == '{"step": 8, "lo'
+    # a second resume at the same step finds nothing to move and leaves both files as they are
+    assert metrics.set_aside_superseded(storage.path(tmp_path), 5) == (0, 0)
+    assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3
+
+
+def test_metrics_writer_appends_after_the_kept_rows(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(_rows([json.dumps({"step": 1, "loss": 2.0})]))
+    writer = metrics.MetricsWriter(storage.path(tmp_path), resumed_step=1, enabled=True)
+    writer.write({"step": 2, "loss": 1.0})
+    writer.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+
+
+def test_config_json_keeps_the_previous_recipe(tmp_path):
+    directory = storage.path(tmp_path)
+    workdir.write_config(directory, fashion_config(total_steps=10), 0)
+    workdir.write_config(directory, fashion_config(total_steps=10), 0)  # unchanged: no history entry
+    assert not (tmp_path / "config_history").exists()
+    workdir.write_config(directory, fashion_config(total_steps=20), 10)
+    assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 20
+    (old,) = os.listdir(tmp_path / "config_history")
+    assert old.endswith("-step10.json")
+    assert json.loads((tmp_path / "config_history" / old).read_text())["total_steps"] == 10
+
+
+# --- the workdir lock
+
+
+def _lock(tmp_path, **kwargs) -> run_lock.RunLock:
+    return run_lock.RunLock(storage.path(tmp_path), **kwargs)
+
+
+def test_a_second_run_is_refused_naming_the_holder(tmp_path):
+    first = _lock(tmp_path)
+    first.acquire()
+    with pytest.raises(run_lock.WorkdirLockedError, match=rf"in use by another run: host {socket.gethostname()} "):
+        _lock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / "lock.json").exists()
+    second = _lock(tmp_path)
+    second.acquire()  # free again once released
+    second.release()
+
+
+def _write_holder(tmp_path, **fields) -> None:
+    holder = {"host": socket.gethostname(), "boot_id": run_lock._boot_id(), "pid": os.getpid()}
+    holder |= {"started": time.time(), "heartbeat": time.time()}
+    holder.update(fields)
+    (tmp_path / "lock.json").write_text(json.dumps(holder | {"token": "other"}))
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
+    dead = 2**22 + 12345  # above the kernel's default pid_max: no such process
+    _write_holder(tmp_path, pid=dead)
+    lock = _lock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_lock_from_another_host_is_taken_over_only_once_stale(tmp_path):
+    _write_holder(tmp_path, host="another-host", heartbeat=time.time() - 30)
+    with pytest.raises(run_lock.WorkdirLockedError, match="host another-host"):
+        _lock(tmp_path, stale_seconds=300).acquire()
+    _write_holder(tmp_path, host="another-host", heartbeat=time.time() - 600)
+    lock = _lock(tmp_path, stale_seconds=300)
+    lock.acquire()
+    lock.release()
+
+
+def test_a_live_process_on_this_host_keeps_its_lock_however_old(tmp_path):
+    _write_holder(tmp_path, heartbeat=time.time() - 10_000)  # this test's own pid: alive
+    with pytest.raises(run_lock.WorkdirLockedError):
+        _lock(tmp_path, stale_seconds=300).acquire()
+
+
+def test_a_holder_whose_lock_was_taken_over_knows(tmp_path):
+    lock = _lock(tmp_path, heartbeat_seconds=0.05)
+    lock.acquire()
+    _write_holder(tmp_path, host="another-host")
+    deadline = time.time() + 10
+    while not lock.lost and time.time() < deadline:
+        time.sleep(0.02)
+    assert lock.lost
+    lock.release()
+    assert json.loads((tmp_path / "lock.json").read_text())["host"] == "another-host"  # not removed: not ours
