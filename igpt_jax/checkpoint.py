@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import resume
+from igpt_jax import resume, storage
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ RETRY_DELAYS = (1.0, 3.0)
 # Errors that mean a checkpoint's own bytes are broken, as opposed to a storage system that failed to answer.
 _CORRUPT_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
 _CORRUPT_TYPES = (FileNotFoundError, json.JSONDecodeError, EOFError)
-# OS errors whose words say more than the path they come with.
-_OS_CAUSES = re.compile(
-    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|Input/output error"
-)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -71,7 +67,7 @@ def cause(error: BaseException) -> str:
     """A one-line description of an error, leading with the OS's words when there are some."""
     text = str(error)
     first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    found = _OS_CAUSES.search(text)
+    found = storage.OS_FAILURES.search(text)
     if found and found.group(0) not in first[:80]:
         first = f"{found.group(0)} ({first[:200]})"
     return f"{type(error).__name__}: {first[:400]}"

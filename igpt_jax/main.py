@@ -50,7 +50,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
     except failures as e:
         _exit(str(e), 1)
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
-        _exit(f"cannot write {e.filename or 'to the workdir'}: {e.strerror or e}", 1)
+        where = e.filename or "a file (the workdir, config.data.data_dir or the temp folder)"
+        _exit(f"cannot write {where}: {e.strerror or e}", 1)
 
 
 MODES: dict[str, ModeFn] = {"train": _train}

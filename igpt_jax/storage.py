@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -23,6 +24,11 @@ from collections.abc import Iterator
 from etils import epath
 
 Path = epath.Path
+
+# The OS's words for a storage failure, as they appear inside other libraries' errors (TensorFlow, tensorstore).
+OS_FAILURES = re.compile(
+    r"No space left on device|Disk quota exceeded|Permission denied|Read-only file system|Input/output error"
+)
 
 
 def path(location: str | os.PathLike) -> epath.Path:
@@ -40,27 +46,6 @@ def _scheme(location: epath.Path) -> str:
     return urllib.parse.urlparse(os.fspath(location)).scheme
 
 
-def write_bytes(location: epath.Path, data: bytes) -> None:
-    """Writes `location` whole: readers see the old content or the new one, never a part.
-
-    Local files: a temporary file in the same folder, flushed to disk, then renamed over the target. Objects are
-    replaced whole by the store itself."""
-    location.parent.mkdir(parents=True, exist_ok=True)
-    if is_remote(location):
-        location.write_bytes(data)
-        return
-    tmp = location.parent / f".{location.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, location)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def _named(location: epath.Path) -> Iterator[None]:
     """OS errors from writes into an open file carry no file name: give them the path, so a full disk is reported
@@ -71,6 +56,41 @@ def _named(location: epath.Path) -> Iterator[None]:
         if e.filename is None:
             raise OSError(e.errno, e.strerror or str(e), os.fspath(location)) from e
         raise
+
+
+def write_bytes(location: epath.Path, data: bytes) -> None:
+    """Writes `location` whole: readers see the old content or the new one, never a part.
+
+    Local files: a temporary file in the same folder, flushed to disk, then renamed over the target. Objects are
+    replaced whole by the store itself."""
+    with _named(location):
+        location.parent.mkdir(parents=True, exist_ok=True)
+        if is_remote(location):
+            location.write_bytes(data)
+            return
+        tmp = location.parent / f".{location.name}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, location)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def storage_failure(error: BaseException | None) -> OSError | None:
+    """The storage failure behind `error`, if any: the first OSError in its chain of causes, or an error whose text
+    names one (TensorFlow and tensorstore wrap them in their own types), as an OSError without a file name."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        found = OS_FAILURES.search(str(error))
+        if found:
+            return OSError(None, found.group(0))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def write_text(location: epath.Path, text: str) -> None:

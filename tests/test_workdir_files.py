@@ -174,3 +174,15 @@ def test_a_holder_whose_lock_was_taken_over_knows(tmp_path):
     assert lock.lost
     lock.release()
     assert json.loads((tmp_path / "lock.json").read_text())["host"] == "another-host"  # not removed: not ours
+
+
+def test_a_storage_failure_is_found_inside_other_libraries_errors():
+    try:
+        try:
+            raise RuntimeError("/data/tfds/incomplete.abc; No space left on device")  # as TensorFlow words it
+        except RuntimeError as inner:
+            raise ValueError("Error while extracting") from inner
+    except ValueError as e:
+        found = storage.storage_failure(e)
+    assert isinstance(found, OSError) and found.strerror == "No space left on device"
+    assert storage.storage_failure(ValueError("shape mismatch")) is None

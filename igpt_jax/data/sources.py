@@ -101,7 +101,14 @@ class TfdsSource:
         if self.spec.offline_prepare is not None:
             self.spec.offline_prepare(self.manual_dir, type(self.builder).url_infos)
         log.info("preparing %s in %s (once)", self.spec.name, self.builder.data_dir)
-        self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir))
+        try:
+            self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir))
+        except Exception as e:
+            cause = storage.storage_failure(e)  # a full disk or a read-only folder, often wrapped in TFDS's errors
+            if cause is None:
+                raise
+            where = cause.filename or str(self.builder.data_dir)
+            raise OSError(cause.errno, cause.strerror or str(cause), where) from e
 
     def _source(self, split: str):
         if split not in self._sources:
