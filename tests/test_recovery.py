@@ -159,11 +159,13 @@ def test_read_only_checkpoints_stop_the_run_with_one_line(tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs: room for a few checkpoints of the tiny model, then a full disk."""
+def small_tmpfs(tmp_path, request):
+    """A small tmpfs (2 MiB unless the test asks for another size): room for a few checkpoints of the tiny model,
+    then a full disk."""
+    size = getattr(request, "param", "2m")
     mount = tmp_path / "small_disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); the injected fault test covers it")
     yield mount
@@ -177,6 +179,15 @@ def test_a_full_disk_stops_the_run_with_one_line(small_tmpfs):
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved
     _assert_intact(workdir, saved[-1])
+
+
+@pytest.mark.parametrize("small_tmpfs", ["36m"], indirect=True)  # the raw files fit, the prepared data set does not
+def test_a_full_disk_while_the_data_set_is_prepared_ends_with_one_line(small_tmpfs, tmp_path):
+    result = _run(tmp_path / "run", f"--config.data.data_dir={small_tmpfs / 'tfds'}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _last_line(result.stderr)
+    assert line.startswith(f"igpt: cannot write {small_tmpfs / 'tfds'}") and "No space left on device" in line, line
+    assert "igpt_jax/" not in result.stderr
 
 
 def test_a_save_the_storage_refuses_stops_training_at_once(tmp_path, monkeypatch):
