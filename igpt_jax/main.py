@@ -51,7 +51,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
         _exit(str(e), 1)
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
         where = e.filename or "a file (the workdir, config.data.data_dir or the temp folder)"
-        _exit(f"cannot write {where}: {e.strerror or e}", 1)
+        _exit(f"cannot read or write {where}: {e.strerror or e}", 1)
 
 
 MODES: dict[str, ModeFn] = {"train": _train}

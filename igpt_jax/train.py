@@ -78,12 +78,17 @@ def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray
     return clusters
 
 
+_REMEDY = (
+    "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm (turning clipping on changes the "
+    "optimizer state's shape: relaunch with --config.restore=params too)."
+)
+
+
 def _check_finite(loss: float, step: int) -> None:
     if not math.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss} at step {step}: stopping. No checkpoint of this state was written; the last one in the "
-            "workdir is intact. Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm "
-            "(with --config.restore=params: the optimizer state changes shape)."
+            f"workdir is intact. {_REMEDY}"
         )
 
 
@@ -92,8 +97,7 @@ def _check_saveable(step_metrics: dict, state: steps.State, step: int) -> None:
     _check_finite(float(jax.device_get(step_metrics["loss"])), step)
     if not bool(jax.device_get(all_finite(state["params"]))):
         raise FloatingPointError(
-            f"parameters became non-finite at step {step}: stopping without saving them. "
-            "Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm."
+            f"parameters became non-finite at step {step}: stopping without saving them. {_REMEDY}"
         )
 
 

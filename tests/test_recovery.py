@@ -186,7 +186,9 @@ def test_a_full_disk_while_the_data_set_is_prepared_ends_with_one_line(small_tmp
     result = _run(tmp_path / "run", f"--config.data.data_dir={small_tmpfs / 'tfds'}")
     assert result.returncode == 1, result.stderr[-3000:]
     line = _last_line(result.stderr)
-    assert line.startswith(f"igpt: cannot write {small_tmpfs / 'tfds'}") and "No space left on device" in line, line
+    assert (
+        line.startswith(f"igpt: cannot read or write {small_tmpfs / 'tfds'}") and "No space left on device" in line
+    ), line
     assert "igpt_jax/" not in result.stderr
 
 
