@@ -21,7 +21,7 @@ from igpt_jax import config_checks
 
 ModeFn = Callable[[ml_collections.ConfigDict, str], None]
 
-# Every mode the CLI will have (DESIGN.md); MODES holds the ones implemented so far.
+# Every mode the CLI will have (README: Command line); MODES holds the ones implemented so far.
 ALL_MODES = ("train", "eval", "probe", "sample", "compile")
 
 
