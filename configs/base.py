@@ -48,6 +48,7 @@ def make_config(
     c.microbatches = 1  # gradient accumulation: each step runs batch_size / microbatches at a time
     c.log_every_steps = 100
     c.eval_every_steps = 5_000
+    c.eval_examples = 0  # images of the eval split each evaluation reads, in order; 0: all of them
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
@@ -81,6 +82,7 @@ def make_config(
     c.data.data_dir = ""  # TFDS data_dir; empty: TFDS's default
     c.data.manual_dir = ""  # where manual downloads (ILSVRC tars) live; empty: <data_dir>/downloads/manual
     c.data.train_split = "train"
+    # 'heldout': the paper's held-out end of train_split (ImageNet 4%, CIFAR and STL-10 10%), kept out of training
     c.data.eval_split = "validation"
     c.data.flip = False  # random horizontal flips in training (the paper mentions none for pretraining)
     c.data.prefetch = 2  # batches prepared ahead of the device by a background thread

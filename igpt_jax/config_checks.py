@@ -6,6 +6,7 @@ checks values and the relations between them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import ml_collections
@@ -76,8 +77,45 @@ def _model_shape(c) -> list[str]:
             f"(set --config.model.num_positions={m.image_size**2}, or pass the size as the config "
             f"argument, e.g. configs/igpt_l.py:{m.image_size})"
         )
-    if not (isinstance(m.norm_eps, float) and m.norm_eps > 0):
-        out.append(f"config.model.norm_eps={m.norm_eps!r}: must be > 0")
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _nonnegative_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# Numeric keys beyond the positive integers: (test on a finite number, what is allowed).
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
+    "eval_examples": (_nonnegative_int, "an integer >= 0 (0: the whole eval split)"),
+    "watchdog_seconds": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
+    "bert_mask_prob": (lambda v: 0.0 < v < 1.0, "0 < p < 1"),
+    "model.norm_eps": (lambda v: v > 0, "> 0"),
+    "data.prefetch": (_nonnegative_int, "an integer >= 0"),
+    "optimizer.learning_rate": (lambda v: v > 0, "> 0"),
+    "optimizer.b1": (lambda v: 0.0 <= v < 1.0, "0 <= b1 < 1"),
+    "optimizer.b2": (lambda v: 0.0 <= v < 1.0, "0 <= b2 < 1"),
+    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optimizer.grad_clip_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "optimizer.warmup_steps": (_nonnegative_int, "an integer >= 0"),
+    "sample.temperature": (lambda v: v > 0, "> 0"),
+    "sample.top_k": (_nonnegative_int, "an integer >= 0 (0 turns top-k off)"),
+}
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _ranges(c) -> list[str]:
+    """Every key of RANGES is a finite number (as float32: that is what the step computes with) in its range."""
+    out = []
+    for key, (allowed, description) in RANGES.items():
+        value = _get(c, key)
+        finite = _number(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+        if not finite or not allowed(value):
+            out.append(f"config.{key}={value!r}: allowed: {description}")
     return out
 
 
@@ -85,22 +123,22 @@ def _training(c) -> list[str]:
     out = []
     if _all_positive(c.batch_size, c.microbatches) and c.batch_size % c.microbatches:
         out.append(f"config.batch_size={c.batch_size} must be a multiple of config.microbatches={c.microbatches}")
-    if not 0.0 < c.bert_mask_prob < 1.0:
-        out.append(f"config.bert_mask_prob={c.bert_mask_prob}: allowed: 0 < p < 1")
-    o = c.optimizer
-    if not 0 < o.learning_rate < float("inf"):
-        out.append(f"config.optimizer.learning_rate={o.learning_rate}: must be finite and > 0")
-    for key in ("b1", "b2"):
-        if not 0.0 <= o[key] < 1.0:
-            out.append(f"config.optimizer.{key}={o[key]}: allowed: 0 <= {key} < 1")
-    for key in ("weight_decay", "grad_clip_norm", "warmup_steps"):
-        if o[key] < 0:
-            out.append(f"config.optimizer.{key}={o[key]}: must be >= 0")
-    if not c.sample.temperature > 0:
-        out.append(f"config.sample.temperature={c.sample.temperature}: must be > 0")
-    if c.sample.top_k < 0:
-        out.append(f"config.sample.top_k={c.sample.top_k}: must be >= 0 (0 turns top-k off)")
     return out
+
+
+def _data(c) -> list[str]:
+    """The data set exists, and a 'heldout' eval split has a preset for it."""
+    from igpt_jax.data import sources  # no TensorFlow import: the registry only names the builders
+
+    dataset = c.data.dataset
+    if dataset not in sources.SOURCES:
+        return [f"config.data.dataset={dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    if c.data.eval_split == sources.HELDOUT and dataset not in sources.HELDOUT_PERCENT:
+        return [
+            f"config.data.eval_split='heldout' has no preset for config.data.dataset={dataset!r}; presets: "
+            f"{sorted(sources.HELDOUT_PERCENT)} (or name a split, e.g. 'train[90%:]')"
+        ]
+    return []
 
 
 def _mesh(c) -> list[str]:
@@ -122,7 +160,9 @@ CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
     _positive_ints,
     _choices,
     _model_shape,
+    _ranges,
     _training,
+    _data,
     _mesh,
 )
 

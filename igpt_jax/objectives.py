@@ -1,11 +1,17 @@
-"""Training objectives (config.objective): each maps (model, tokens, key, config) to (loss, metrics).
+"""Training objectives (config.objective): the randomness a batch needs, and per-example losses.
 
-Losses are mean cross-entropy in nats per token, as OpenAI reports them (2.0895 nats for iGPT-S on ImageNet 32x32);
+Losses are cross-entropy in nats per token, as OpenAI reports them (2.0895 nats for iGPT-S on ImageNet 32x32);
 metrics add bits per token (nats / ln 2). Bits per palette token are not the 8-bit bits/dim of other papers.
+
+An objective is two functions. `noise(key, shape, config)` draws the batch's random inputs (BERT's mask) for the whole
+batch at once, so that splitting the batch into microbatches changes memory, never the masks. `per_example(model,
+tokens, noise, config)` returns a vector [B] per metric: training averages them, evaluation weights and sums them (a
+padded last batch counts only its real images).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -17,36 +23,61 @@ import optax
 from igpt_jax.model import IGPT
 
 Metrics = dict[str, jax.Array]
-Objective = Callable[[IGPT, jax.Array, jax.Array, ml_collections.ConfigDict], tuple[jax.Array, Metrics]]
+Noise = dict[str, jax.Array]
 
 
-def _metrics(loss: jax.Array) -> Metrics:
-    return {"loss": loss, "bits_per_token": loss / math.log(2.0)}
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    noise: Callable[[jax.Array, tuple[int, ...], ml_collections.ConfigDict], Noise]
+    per_example: Callable[[IGPT, jax.Array, Noise, ml_collections.ConfigDict], Metrics]
 
 
-def autoregressive(model: IGPT, tokens: jax.Array, key: jax.Array, config) -> tuple[jax.Array, Metrics]:
-    """Every token scored from the ones before it (input [SOS, x_0 .. x_{N-2}])."""
-    del key, config
+def _no_noise(key: jax.Array, shape: tuple[int, ...], config) -> Noise:
+    del key, shape, config
+    return {}
+
+
+def _next_token(model: IGPT, tokens: jax.Array, noise: Noise, config) -> Metrics:
+    """Every token scored from the ones before it (input [SOS, x_0 .. x_{N-2}]); the mean over an image's tokens."""
+    del noise, config
     logits = model(tokens)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean()
-    return loss, _metrics(loss)
+    return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, tokens).mean(axis=1)}
 
 
-def masked(model: IGPT, tokens: jax.Array, key: jax.Array, config) -> tuple[jax.Array, Metrics]:
-    """BERT: each position masked with probability config.bert_mask_prob; loss on masked positions only,
-    averaged per image over its masked positions, then over the batch (OpenAI's order)."""
-    mask = jax.random.bernoulli(key, config.bert_mask_prob, tokens.shape)
-    logits = model(tokens, mask=mask)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+def _bert_mask(key: jax.Array, shape: tuple[int, ...], config) -> Noise:
+    return {"mask": jax.random.bernoulli(key, config.bert_mask_prob, shape)}
+
+
+def _masked_tokens(model: IGPT, tokens: jax.Array, noise: Noise, config) -> Metrics:
+    """BERT: positions masked with probability config.bert_mask_prob (input embedding zeroed); the loss of an image
+    is the mean over its masked positions (OpenAI's order: per image first, then over the batch)."""
+    del config
+    mask = noise["mask"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(model(tokens, mask=mask), tokens)
     per_image = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
-    loss = per_image.mean()
-    return loss, _metrics(loss) | {"masked_fraction": mask.mean()}
+    return {"loss": per_image, "masked_fraction": mask.mean(axis=1)}
 
 
-OBJECTIVES: dict[str, Objective] = {"ar": autoregressive, "bert": masked}
+OBJECTIVES: dict[str, Objective] = {
+    "ar": Objective(_no_noise, _next_token),
+    "bert": Objective(_bert_mask, _masked_tokens),
+}
 
 
 def get(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ValueError(f"config.objective={name!r} is unknown; allowed: {list(OBJECTIVES)}")
     return OBJECTIVES[name]
+
+
+def with_bits(metrics: Metrics) -> Metrics:
+    """Adds bits per token to metrics that hold a mean loss in nats."""
+    return metrics | {"bits_per_token": metrics["loss"] / math.log(2.0)}
+
+
+def batch_loss(model: IGPT, tokens: jax.Array, key: jax.Array, config) -> tuple[jax.Array, Metrics]:
+    """(mean loss, mean metrics) of a batch under config.objective, its randomness drawn from `key`."""
+    objective = get(config.objective)
+    per_example = objective.per_example(model, tokens, objective.noise(key, tokens.shape, config), config)
+    metrics = with_bits({k: v.mean() for k, v in per_example.items()})
+    return metrics["loss"], metrics

@@ -55,7 +55,18 @@ def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
             b2=o.b2,
             eps=1e-8,
             weight_decay=o.weight_decay,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),  # no decay on gains and the SOS
+            mask=decays,
         )
     )
     return optax.chain(*parts)
+
+
+def decays(params: dict) -> dict:
+    """True for the matrices (embeddings, projections, head), False for norm gains and the SOS vector. Judged per
+    layer: the blocks' parameters carry a leading `layers` axis, so a stacked gain [layers, d] is a vector."""
+
+    def is_matrix(path, p) -> bool:
+        stacked = getattr(path[0], "key", None) == "blocks"
+        return p.ndim - int(stacked) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)

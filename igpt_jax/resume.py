@@ -27,6 +27,7 @@ ACCEPTED_CHANGES = (
     "total_steps",
     "log_every_steps",
     "eval_every_steps",
+    "eval_examples",
     "checkpoint_every_steps",
     "keep_checkpoints",
     "watchdog_seconds",

@@ -8,6 +8,7 @@ model runs unsharded in tests and sharded under `jax.set_mesh`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -17,6 +18,8 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -58,15 +61,42 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def variable_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
     """A NamedSharding per variable of `state` (real or abstract) from its logical names; unnamed: replicated.
 
-    A dimension that its mesh axes do not divide (4 heads on tensor=8) is replicated rather than refused.
+    A dimension that its mesh axes do not divide (4 heads on tensor=8) is replicated rather than refused, with a
+    warning naming the parameter (once per parameter and mesh in a process): it costs memory on every device.
     """
 
-    def one(variable: nnx.Variable) -> NamedSharding:
+    def one(path, variable: nnx.Variable) -> NamedSharding:
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
         spec = logical_to_spec(names, rules, mesh.axis_names)
-        return NamedSharding(mesh, _divisible(spec, variable.shape, mesh))
+        kept = _divisible(spec, variable.shape, mesh)
+        if kept != spec:
+            _warn_replicated(jax.tree_util.keystr(path, simple=True, separator="."), variable.shape, spec, mesh)
+        return NamedSharding(mesh, kept)
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+_WARNED: set[tuple] = set()
+
+
+def _warn_replicated(name: str, shape: Sequence[int], spec: PartitionSpec, mesh: jax.sharding.Mesh) -> None:
+    key = (name, tuple(shape), tuple(mesh.shape.items()))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    for dim, axes in zip(shape, tuple(spec), strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        if dim % size:
+            log.warning(
+                "parameter %s %s: dimension %d is not divisible by mesh axes %s (size %d), so it is replicated "
+                "there instead of sharded",
+                name,
+                list(shape),
+                dim,
+                "x".join(names),
+                size,
+            )
 
 
 def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:

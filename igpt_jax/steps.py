@@ -99,16 +99,17 @@ def _tokens(batch: dict, clusters: jax.Array | None) -> jax.Array:
     return palette.quantize(batch["images"], clusters)
 
 
-def _loss_fn(setup: Setup):
+def _per_example_fn(setup: Setup):
+    """(params, tokens, noise) -> per-example metric vectors [B] under config.objective."""
     objective = objectives.get(setup.config.objective)
     config = setup.config
 
-    def loss_fn(params, tokens, key):
+    def per_example(params, tokens, noise):
         model = nnx.merge(setup.graphdef, nnx.State(params))
         with sharding.axis_rules(config.logical_axis_rules):
-            return objective(model, tokens, key, config)
+            return objective.per_example(model, tokens, noise, config)
 
-    return loss_fn
+    return per_example
 
 
 def _step_key(config, step: jax.Array) -> jax.Array:
@@ -116,27 +117,41 @@ def _step_key(config, step: jax.Array) -> jax.Array:
 
 
 def make_grad_fn(setup: Setup):
-    """(params, tokens, key) -> (grads, metrics), averaged over `config.microbatches` sequential microbatches
-    (lax.scan): microbatching changes peak memory, not the result."""
+    """(params, tokens, key) -> (grads, metrics). The batch's randomness (BERT's mask) is drawn once from `key` for
+    the whole batch; then `config.microbatches` equal microbatches run one after another (lax.scan) and their
+    gradients and metrics are averaged, so microbatching changes peak memory, not the result."""
     config = setup.config
-    grad_fn = jax.value_and_grad(_loss_fn(setup), has_aux=True)
+    objective = objectives.get(config.objective)
+    per_example = _per_example_fn(setup)
     k = config.microbatches
 
+    def mean_loss(params, tokens, noise):
+        metrics = {name: v.mean() for name, v in per_example(params, tokens, noise).items()}
+        return metrics["loss"], metrics
+
+    grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
+
     def grads_and_metrics(params, tokens, key):
+        noise = objective.noise(key, tokens.shape, config)
         if k == 1:
-            (_, metrics), grads = grad_fn(params, tokens, key)
-            return grads, metrics
-        micro = tokens.reshape(k, tokens.shape[0] // k, *tokens.shape[1:])
+            (_, metrics), grads = grad_fn(params, tokens, noise)
+            return grads, objectives.with_bits(metrics)
+
+        def split(x):
+            return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+        micro = (split(tokens), jax.tree.map(split, noise))
 
         def accumulate(carry, xs):
-            i, toks = xs
-            (_, m), g = grad_fn(params, toks, jax.random.fold_in(key, i))
+            (_, m), g = grad_fn(params, *xs)
             return jax.tree.map(jnp.add, carry, (g, m)), None
 
-        (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, micro[0], key)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (_, metric_shapes), grad_shapes = jax.eval_shape(grad_fn, params, *first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grad_shapes, metric_shapes))
-        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        return jax.tree.map(lambda x: x / k, (grads, metrics))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+        grads, metrics = jax.tree.map(lambda x: x / k, (grads, metrics))
+        return grads, objectives.with_bits(metrics)
 
     return grads_and_metrics
 
@@ -164,14 +179,18 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup):
-    """jit(params, batch, clusters, step) -> metrics on a held-out batch (BERT masks drawn from the step)."""
+    """jit(params, batch, clusters, key) -> weighted sums over a held-out batch: {metric: sum of weight * value,
+    'weight': sum of weights}. `batch['weights']` marks the real images (the padding of a last batch weighs 0); `key`
+    draws the batch's randomness (BERT's mask). Sums, not means, so the caller can average over a whole split."""
     config = setup.config
-    loss_fn = _loss_fn(setup)
+    objective = objectives.get(config.objective)
+    per_example = _per_example_fn(setup)
 
-    def eval_step(params, batch, clusters, step):
+    def eval_step(params, batch, clusters, key):
         tokens = _tokens(batch, clusters)
-        _, metrics = loss_fn(params, tokens, jax.random.fold_in(_step_key(config, step), 1 << 20))
-        return metrics
+        values = per_example(params, tokens, objective.noise(key, tokens.shape, config))
+        weights = batch["weights"]
+        return {name: jnp.sum(v * weights) for name, v in values.items()} | {"weight": jnp.sum(weights)}
 
     return jax.jit(
         eval_step,

@@ -20,8 +20,20 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, distributed, interrupts, metrics, palette, run_lock, sharding, steps, storage, workdir
-from igpt_jax.data import get_source, order, pipeline
+from igpt_jax import (
+    checkpoint,
+    distributed,
+    evaluate,
+    interrupts,
+    metrics,
+    palette,
+    run_lock,
+    sharding,
+    steps,
+    storage,
+    workdir,
+)
+from igpt_jax.data import get_source, order, pipeline, splits
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +66,10 @@ def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray
     elif config.data.palette:
         clusters, origin = palette.load(config.data.palette), None
     else:
-        total = source.num_examples(config.data.train_split)
+        train_split = splits(config)[0]
+        total = source.num_examples(train_split)
         n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
-        sample = source.get(config.data.train_split, order.global_indices(config.seed, 0, n, total), None)
+        sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
         start = time.perf_counter()
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
         origin = None
@@ -194,8 +207,9 @@ def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> di
     run_start = last_time = time.perf_counter()
     data_wait = 0.0
     last_step = step
+    train_split, eval_split = splits(config)
     prefetch = pipeline.Prefetcher(
-        lambda s: pipeline.global_batch(source, config.data.train_split, config, s, mesh), step, config.data.prefetch
+        lambda s: pipeline.global_batch(source, train_split, config, s, mesh), step, config.data.prefetch
     )
     close_checkpoints = True  # false once closed, or when Orbax's threads hold a failure or an abandoned save
     try:
@@ -234,18 +248,18 @@ def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> di
                     print(metrics.progress_line(last, config.total_steps), flush=True)
 
             if step % config.eval_every_steps == 0 or step == config.total_steps:
-                held_out = evaluate(config, source, eval_step, state, clusters_device, mesh)
+                held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)
                 writer.write({"mode": "eval", "step": step, **held_out})
                 if jax.process_index() == 0:
                     print(
                         f"eval step {step}: {held_out['loss']:.4f} nats ({held_out['bits_per_token']:.3f} bits) "
-                        f"on {config.data.eval_split}",
+                        f"on {held_out['examples']} images of {eval_split}",
                         flush=True,
                     )
 
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
-                log.info("first step (with compilation) took %.1fs", time.perf_counter() - last_time)
+                log.info("first step (with compilation) took %.1fs", time.perf_counter() - run_start)
                 last_time, last_step, data_wait = time.perf_counter(), step, 0.0
 
             stop = stop_request.agreed()
@@ -285,20 +299,3 @@ def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:
         ckpt.close()
     except checkpoint.CheckpointSaveError as e:
         log.error("%s", e)
-
-
-EVAL_BATCHES = 4
-
-
-def evaluate(config, source, eval_step, state, clusters, mesh) -> dict:
-    """Mean loss over the first EVAL_BATCHES batches of the held-out split (fixed order, same every time)."""
-    totals: dict[str, float] = {}
-    split = config.data.eval_split
-    n_batches = min(EVAL_BATCHES, max(source.num_examples(split) // config.batch_size, 1))
-    for i in range(n_batches):
-        batch = pipeline.global_batch(source, split, config, i, mesh, train=False)
-        with jax.set_mesh(mesh):
-            values = jax.device_get(eval_step(state["params"], batch, clusters, state["step"]))
-        for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / n_batches
-    return totals

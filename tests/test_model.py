@@ -26,10 +26,9 @@ def _with_random_head(model):
 
 def _loss_and_grads(config, tokens):
     model = _with_random_head(model_lib.build(config))
-    objective = objectives.get(config.objective)
 
     def loss_fn(m):
-        return objective(m, tokens, jax.random.key(1), config)[0]
+        return objectives.batch_loss(m, tokens, jax.random.key(1), config)[0]
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     return loss, nnx.to_pure_dict(grads)
@@ -82,7 +81,7 @@ def test_ar_first_position_sees_only_the_sos():
 def test_initial_loss_is_uniform_over_the_palette():
     """The zero-initialised head (OpenAI) gives exactly log(vocab) nats at step 0."""
     config = tiny_config()
-    loss, metrics = objectives.autoregressive(model_lib.build(config), _tokens(config), jax.random.key(0), config)
+    loss, metrics = objectives.batch_loss(model_lib.build(config), _tokens(config), jax.random.key(0), config)
     np.testing.assert_allclose(loss, np.log(config.model.vocab_size), rtol=1e-6)
     np.testing.assert_allclose(metrics["bits_per_token"], np.log2(config.model.vocab_size), rtol=1e-6)
 
@@ -105,7 +104,7 @@ def test_bert_loss_counts_masked_positions_only():
     model = _with_random_head(model_lib.build(config))
     tokens = _tokens(config, batch=2)
     key = jax.random.key(3)
-    loss, metrics = objectives.masked(model, tokens, key, config)
+    loss, metrics = objectives.batch_loss(model, tokens, key, config)
     mask = jax.random.bernoulli(key, config.bert_mask_prob, tokens.shape)
     logp = jax.nn.log_softmax(model(tokens, mask=mask))
     ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]

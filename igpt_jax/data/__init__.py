@@ -7,6 +7,6 @@ k reads the same global examples whatever the number of processes, so resuming n
 
 from __future__ import annotations
 
-from igpt_jax.data.sources import SOURCES, Source, get_source
+from igpt_jax.data.sources import SOURCES, Source, get_source, splits
 
-__all__ = ["SOURCES", "Source", "get_source"]
+__all__ = ["SOURCES", "Source", "get_source", "splits"]

@@ -72,6 +72,20 @@ def global_batch(
     return {source.kind: jax.make_array_from_process_local_data(spec.sharding, local, spec.shape)}
 
 
+def eval_batch(
+    source: Source, split: str, config: ml_collections.ConfigDict, index: int, num_examples: int, mesh
+) -> dict[str, jax.Array]:
+    """Batch `index` of the first `num_examples` examples of `split`, in order, with `weights` 1 for those and 0 for
+    the rows that pad the last batch to the full batch size (they repeat examples from the split's start)."""
+    batch = global_batch(source, split, config, index, mesh, train=False)
+    spec = sharding.batch_sharding(mesh, 1)
+    rows = local_rows(spec, (config.batch_size,))
+    positions = index * config.batch_size + np.arange(config.batch_size)[rows]
+    weights = (positions < num_examples).astype(np.float32)
+    batch["weights"] = jax.make_array_from_process_local_data(spec, weights, (config.batch_size,))
+    return batch
+
+
 class Prefetcher:
     """Runs load(step) for start, start+1, ... in a background thread, up to `depth` steps ahead."""
 

@@ -172,6 +172,35 @@ TFDS_DATASETS = [
     TfdsSpec("fashion_mnist", "low_resolution", offline_prepare=_debian_fashion_mnist),
 ]
 
+# The paper's held-out sets (section 3.1): the end of the train split, kept out of training and used for evaluation.
+HELDOUT = "heldout"
+HELDOUT_PERCENT = {
+    "imagenet2012": 4,
+    "imagenet_resized/32x32": 4,
+    "imagenet_resized/64x64": 4,
+    "downsampled_imagenet/32x32": 4,
+    "downsampled_imagenet/64x64": 4,
+    "cifar10": 10,
+    "cifar100": 10,
+    "stl10": 10,
+}
+
+
+def splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(train split, eval split) as TFDS reads them. config.data.eval_split='heldout' evaluates on the paper's
+    held-out end of config.data.train_split and trains on the rest: e.g. ('train[:96%]', 'train[96%:]')."""
+    train, held_out = config.data.train_split, config.data.eval_split
+    if held_out != HELDOUT:
+        return train, held_out
+    percent = HELDOUT_PERCENT.get(config.data.dataset)
+    if percent is None:
+        raise ValueError(
+            f"config.data.eval_split='heldout' has no preset for config.data.dataset={config.data.dataset!r}; "
+            f"presets: {sorted(HELDOUT_PERCENT)} (or name a split, e.g. 'train[90%:]')"
+        )
+    return f"{train}[:{100 - percent}%]", f"{train}[{100 - percent}%:]"
+
+
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
     "synthetic": Synthetic,
     **{spec.name: partial(TfdsSource, spec=spec) for spec in TFDS_DATASETS},
@@ -185,4 +214,4 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
     return SOURCES[name](config)
 
 
-__all__ = ["SOURCES", "Source", "TfdsSpec", "get_source"]
+__all__ = ["HELDOUT", "HELDOUT_PERCENT", "SOURCES", "Source", "TfdsSpec", "get_source", "splits"]

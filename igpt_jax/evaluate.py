@@ -1,0 +1,43 @@
+"""Held-out loss: the first `config.eval_examples` images of the eval split (0: all of it), each once, in a fixed order
+and with fixed randomness, so numbers from different checkpoints, runs and process counts compare.
+
+The split is read in global batches of config.batch_size; the last one is padded and its padding weighs nothing, so
+the mean is over exactly the chosen images. Batch i draws its randomness (BERT's masks) from a key folded from the
+seed and i alone, never from the training step: every evaluation of a run masks the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+
+from igpt_jax import objectives
+from igpt_jax.data import pipeline, splits
+from igpt_jax.data.sources import Source
+
+EVAL_KEY = 0x65_76_61_6C  # folded into the seed's key: no training step's key is the same
+
+
+def num_examples(config: ml_collections.ConfigDict, source: Source) -> int:
+    """How many images of the eval split an evaluation reads."""
+    available = source.num_examples(splits(config)[1])
+    return available if config.eval_examples == 0 else min(config.eval_examples, available)
+
+
+def held_out_loss(config: ml_collections.ConfigDict, source: Source, eval_step, params, clusters, mesh) -> dict:
+    """{'loss', 'bits_per_token', ..., 'examples'}: means over the evaluated images. eval_step comes from
+    steps.make_eval_step."""
+    split = splits(config)[1]
+    n = num_examples(config, source)
+    key = jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY)
+    totals: dict[str, float] = {}
+    for i in range(math.ceil(n / config.batch_size)):
+        batch = pipeline.eval_batch(source, split, config, i, n, mesh)
+        with jax.set_mesh(mesh):
+            sums = jax.device_get(eval_step(params, batch, clusters, jax.random.fold_in(key, i)))
+        for name, value in sums.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+    weight = totals.pop("weight")
+    return objectives.with_bits({name: value / weight for name, value in totals.items()}) | {"examples": int(weight)}
