@@ -40,6 +40,18 @@ def _check(**overrides):
         ({"optimizer__b2": 1.0}, r"config\.optimizer\.b2=1\.0: allowed: 0 <= b2 < 1"),
         ({"mesh__ici": {"data": -1, "fsdp": -1}}, r"config\.mesh\.ici=.*at most one axis may be -1"),
         ({"mesh__ici": {"pipeline": 2}}, r"config\.mesh\.ici has unknown axes \['pipeline'\]"),
+        ({"seed": -1}, r"config\.seed=-1: allowed: an integer, 0 <= seed < 2\*\*31"),
+        ({"optimizer__weight_decay": float("nan")}, r"config\.optimizer\.weight_decay=nan: allowed: >= 0"),
+        ({"optimizer__grad_clip_norm": float("nan")}, r"config\.optimizer\.grad_clip_norm=nan: allowed: >= 0"),
+        ({"optimizer__learning_rate": float("inf")}, r"config\.optimizer\.learning_rate=inf: allowed: > 0"),
+        ({"optimizer__learning_rate": 1e39}, r"config\.optimizer\.learning_rate=1e\+39: allowed: > 0"),  # float32 inf
+        ({"bert_mask_prob": float("nan")}, r"config\.bert_mask_prob=nan: allowed: 0 < p < 1"),
+        ({"model__norm_eps": 0.0}, r"config\.model\.norm_eps=0\.0: allowed: > 0"),
+        ({"eval_examples": -5}, r"config\.eval_examples=-5: allowed: an integer >= 0"),
+        ({"data__prefetch": -1}, r"config\.data\.prefetch=-1: allowed: an integer >= 0"),
+        ({"sample__temperature": float("nan")}, r"config\.sample\.temperature=nan: allowed: > 0"),
+        ({"data__dataset": "imagenet"}, r"config\.data\.dataset='imagenet' is unknown; allowed: \[.*'imagenet2012'"),
+        ({"restore": "opt"}, r"config\.restore='opt' is unknown; allowed: \['all', 'params'\]"),
     ],
 )
 def test_bad_values_are_named(overrides, message):
@@ -90,6 +102,22 @@ def test_cli_refuses_with_one_line(args, message):
     mode = [] if any(a.startswith("--mode") for a in args) else ["--mode=train"]
     line = _one_line_error(_cli("--config=configs/igpt_s.py", "--workdir=/tmp/igpt_cli_test", *mode, *args))
     assert message in line, line
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.seed=-1", "config.seed=-1: allowed: an integer, 0 <= seed < 2**31"),
+        ("--config.optimizer.weight_decay=nan", "config.optimizer.weight_decay=nan: allowed: >= 0"),
+        ("--config.optimizer.grad_clip_norm=nan", "config.optimizer.grad_clip_norm=nan: allowed: >= 0"),
+        ("--config.data.dataset=imagenet", "config.data.dataset='imagenet' is unknown; allowed: ["),
+    ],
+)
+def test_bad_values_stop_before_anything_is_written(tmp_path, flag, message):
+    workdir = tmp_path / "run"
+    line = _one_line_error(_cli("--config=configs/fashion_mnist.py", f"--workdir={workdir}", flag))
+    assert line.startswith("igpt: bad config: ") and message in line, line
+    assert not workdir.exists()
 
 
 def test_cli_refuses_missing_config_file():

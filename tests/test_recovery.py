@@ -13,11 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from helpers import cli_flags, fashion_config, read_metrics
 
-from igpt_jax import checkpoint, sharding, steps, storage, train
+from igpt_jax import checkpoint, palette, sharding, steps, storage, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = cli_flags(image_size=8, embed_dim=32, total_steps=20, eval_every=20, checkpoint_every=10, warmup=3)
@@ -311,3 +312,21 @@ def test_a_checkpoint_with_broken_files_is_set_aside_and_the_one_before_used(tmp
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
     (aside,) = os.listdir(tmp_path / "unreadable_checkpoints")  # moved, not deleted
     assert aside.startswith("20-")
+
+
+def test_a_config_palette_that_differs_from_the_runs_stops_it(tmp_path):
+    workdir = tmp_path / "run"
+    config = fashion_config(image_size=8, total_steps=10)
+    train.train_and_evaluate(config, str(workdir))
+    before = _snapshot(workdir)
+    other = tmp_path / "other.npy"
+    palette.save(other, np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
+    with pytest.raises(train.PaletteMismatchError) as error:
+        train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(other)), str(workdir))
+    message = str(error.value)
+    assert f"config.data.palette={other} (16 colours) differs from the checkpoint's palette" in message
+    assert _snapshot(workdir) == before
+    same = tmp_path / "same.npy"
+    shutil.copy(workdir / "palette.npy", same)  # the run's own colours, from another path: accepted
+    last = train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(same)), str(workdir))
+    assert last["step"] == 20

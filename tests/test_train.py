@@ -148,11 +148,24 @@ def test_batch_that_does_not_split_is_refused():
         steps.make_setup(config, sharding.make_mesh(config))
 
 
-def test_synthetic_data_trains_without_a_palette(tmp_path):
+def test_synthetic_data_trains_without_a_palette(tmp_path, capsys, caplog):
     config = fashion_config(total_steps=3, data__dataset="synthetic")
-    last = train.train_and_evaluate(config, str(tmp_path))
+    with caplog.at_level(logging.INFO):
+        last = train.train_and_evaluate(config, str(tmp_path))
     assert last["step"] == 3 and math.isfinite(last["loss"])
     assert not os.path.exists(tmp_path / "palette.npy")
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert final == f"igpt: workdir {tmp_path}: checkpoints/, metrics.jsonl, config.json, tensorboard/"
+    (took,) = [r.args[0] for r in caplog.records if r.getMessage().startswith("first step (with compilation)")]
+    assert took > 0.05  # compilation included, though log_every_steps=1 resets the interval clock at that step
+
+
+def test_a_dimension_the_mesh_cannot_split_is_named(caplog):
+    config = fashion_config(mesh__ici={"data": 1, "fsdp": 1, "tensor": 8})  # 4 heads over tensor=8
+    with caplog.at_level(logging.WARNING):
+        steps.make_setup(config, sharding.make_mesh(config))
+    warned = [r.getMessage() for r in caplog.records if "replicated there instead of sharded" in r.getMessage()]
+    assert any(m.startswith("parameter blocks.attn.query [2, 32, 4, 8]: dimension 4 ") for m in warned), warned
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
