@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from helpers import fashion_config, read_metrics
 from PIL import Image
 
@@ -47,22 +48,60 @@ def _photo(w=500, h=375, seed=0) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
 
 
-def test_imagenet_train_crop_is_random_but_reproducible():
-    image = _photo()
-    a = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 5]), flip=False)
-    b = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 5]), flip=False)
-    c = preprocess.imagenet_train(image.copy(), "photo", 32, np.random.default_rng([0, 6]), flip=False)
-    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+def _coordinates(w: int, h: int) -> Image.Image:
+    """Red = x, green = y, each scaled to 0..255: a crop's output tells where in the image it came from."""
+    x = np.linspace(0, 255, w)[None, :] * np.ones((h, 1))
+    y = np.linspace(0, 255, h)[:, None] * np.ones((1, w))
+    return Image.fromarray(np.round(np.stack([x, y, np.zeros_like(x)], -1)).astype(np.uint8))
 
 
-def test_imagenet_eval_is_the_centre_crop():
-    image = np.zeros((300, 400, 3), np.uint8)
-    image[:, 150:250] = 255  # a white band in the middle: survives the centre crop, fills 100/300*224 px of 224
-    out = preprocess.imagenet_eval(Image.fromarray(image), "band", 28, None, flip=False)
+def _source_box(out: np.ndarray, w: int, h: int) -> tuple[float, float, float, float]:
+    """(left, top, width, height) in source pixels of the region an area-downsampled output came from: each output
+    pixel is the mean over its footprint, so the first and last columns sit half a footprint inside the edges."""
+    size = out.shape[0]
+    red, green = out[..., 0].astype(float).mean(0), out[..., 1].astype(float).mean(1)
+    width = (red[-1] - red[0]) * size / (size - 1) * (w - 1) / 255
+    height = (green[-1] - green[0]) * size / (size - 1) * (h - 1) / 255
+    return red[0] * (w - 1) / 255 - width / (2 * size), green[0] * (h - 1) / 255 - height / (2 * size), width, height
+
+
+def test_imagenet_train_crop_is_a_random_224_crop_of_a_256_to_384_short_side():
+    """The paper: shorter side resized to U[256, 384], then a random 224x224 crop (here read back from where the
+    output's pixels came from in a coordinate image; +-12 covers uint8 rounding)."""
+    w, h, size = 640, 480, 16
+    image = _coordinates(w, h)
+    short_sides, centres = [], []
+    for seed in range(300):
+        out = preprocess.imagenet_train(image.copy(), "photo", size, np.random.default_rng([0, seed]), flip=False)
+        left, top, width, height = _source_box(out, w, h)
+        assert abs(width - height) < 6, (seed, width, height)  # square in the resized image, so in the source
+        assert left > -3 and top > -3 and left + width < w + 3 and top + height < h + 3, (seed, left, top)
+        short_sides.append(224 * min(w, h) / width)  # the crop is 224 resized pixels wide
+        centres.append(left + width / 2)
+    assert 256 - 12 < min(short_sides) < 256 + 12 and 384 - 12 < max(short_sides) < 384 + 12
+    assert np.std(centres) > 20  # the position is random too (a centred crop would keep the centre at w / 2)
+    a = preprocess.imagenet_train(image.copy(), "photo", size, np.random.default_rng([0, 5]), flip=False)
+    b = preprocess.imagenet_train(image.copy(), "photo", size, np.random.default_rng([0, 5]), flip=False)
+    np.testing.assert_array_equal(a, b)  # reproducible from the example's generator
+
+
+def _thirds(long: int, short: int, landscape: bool) -> Image.Image:
+    """Red, green and blue bands along the long side, the green one exactly the centre crop's source region."""
+    edge = (long - short) // 2  # shorter side to 224 then a centred 224 crop: the middle `short` pixels
+    bands = np.zeros((long, 3), np.uint8)
+    bands[:edge, 0], bands[edge : edge + short, 1], bands[edge + short :, 2] = 255, 255, 255
+    image = np.broadcast_to(
+        bands[None] if landscape else bands[:, None], (short, long, 3) if landscape else (long, short, 3)
+    )
+    return Image.fromarray(np.ascontiguousarray(image))
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_imagenet_eval_is_the_centre_crop(landscape):
+    """All green: a top-left crop would show red, no crop at all red and blue."""
+    out = preprocess.imagenet_eval(_thirds(600, 300, landscape), "bands", 28, None, flip=False)
     assert out.shape == (28, 28, 3)
-    assert out[:, 14].min() == 255 and out[:, 0].max() == 0
+    assert out[..., 1].min() >= 250 and out[..., 0].max() <= 5 and out[..., 2].max() <= 5, out[..., :].max((0, 1))
 
 
 def test_downsampling_is_anti_aliased():
@@ -95,13 +134,33 @@ def test_imagenet2012_builder_feeds_training_end_to_end(tmp_path):
     assert any(r.get("mode") == "eval" for r in read_metrics(tmp_path / "work"))
 
 
-def test_missing_manual_files_are_named_and_nothing_is_half_written(tmp_path):
+def test_missing_manual_files_are_named(tmp_path):
     (tmp_path / "manual").mkdir()
     config = _imagenet_config(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"expected ILSVRC2012_img_train\.tar and/or ILSVRC2012_img_val\.tar"):
         get_source(config)
-    leftovers = [p for p in (tmp_path / "tfds").rglob("*") if p.is_file()] if (tmp_path / "tfds").exists() else []
-    assert leftovers == []
+
+
+def test_a_preparation_that_fails_part_way_leaves_nothing_a_later_run_would_read(tmp_path, monkeypatch):
+    make_ilsvrc_manual_dir(tmp_path / "manual")
+    config = _imagenet_config(tmp_path)
+    builder_class = type(tfds.builder("imagenet2012"))
+    original = builder_class._generate_examples
+
+    def five_then_fail(self, *args, **kwargs):
+        for i, example in enumerate(original(self, *args, **kwargs)):
+            if i == 5:
+                raise RuntimeError("the disk went away")
+            yield example
+
+    monkeypatch.setattr(builder_class, "_generate_examples", five_then_fail)
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        get_source(config)
+    written = [p for p in (tmp_path / "tfds").rglob("*") if p.is_file() and "downloads" not in p.parts]
+    assert written == []  # no dataset files: nothing for a later run to mistake for a prepared split
+    monkeypatch.undo()
+    source = get_source(config)  # the next run prepares it whole
+    assert source.num_examples("train") == 20 and source.num_examples("validation") == 10
 
 
 def test_undecodable_image_is_named(tmp_path):

@@ -7,23 +7,29 @@ import pytest
 from configs import fashion_mnist, igpt_l, igpt_m, igpt_s, igpt_xl
 from igpt_jax import config_checks, model
 
+# Parameters by shape: wte V*d + wpe P*d + sos d + L * (q, k, v, out 4d^2 + MLP 8d^2 + two gains 2d) + ln_f d
+# + head d*V, with V = 512 colours and P = 1024 positions at 32x32 (4096 for XL at 64x64). The paper's rounded
+# figures: 76M, 455M, 1.4B, 6.8B.
+EXACT = [
+    (igpt_s, 512 * 512 + 1024 * 512 + 512 + 24 * (12 * 512**2 + 2 * 512) + 512 + 512 * 512, 76_571_648),
+    (igpt_m, 512 * 1024 + 1024 * 1024 + 1024 + 36 * (12 * 1024**2 + 2 * 1024) + 1024 + 1024 * 512, 455_157_760),
+    (igpt_l, 512 * 1536 + 1024 * 1536 + 1536 + 48 * (12 * 1536**2 + 2 * 1536) + 1536 + 1536 * 512, 1_362_250_752),
+    (igpt_xl, 512 * 3072 + 4096 * 3072 + 3072 + 60 * (12 * 3072**2 + 2 * 3072) + 3072 + 3072 * 512, 6_810_875_904),
+]
 
-@pytest.mark.parametrize(
-    "preset, millions",
-    [(igpt_s, 76.6), (igpt_m, 455.2), (igpt_l, 1362.3)],
-)
-def test_parameter_counts_at_32x32(preset, millions):
-    count = model.count_params(model.abstract(preset.get_config())) / 1e6
-    assert abs(count - millions) / millions < 0.005, count
+
+@pytest.mark.parametrize("preset, by_shape, count", EXACT)
+def test_parameter_counts_are_exact(preset, by_shape, count):
+    assert by_shape == count
+    assert model.count_params(model.abstract(preset.get_config())) == count
 
 
 def test_xl_at_64x64():
     config = igpt_xl.get_config()
     assert config.model.image_size == 64 and config.model.num_positions == 4096
-    assert config.model.embed_dim % config.model.num_heads == 0
-    assert config.model.embed_dim // config.model.num_heads == 128
-    # 6801M in the paper counts a 1024-row position table; ours has the 4096 rows 64x64 needs (facts sheet).
-    assert abs(model.count_params(model.abstract(config)) / 1e6 - 6810.9) < 1
+    assert (
+        config.model.embed_dim // config.model.num_heads == 128 and config.model.embed_dim % config.model.num_heads == 0
+    )
 
 
 @pytest.mark.parametrize("preset", [igpt_s, igpt_m, igpt_l, igpt_xl, fashion_mnist])

@@ -117,16 +117,36 @@ def test_truncated_latest_checkpoint_is_skipped(tmp_path, caplog):
     assert len(os.listdir(tmp_path / "unreadable_checkpoints")) == 1
 
 
-def test_divergence_stops_without_saving_a_non_finite_state(tmp_path):
-    config = fashion_config(total_steps=30, optimizer__learning_rate=1e38, checkpoint_every_steps=1)
-    with pytest.raises(FloatingPointError, match=r"(loss is nan|parameters became non-finite) at step \d+: stopping"):
-        train.train_and_evaluate(config, str(tmp_path))
-    setup = steps.make_setup(config, sharding.make_mesh(config))
-    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), config)
-    restored = ckpt.restore_latest(setup.abstract_state)
+def _saved(workdir, config):
+    ckpt = checkpoint.Checkpointer(storage.path(workdir), config)
+    steps_saved = sorted(ckpt.manager.all_steps())
+    restored = ckpt.restore_latest(steps.make_setup(config, sharding.make_mesh(config)).abstract_state)
     ckpt.close()
-    if restored is not None:  # whatever was saved is finite
-        assert bool(train.all_finite(restored.state["params"]))
+    return steps_saved, restored
+
+
+def test_a_non_finite_loss_stops_the_run_before_the_bad_state_is_saved(tmp_path):
+    # lr 1e38 (finite in float32): the first real update throws the parameters to ~1e38; a later loss overflows
+    config = fashion_config(total_steps=30, optimizer__learning_rate=1e38, optimizer__warmup_steps=1)
+    config.checkpoint_every_steps = 1
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) at step (\d+): stopping") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    failed = int(error.value.args[0].split(" at step ")[1].split(":")[0])
+    saved, restored = _saved(tmp_path, config)
+    assert saved and saved[-1] == failed - 1  # every step before it was saved; the failing one was not
+    assert bool(train.all_finite(restored.state["params"]))
+
+
+def test_non_finite_parameters_with_a_finite_loss_are_not_saved(tmp_path):
+    # lr 1e39 is inf in float32: the update makes the parameters non-finite while the step's loss (computed before
+    # the update) is still log(16); no log step comes first to notice, the save guard must
+    config = fashion_config(total_steps=30, optimizer__learning_rate=1e39, log_every_steps=1000)
+    config.checkpoint_every_steps = 1
+    with pytest.raises(FloatingPointError, match=r"parameters became non-finite at step 1: stopping without saving"):
+        train.train_and_evaluate(config, str(tmp_path))
+    saved, restored = _saved(tmp_path, config)
+    assert saved == [] and restored is None
+    assert (tmp_path / "checkpoints").is_dir()  # the run got as far as its checkpoint folder
 
 
 @pytest.mark.parametrize(
