@@ -175,6 +175,7 @@ def test_local_sh_runs_the_default_config(tmp_path):
             f"--workdir={tmp_path / 'w'}",
             "--config.total_steps=2",
             "--config.log_every_steps=1",
+            "--config.eval_examples=64",
             f"--config.data.data_dir={TFDS_TEST_DIR}",
         ],
         cwd=ROOT,
