@@ -57,6 +57,7 @@ def make_config(
     # 'params' (step and parameters; the optimizer state too where it still fits, else a new one), which also
     # accepts config changes that 'all' refuses (see igpt_jax/resume.py).
     c.restore = "all"
+    c.checkpoint_step = 0  # the checkpoint that eval, probe and sample read; 0: the newest
     c.objective = "ar"  # 'ar': next pixel in raster order; 'bert': masked pixels
     c.bert_mask_prob = 0.15
 

@@ -21,6 +21,7 @@ step of the failure instead of training on without checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -103,7 +104,7 @@ class Checkpointer:
     def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict):
         self.directory = workdir / "checkpoints"
         self.quarantine = workdir / "unreadable_checkpoints"
-        self._config = config
+        self.config = config
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every_steps,
             max_to_keep=config.keep_checkpoints,
@@ -123,7 +124,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, palette: np.ndarray | None) -> None:
         """Starts an async save of `step`; raises CheckpointSaveError if Orbax refuses it or an earlier one failed."""
         self.check_saves(block=True)
-        items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(resume.as_saved(self._config))}
+        items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(resume.as_saved(self.config))}
         if palette is not None:
             items["palette"] = ocp.args.PyTreeSave({"clusters": np.asarray(palette)})
         try:
@@ -169,19 +170,30 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore_latest(self, abstract_state: Any) -> Restored | None:
-        """The newest checkpoint that fits the config and reads, or None when the workdir has none.
+    def restore_latest(
+        self, abstract_state: Any, *, step: int | None = None, params_only: bool | None = None, set_aside: bool = True
+    ) -> Restored | None:
+        """The newest checkpoint that fits the config and reads (or checkpoint `step` alone), or None when the
+        workdir has none.
 
+        `params_only` (default: config.restore == 'params'): only the parameters and the step must fit; the
+        optimizer state is left out when it does not, or when `abstract_state` has none (modes that do not train).
+        `set_aside=False`: a broken checkpoint is reported and left where it is, for modes that only read.
         Raises resume.CheckpointMismatchError (it does not fit; nothing moved) or CheckpointReadError (it could not be
-        read, for a reason other than broken files)."""
+        read, for a reason other than broken files, or `step` could not be read at all)."""
         expected = resume.leaves_by_path(abstract_state)
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            where = self.directory / str(step)
-            metadata = self._read(step, "metadata", lambda s=step: self._metadata(s))
+        if params_only is None:
+            params_only = self.config.restore == "params"
+        candidates = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        for candidate in candidates:
+            where = self.directory / str(candidate)
+            if candidate not in self.manager.all_steps():
+                raise CheckpointReadError(f"no checkpoint {where}: the workdir holds {self.manager.all_steps()}")
+            metadata = self._read(candidate, "metadata", functools.partial(self._metadata, candidate), set_aside)
             if metadata is None:
                 continue
             saved_tree, saved_config, has_palette = metadata
-            plan = resume.plan(str(where), step, saved_config, self._config, saved_tree, expected)
+            plan = resume.plan(str(where), candidate, saved_config, self.config, saved_tree, expected, params_only)
             target = abstract_state
             if plan.params_only:
                 target = {"step": abstract_state["step"], "params": abstract_state["params"]}
@@ -195,12 +207,20 @@ class Checkpointer:
             if has_palette:
                 items["palette"] = ocp.args.PyTreeRestore()
             args = ocp.args.Composite(**items)
-            restored = self._read(step, "arrays", lambda s=step, a=args: self.manager.restore(s, args=a))
+            restored = self._read(
+                candidate, "arrays", lambda s=candidate, a=args: self.manager.restore(s, args=a), set_aside
+            )
             if restored is None:
                 continue
             palette = restored["palette"]["clusters"] if has_palette else None
-            return Restored(step, restored["state"], None if palette is None else np.asarray(palette), plan)
+            return Restored(candidate, restored["state"], None if palette is None else np.asarray(palette), plan)
+        if step is not None:
+            raise CheckpointReadError(f"checkpoint {self.directory / str(step)} is broken (see the warning above)")
         return None
+
+    def saved_config(self, step: int) -> dict | None:
+        """The config checkpoint `step` was saved with (None for checkpoints that hold none)."""
+        return self._read(step, "config", lambda: self._metadata(step)[1], set_aside=False)
 
     def _metadata(self, step: int) -> tuple[dict, dict | None, bool]:
         """(state tree's {path: (shape, dtype)}, saved config, whether a palette is saved), from metadata only."""
@@ -215,8 +235,9 @@ class Checkpointer:
             config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         return resume.leaves_by_path(tree), config, (self.directory / str(step) / "palette").exists()
 
-    def _read(self, step: int, what: str, read: Callable[[], Any]) -> Any:
-        """read() with retries; None after moving a broken checkpoint aside; CheckpointReadError otherwise."""
+    def _read(self, step: int, what: str, read: Callable[[], Any], set_aside: bool = True) -> Any:
+        """read() with retries; None for a broken checkpoint (moved aside when `set_aside`); CheckpointReadError for
+        any other failure."""
         error: BaseException | None = None
         for delay in (*RETRY_DELAYS, None):
             try:
@@ -238,11 +259,12 @@ class Checkpointer:
                 "Stopped without training: nothing was moved, and no step was redone from scratch. Relaunch when "
                 f"the storage answers again, or move {where} aside by hand to resume from the checkpoint before it."
             )
+        why = cause(error) if error else "on another process"
+        if not set_aside:
+            log.warning("checkpoint %s is broken (%s); left in place, trying the one before", where, why)
+            return None
         log.warning(
-            "checkpoint %s is broken (%s); moving it to %s and trying the one before",
-            where,
-            cause(error) if error else "on another process",
-            self.quarantine,
+            "checkpoint %s is broken (%s); moving it to %s and trying the one before", where, why, self.quarantine
         )
         self._set_aside(step)
         return None

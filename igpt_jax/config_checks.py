@@ -92,6 +92,7 @@ def _nonnegative_int(value) -> bool:
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
     "eval_examples": (_nonnegative_int, "an integer >= 0 (0: the whole eval split)"),
+    "checkpoint_step": (_nonnegative_int, "an integer >= 0 (0: the newest checkpoint)"),
     "watchdog_seconds": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
     "bert_mask_prob": (lambda v: 0.0 < v < 1.0, "0 < p < 1"),
     "model.norm_eps": (lambda v: v > 0, "> 0"),

@@ -41,3 +41,25 @@ def held_out_loss(config: ml_collections.ConfigDict, source: Source, eval_step, 
             totals[name] = totals.get(name, 0.0) + float(value)
     weight = totals.pop("weight")
     return objectives.with_bits({name: value / weight for name, value in totals.items()}) | {"examples": int(weight)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """--mode=eval: the held-out loss of the newest checkpoint (or config.checkpoint_step), printed and appended to
+    metrics.jsonl as {"mode": "eval", "step", "loss", "bits_per_token", "examples", ...}."""
+    from igpt_jax import metrics, runtime, steps
+
+    with runtime.for_checkpoint(config, workdir) as rt:
+        result = held_out_loss(
+            rt.config, rt.source, steps.make_eval_step(rt.setup), rt.params, rt.clusters_device, rt.mesh
+        )
+        record = {"mode": "eval", "step": rt.step, **result}
+        writer = metrics.MetricsWriter(rt.directory)
+        writer.write(record)
+        writer.close()
+        if jax.process_index() == 0:
+            print(
+                f"eval checkpoint {rt.step}: {result['loss']:.4f} nats ({result['bits_per_token']:.3f} bits) "
+                f"on {result['examples']} images of {splits(rt.config)[1]}",
+                flush=True,
+            )
+        return record

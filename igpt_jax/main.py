@@ -11,7 +11,6 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
-from collections.abc import Callable
 
 import ml_collections
 from absl import app, flags, logging
@@ -19,42 +18,50 @@ from ml_collections import config_flags
 
 from igpt_jax import config_checks
 
-ModeFn = Callable[[ml_collections.ConfigDict, str], None]
-
-# Every mode the CLI will have (README: Command line); MODES holds the ones implemented so far.
+# Every mode the CLI will have (README: Command line); MODES maps the ones implemented so far to the module whose
+# `run(config, workdir)` is the mode. Modules are imported when their mode runs: config errors come before JAX loads.
 ALL_MODES = ("train", "eval", "probe", "sample", "compile")
+MODES: dict[str, str] = {"train": "igpt_jax.train", "eval": "igpt_jax.evaluate"}
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> None:
-    from igpt_jax import checkpoint, distributed, resume, run_lock, sharding, train  # JAX loads after config checks
+def _known_errors() -> dict[type[BaseException], int]:
+    """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
+    reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
+    from igpt_jax import checkpoint, distributed, resume, run_lock, runtime, sharding
     from igpt_jax.data import preprocess
 
     usage = (
-        sharding.MeshError,  # the topology, the data, the launch or the workdir, not a bug: exit 2, one line
+        sharding.MeshError,
         FileNotFoundError,
         preprocess.DecodeError,
         distributed.ProgramMismatchError,
         resume.CheckpointMismatchError,
         run_lock.WorkdirLockedError,
-        train.PaletteMismatchError,
+        runtime.PaletteMismatchError,
+        runtime.NoCheckpointError,
     )
     failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
+    return {error: 2 for error in usage} | {error: 1 for error in failures}
+
+
+def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Runs a mode; every known way for it to stop becomes one line and an exit status."""
+    module = importlib.import_module(MODES[mode])
+    from igpt_jax import train
+
+    known = _known_errors()
     try:
-        train.train_and_evaluate(config, workdir)
+        module.run(config, workdir)
     except train.Stopped as e:
         _exit(str(e), e.code)
     except KeyboardInterrupt:
         _exit("interrupted: stopped without saving; the newest checkpoint in the workdir is intact", 130)
-    except usage as e:
-        _exit(str(e), 2)
-    except failures as e:
-        _exit(str(e), 1)
+    except tuple(known) as e:
+        _exit(str(e), next(code for error, code in known.items() if isinstance(e, error)))
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
         where = e.filename or "a file (the workdir, config.data.data_dir or the temp folder)"
         _exit(f"cannot read or write {where}: {e.strerror or e}", 1)
 
-
-MODES: dict[str, ModeFn] = {"train": _train}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/fashion_mnist.py or configs/igpt_l.py:48.", lock_config=True
@@ -88,10 +95,10 @@ def _exit(message: str, code: int) -> None:
     os._exit(code)
 
 
-def check_mode(mode: str) -> ModeFn:
-    """The function for `mode`, or a one-line exit naming what exists."""
+def check_mode(mode: str) -> str:
+    """`mode` if it is implemented, or a one-line exit naming what exists."""
     if mode in MODES:
-        return MODES[mode]
+        return mode
     available = ", ".join(MODES) or "none yet"
     if mode in ALL_MODES:
         _fail(f"--mode={mode} is not implemented yet (implemented: {available})")
@@ -186,7 +193,7 @@ def main(argv: list[str]) -> None:
         config_checks.check(config)
     except config_checks.ConfigError as e:
         _fail("bad config: " + str(e).replace("\n", "; "))
-    mode_fn = check_mode(_MODE.value)
+    mode = check_mode(_MODE.value)
     from igpt_jax import distributed  # JAX loads here, after every check that needs no backend
 
     try:
@@ -197,7 +204,7 @@ def main(argv: list[str]) -> None:
         _fail(str(e))
     logging.info("processes: %s", how)
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
-    mode_fn(config, _WORKDIR.value)
+    _run_mode(mode, config, _WORKDIR.value)
 
 
 def run() -> None:

@@ -33,6 +33,7 @@ ACCEPTED_CHANGES = (
     "watchdog_seconds",
     "microbatches",
     "restore",
+    "checkpoint_step",
     "optimizer",
     "mesh",
     "logical_axis_rules",
@@ -156,10 +157,11 @@ def plan(
     current: ml_collections.ConfigDict,
     saved_tree: dict,
     expected_tree: dict,
+    params_only: bool,
 ) -> Plan:
-    """Decides whether checkpoint `step` at `where` can resume `current`; raises CheckpointMismatchError otherwise."""
+    """Decides whether checkpoint `step` at `where` can resume `current`; raises CheckpointMismatchError otherwise.
+    `params_only`: only the parameters and step must fit, and changed recipe keys are accepted (logged)."""
     changes = config_changes(saved_config or {}, as_saved(current))
-    params_only = current.restore == "params"
     differing = {s: tree_differences(saved_tree, expected_tree, s) for s in ("params", "step", "opt_state")}
     differing = {s: d for s, d in differing.items() if d}
     blocking_tree = [d for s, d in differing.items() if not (params_only and s == "opt_state")]
@@ -185,3 +187,23 @@ def plan(
         f"checkpoint {where} does not fit this config: {'; '.join(why)}. Nothing was moved or deleted. "
         f"Ways on: {', or '.join(ways)}."
     )
+
+
+def with_recipe_of(saved: Mapping, current: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """`current` with the recipe of a checkpoint's saved config: every key a relaunch may not change (model shape,
+    objective, seed, batch size, data set) takes the saved value; the keys that steer a run (mesh, data paths,
+    evaluation, probe and sampling settings) keep the command line's. Returns it and the keys taken from the
+    checkpoint that differed ("model.embed_dim 32 -> 64")."""
+    config = current.copy_and_resolve_references()
+    mine = flatten(as_saved(current))
+    taken = []
+    for key, value in flatten(saved).items():
+        if _accepted(key) or key not in mine or mine[key] == value:
+            continue
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+        taken.append(f"{key} {mine[key]!r} -> {value!r}")
+    return config, taken

@@ -44,8 +44,9 @@ def _param_shardings(abstract_model: nnx.Module, mesh, rules) -> dict:
     return nnx.to_pure_dict(sharding.variable_shardings(nnx.state(abstract_model, nnx.Param), mesh, rules))
 
 
-def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-    """Shapes and shardings of the train state for `config` on `mesh`, from jax.eval_shape (nothing allocated)."""
+def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, train: bool = True) -> Setup:
+    """Shapes and shardings of the state for `config` on `mesh`, from jax.eval_shape (nothing allocated): with the
+    optimizer's state for training, {'step', 'params'} alone for the modes that only run the model."""
     sharding.check_batch(config, mesh)
     tx = optim.make(config)
     abstract_model = model_lib.abstract(config)
@@ -53,12 +54,13 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Se
     params = nnx.to_pure_dict(abstract_params)
     param_shardings = _param_shardings(abstract_model, mesh, config.logical_axis_rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: replicated
-    )
-    shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
-    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
+    shardings = {"step": replicated, "params": param_shardings}
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params}
+    if train:
+        shapes["opt_state"] = jax.eval_shape(tx.init, params)
+        shardings["opt_state"] = optax.tree_map_params(
+            tx, lambda _, s: s, shapes["opt_state"], param_shardings, transform_non_params=lambda _: replicated
+        )
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     return Setup(config, mesh, graphdef, tx, abstract_state, shardings)
 

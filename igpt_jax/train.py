@@ -1,4 +1,4 @@
-"""The training loop, top to bottom: workdir lock, mesh, state (resumed or fresh), palette, steps, loop.
+"""The training loop, top to bottom: the runtime (lock, mesh, state resumed or fresh, palette), steps, loop.
 
 Resume is exact: data order is a pure function of (seed, step) and the step's randomness is folded from the step,
 so a run killed at any point and relaunched with the same command continues the same curve. A relaunch is checked
@@ -17,32 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from etils import epath
 
-from igpt_jax import (
-    checkpoint,
-    distributed,
-    evaluate,
-    interrupts,
-    metrics,
-    palette,
-    run_lock,
-    sharding,
-    steps,
-    storage,
-    workdir,
-)
-from igpt_jax.data import get_source, order, pipeline, splits
+from igpt_jax import checkpoint, distributed, evaluate, interrupts, metrics, run_lock, runtime, steps, workdir
+from igpt_jax.data import pipeline, splits
 
 log = logging.getLogger(__name__)
-
-PALETTE_FILE = "palette.npy"
-PALETTE_SAMPLE_IMAGES = 2048
-
-
-class PaletteMismatchError(ValueError):
-    """The palette the run's tokens were made with differs from the one config.data.palette names."""
 
 
 class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked for
@@ -51,44 +30,6 @@ class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked 
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
-
-
-def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray | None = None) -> np.ndarray | None:
-    """The run's palette: the checkpoint's, the workdir's palette.npy, config.data.palette, or k-means on the train
-    split, in that order. A config.data.palette whose colours differ from the run's stops it, naming both."""
-    if source.kind == "tokens":
-        return None
-    path = directory / PALETTE_FILE
-    if saved is not None:
-        clusters, origin = saved, "the checkpoint's palette"
-    elif path.exists():
-        clusters, origin = palette.load(path), str(path)
-    elif config.data.palette:
-        clusters, origin = palette.load(config.data.palette), None
-    else:
-        train_split = splits(config)[0]
-        total = source.num_examples(train_split)
-        n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
-        sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
-        start = time.perf_counter()
-        clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
-        origin = None
-        log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
-    if origin is not None and config.data.palette:
-        wanted = palette.load(config.data.palette)
-        if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
-            raise PaletteMismatchError(
-                f"config.data.palette={config.data.palette} ({len(wanted)} colours) differs from {origin} "
-                f"({len(clusters)} colours) that this workdir's tokens were made with. Nothing was changed. Ways on: "
-                "leave config.data.palette empty to keep the workdir's palette, or use another --workdir."
-            )
-    if len(clusters) > config.model.vocab_size:
-        raise ValueError(
-            f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
-        )
-    if jax.process_index() == 0 and not path.exists():
-        palette.save(path, clusters)
-    return clusters
 
 
 _REMEDY = (
@@ -119,23 +60,6 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _restore_or_init(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> tuple[steps.State, np.ndarray | None]:
-    """(state, the checkpoint's palette) from the newest checkpoint that fits and reads, or a fresh state."""
-    restored = ckpt.restore_latest(setup.abstract_state)
-    if restored is None:
-        state = steps.init_state(setup)
-        log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
-        return state, None
-    for change in restored.plan.accepted_changes:
-        log.warning("config changed since checkpoint %d: %s", restored.step, change)
-    state = restored.state
-    if restored.plan.params_only:
-        state = steps.with_fresh_optimizer(setup, state["step"], state["params"])
-        log.warning("config.restore='params': restored the parameters and step %d, new optimizer state", restored.step)
-    log.info("resumed from %s/%d", ckpt.directory, restored.step)
-    return state, restored.palette
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir_path: str, *, devices: list[jax.Device] | None = None
 ) -> dict:
@@ -143,22 +67,16 @@ def train_and_evaluate(
 
     `devices` (default: all) lets a caller run on part of the machine, as a smaller topology would.
     """
-    directory = storage.path(workdir_path)
-    lock = run_lock.acquire_everywhere(directory)  # before anything in the workdir is read or written
-    try:
-        return _train(config, directory, devices, lock)
-    finally:
-        lock.release()
+    with runtime.for_training(config, workdir_path, devices) as rt:
+        return _train(rt)
 
 
-def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> dict:
-    # --- mesh and state: a checkpoint that does not fit stops the run here, before anything is written
-    mesh = sharding.make_mesh(config, devices)
-    setup = steps.make_setup(config, mesh)
-    log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
-    ckpt = checkpoint.Checkpointer(directory, config)
-    state, saved_palette = _restore_or_init(ckpt, setup)
-    first_step = int(jax.device_get(state["step"]))
+run = train_and_evaluate  # the mode's entry point (main.MODES)
+
+
+def _train(rt: runtime.Runtime) -> dict:
+    config, directory, mesh, setup, ckpt, state = rt.config, rt.directory, rt.mesh, rt.setup, rt.checkpointer, rt.state
+    first_step = rt.step
     if first_step >= config.total_steps:
         if jax.process_index() == 0:
             print(
@@ -170,9 +88,7 @@ def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> di
         return {}
 
     # --- data, palette and config.json
-    source = get_source(config)
-    clusters = load_or_fit_palette(config, source, directory, saved_palette)
-    clusters_device = None if clusters is None else jax.device_put(clusters, setup.replicated)
+    source, clusters, clusters_device = rt.source, rt.clusters, rt.clusters_device
     workdir.write_config(directory, config, first_step)
 
     # --- steps, and the same program on every process (checked before the first collective can hang on it)
@@ -222,8 +138,8 @@ def _train(config, directory: epath.Path, devices, lock: run_lock.RunLock) -> di
             step += 1
             watchdog.kick(f"step {step}")
             ckpt.check_saves()  # a background save that failed stops the run now, not one interval later
-            if lock.lost:
-                raise run_lock.WorkdirLockedError(f"another run took over {lock.path}: stopping at step {step}")
+            if rt.lock.lost:
+                raise run_lock.WorkdirLockedError(f"another run took over {rt.lock.path}: stopping at step {step}")
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 values = jax.device_get(step_metrics)

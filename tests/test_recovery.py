@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import cli_flags, fashion_config, read_metrics
 
-from igpt_jax import checkpoint, palette, sharding, steps, storage, train
+from igpt_jax import checkpoint, palette, runtime, sharding, steps, storage, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = cli_flags(image_size=8, embed_dim=32, total_steps=20, eval_every=20, checkpoint_every=10, warmup=3)
@@ -321,7 +321,7 @@ def test_a_config_palette_that_differs_from_the_runs_stops_it(tmp_path):
     before = _snapshot(workdir)
     other = tmp_path / "other.npy"
     palette.save(other, np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
-    with pytest.raises(train.PaletteMismatchError) as error:
+    with pytest.raises(runtime.PaletteMismatchError) as error:
         train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(other)), str(workdir))
     message = str(error.value)
     assert f"config.data.palette={other} (16 colours) differs from the checkpoint's palette" in message

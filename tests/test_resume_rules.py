@@ -16,7 +16,9 @@ def _tree(config) -> dict:
 
 def _plan(saved_config, config) -> resume.Plan:
     saved = resume.as_saved(saved_config)
-    return resume.plan("W/checkpoints/20", 20, saved, config, _tree(saved_config), _tree(config))
+    return resume.plan(
+        "W/checkpoints/20", 20, saved, config, _tree(saved_config), _tree(config), config.restore == "params"
+    )
 
 
 def test_the_same_config_resumes_everything():

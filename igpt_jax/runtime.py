@@ -1,0 +1,190 @@
+"""What every mode starts from, in one place: workdir lock -> config -> mesh -> state layout -> restored state ->
+data source and palette.
+
+`for_training` builds the full train state (with its optimizer), resumed from the newest checkpoint that fits the
+config (resume.plan) or fresh. `for_checkpoint` serves the modes that read a trained model (eval, probe, sample,
+...): the newest checkpoint or `config.checkpoint_step`, its own recipe (model shape, objective, seed, batch size,
+data set) over the command line's, which still steers the run (mesh, data paths, evaluation and probe settings), the
+parameters only, and nothing moved if a checkpoint is broken. Both hold the workdir's lock while the mode runs: every
+mode appends to metrics.jsonl, which two writers on an object store would overwrite.
+
+The data source and the palette are built on first use: a run with nothing to do never prepares a data set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from igpt_jax import checkpoint, palette, resume, run_lock, sharding, steps, storage
+from igpt_jax.data import get_source, order, splits
+from igpt_jax.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+PALETTE_FILE = "palette.npy"
+PALETTE_SAMPLE_IMAGES = 2048
+
+
+class NoCheckpointError(ValueError):
+    """A mode that needs a trained model found no checkpoint in the workdir."""
+
+
+class PaletteMismatchError(ValueError):
+    """The palette the run's tokens were made with differs from the one config.data.palette names."""
+
+
+@dataclasses.dataclass
+class Runtime:
+    config: ml_collections.ConfigDict  # for modes that read a checkpoint: with the checkpoint's recipe
+    directory: epath.Path
+    mesh: jax.sharding.Mesh
+    setup: steps.Setup
+    checkpointer: checkpoint.Checkpointer
+    state: steps.State  # {'step', 'params', 'opt_state'} for training, {'step', 'params'} otherwise
+    lock: run_lock.RunLock
+    saved_palette: np.ndarray | None = None  # the palette stored with the restored checkpoint
+
+    @property
+    def step(self) -> int:
+        return int(jax.device_get(self.state["step"]))
+
+    @property
+    def params(self) -> dict:
+        return self.state["params"]
+
+    @functools.cached_property
+    def source(self) -> Source:
+        return get_source(self.config)
+
+    @functools.cached_property
+    def clusters(self) -> np.ndarray | None:
+        """The run's palette (None for token data sets); see `load_or_fit_palette`."""
+        return load_or_fit_palette(self.config, self.source, self.directory, self.saved_palette)
+
+    @functools.cached_property
+    def clusters_device(self) -> jax.Array | None:
+        clusters = self.clusters
+        return None if clusters is None else jax.device_put(clusters, NamedSharding(self.mesh, PartitionSpec()))
+
+
+@contextlib.contextmanager
+def for_training(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> Iterator[Runtime]:
+    """The train state, resumed or fresh; a checkpoint that does not fit stops here, before anything is written."""
+    directory = storage.path(workdir)
+    lock = run_lock.acquire_everywhere(directory)  # before anything in the workdir is read or written
+    try:
+        mesh = sharding.make_mesh(config, devices)
+        setup = steps.make_setup(config, mesh)
+        log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+        ckpt = checkpoint.Checkpointer(directory, config)
+        state, saved_palette = _restore_or_init(ckpt, setup)
+        yield Runtime(config, directory, mesh, setup, ckpt, state, lock, saved_palette)
+    finally:
+        lock.release()
+
+
+def _restore_or_init(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> tuple[steps.State, np.ndarray | None]:
+    """(state, the checkpoint's palette) from the newest checkpoint that fits and reads, or a fresh state."""
+    restored = ckpt.restore_latest(setup.abstract_state)
+    if restored is None:
+        state = steps.init_state(setup)
+        log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
+        return state, None
+    for change in restored.plan.accepted_changes:
+        log.warning("config changed since checkpoint %d: %s", restored.step, change)
+    state = restored.state
+    if restored.plan.params_only:
+        state = steps.with_fresh_optimizer(setup, state["step"], state["params"])
+        log.warning("config.restore='params': restored the parameters and step %d, new optimizer state", restored.step)
+    log.info("resumed from %s/%d", ckpt.directory, restored.step)
+    return state, restored.palette
+
+
+@contextlib.contextmanager
+def for_checkpoint(
+    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+) -> Iterator[Runtime]:
+    """A trained model's parameters, under its checkpoint's own recipe; raises NoCheckpointError without one."""
+    directory = storage.path(workdir)
+    no_checkpoint = NoCheckpointError(
+        f"{directory} holds no checkpoint: train first (--mode=train), or import weights (python -m "
+        "igpt_jax.convert), or point --workdir at a trained run"
+    )
+    if not (directory / "checkpoints").exists():
+        raise no_checkpoint  # before the lock: a mistyped workdir is not created
+    lock = run_lock.acquire_everywhere(directory)
+    try:
+        ckpt = checkpoint.Checkpointer(directory, config)
+        step = config.checkpoint_step or ckpt.latest_step()
+        if step is None:
+            raise no_checkpoint
+        saved = ckpt.saved_config(step)
+        if saved is not None:
+            config, taken = resume.with_recipe_of(saved, config)
+            for change in taken:
+                log.warning("using checkpoint %d's recipe: %s", step, change)
+        ckpt.config = config  # compared with what the checkpoint holds: the recipe now agrees
+        mesh = sharding.make_mesh(config, devices)
+        setup = steps.make_setup(config, mesh, train=False)
+        restored = ckpt.restore_latest(
+            setup.abstract_state, step=config.checkpoint_step or None, params_only=True, set_aside=False
+        )
+        if restored is None:
+            raise NoCheckpointError(f"{directory} holds no checkpoint that reads (see the warnings above)")
+        log.info("%s: checkpoint %d", directory, restored.step)
+        yield Runtime(config, directory, mesh, setup, ckpt, restored.state, lock, restored.palette)
+        ckpt.close()
+    finally:
+        lock.release()
+
+
+def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray | None = None) -> np.ndarray | None:
+    """The run's palette: the checkpoint's, the workdir's palette.npy, config.data.palette, or k-means on the train
+    split, in that order; palette.npy is written when missing. A config.data.palette whose colours differ from the
+    run's stops it, naming both."""
+    if source.kind == "tokens":
+        return None
+    path = directory / PALETTE_FILE
+    if saved is not None:
+        clusters, origin = saved, "the checkpoint's palette"
+    elif path.exists():
+        clusters, origin = palette.load(path), str(path)
+    elif config.data.palette:
+        clusters, origin = palette.load(config.data.palette), None
+    else:
+        train_split = splits(config)[0]
+        total = source.num_examples(train_split)
+        n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
+        sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
+        start = time.perf_counter()
+        clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
+        origin = None
+        log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+    if origin is not None and config.data.palette:
+        wanted = palette.load(config.data.palette)
+        if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
+            raise PaletteMismatchError(
+                f"config.data.palette={config.data.palette} ({len(wanted)} colours) differs from {origin} "
+                f"({len(clusters)} colours) that this workdir's tokens were made with. Nothing was changed. Ways on: "
+                "leave config.data.palette empty to keep the workdir's palette, or use another --workdir."
+            )
+    if len(clusters) > config.model.vocab_size:
+        raise ValueError(
+            f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
+        )
+    if jax.process_index() == 0 and not path.exists():
+        palette.save(path, clusters)
+    return clusters
