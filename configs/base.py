@@ -116,9 +116,17 @@ def make_config(
         ("layers", None),
     ]
 
+    # Linear probe (--mode=probe, or during training): logistic regression on each layer's mean-pooled ln_1 output.
     c.probe = ml_collections.ConfigDict()
     c.probe.dataset = "cifar10"
-    c.probe.layers = ()  # empty: every layer
+    c.probe.train_split = "train"
+    c.probe.test_split = "test"
+    c.probe.train_examples = 0  # the first n of each split; 0: all of it
+    c.probe.test_examples = 0
+    c.probe.layers = ()  # block indices 0 .. num_layers-1 whose input is probed; empty: every layer
+    c.probe.baselines = True  # also probe raw pixels and the run's own randomly initialised model
+    c.probe.every_steps = 0  # during training: probe every this many steps (0: never) ...
+    c.probe.at_end = False  # ... and/or once at the end
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_images = 16

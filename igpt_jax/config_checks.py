@@ -103,6 +103,9 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optimizer.grad_clip_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
     "optimizer.warmup_steps": (_nonnegative_int, "an integer >= 0"),
+    "probe.train_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
+    "probe.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
+    "probe.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
     "sample.temperature": (lambda v: v > 0, "> 0"),
     "sample.top_k": (_nonnegative_int, "an integer >= 0 (0 turns top-k off)"),
 }
@@ -133,6 +136,11 @@ def _data(c) -> list[str]:
 
     if c.data.dataset not in sources.SOURCES:
         return [f"config.data.dataset={c.data.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    if c.probe.dataset not in sources.SOURCES:
+        return [f"config.probe.dataset={c.probe.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    bad_layers = [layer for layer in c.probe.layers if not 0 <= layer < c.model.num_layers]
+    if bad_layers:
+        return [f"config.probe.layers={tuple(c.probe.layers)}: {bad_layers} outside 0 .. {c.model.num_layers - 1}"]
     try:
         sources.splits(c)
     except ValueError as e:

@@ -53,9 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             rt.config, rt.source, steps.make_eval_step(rt.setup), rt.params, rt.clusters_device, rt.mesh
         )
         record = {"mode": "eval", "step": rt.step, **result}
-        writer = metrics.MetricsWriter(rt.directory)
-        writer.write(record)
-        writer.close()
+        metrics.append_row(rt.directory, record)
         if jax.process_index() == 0:
             print(
                 f"eval checkpoint {rt.step}: {result['loss']:.4f} nats ({result['bits_per_token']:.3f} bits) "

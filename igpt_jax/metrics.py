@@ -106,6 +106,15 @@ class MetricsWriter:
             self._tb.close()
 
 
+def append_row(workdir: str | os.PathLike, record: Mapping) -> None:
+    """One record appended to metrics.jsonl and TensorBoard, for modes that write a single row (eval, probe)."""
+    writer = MetricsWriter(workdir)
+    try:
+        writer.write(record)
+    finally:
+        writer.close()
+
+
 def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple[int, int]:
     """Makes metrics.jsonl tell one story before a run continues from `resumed_step`.
 

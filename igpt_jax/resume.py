@@ -45,7 +45,7 @@ ACCEPTED_CHANGES = (
     "data.manual_dir",
     "data.eval_split",
     "data.prefetch",
-    "data.palette",  # compared by content, not by path: see train.load_or_fit_palette
+    "data.palette",  # compared by content, not by path: see runtime.load_or_fit_palette
     "probe",
     "sample",
     "compile",

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import ml_collections
@@ -70,7 +70,7 @@ class Runtime:
     @functools.cached_property
     def clusters(self) -> np.ndarray | None:
         """The run's palette (None for token data sets); see `load_or_fit_palette`."""
-        return load_or_fit_palette(self.config, self.source, self.directory, self.saved_palette)
+        return load_or_fit_palette(self.config, lambda: self.source, self.directory, self.saved_palette)
 
     @functools.cached_property
     def clusters_device(self) -> jax.Array | None:
@@ -151,24 +151,26 @@ def for_checkpoint(
         lock.release()
 
 
-def load_or_fit_palette(config, source, directory: epath.Path, saved: np.ndarray | None = None) -> np.ndarray | None:
+def load_or_fit_palette(
+    config, source: Callable[[], Source], directory: epath.Path, saved: np.ndarray | None = None
+) -> np.ndarray | None:
     """The run's palette: the checkpoint's, the workdir's palette.npy, config.data.palette, or k-means on the train
-    split, in that order; palette.npy is written when missing. A config.data.palette whose colours differ from the
-    run's stops it, naming both."""
-    if source.kind == "tokens":
-        return None
+    split, in that order; palette.npy is written when missing. The data source (`source()`) is only opened when
+    there is no palette yet. A config.data.palette whose colours differ from the run's stops it, naming both."""
     path = directory / PALETTE_FILE
     if saved is not None:
         clusters, origin = saved, "the checkpoint's palette"
     elif path.exists():
         clusters, origin = palette.load(path), str(path)
+    elif source().kind == "tokens":
+        return None
     elif config.data.palette:
         clusters, origin = palette.load(config.data.palette), None
     else:
         train_split = splits(config)[0]
-        total = source.num_examples(train_split)
+        total = source().num_examples(train_split)
         n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
-        sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
+        sample = source().get(train_split, order.global_indices(config.seed, 0, n, total), None)
         start = time.perf_counter()
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
         origin = None

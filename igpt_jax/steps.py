@@ -78,6 +78,17 @@ def init_state(setup: Setup, seed: int | None = None) -> State:
         return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
+def init_params(setup: Setup, seed: int | None = None) -> dict:
+    """Freshly initialised parameters (default: config.seed, the run's own step-0 model), in their shards."""
+    config = setup.config
+
+    def init():
+        return nnx.to_pure_dict(nnx.state(model_lib.build(config, seed=seed), nnx.Param))
+
+    with jax.set_mesh(setup.mesh):
+        return jax.jit(init, out_shardings=setup.state_shardings["params"])()
+
+
 def with_fresh_optimizer(setup: Setup, step: jax.Array, params: dict) -> State:
     """A state around restored parameters with a new optimizer state, built in its shards (`config.restore='params'`
     when the checkpoint's optimizer state belongs to another optimizer recipe). Adam's moments start from zero;
@@ -196,6 +207,29 @@ def make_eval_step(setup: Setup):
 
     return jax.jit(
         eval_step,
+        in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
+        out_shardings=setup.replicated,
+    )
+
+
+def make_feature_step(setup: Setup, layers: tuple[int, ...]):
+    """jit(params, batch, clusters, key) -> float32 [len(layers), B, d]: the mean over positions of block l's ln_1
+    output (the paper's probe features), for the chosen layers, from one forward pass. BERT models see masked inputs
+    (their pretraining protocol), the mask drawn from `key`."""
+    config = setup.config
+    objective = objectives.get(config.objective)
+    chosen = jnp.asarray(layers, jnp.int32)
+
+    def feature_step(params, batch, clusters, key):
+        tokens = _tokens(batch, clusters)
+        mask = objective.noise(key, tokens.shape, config).get("mask")
+        model = nnx.merge(setup.graphdef, nnx.State(params))
+        with sharding.axis_rules(config.logical_axis_rules):
+            _, pooled = model(tokens, mask=mask, features=True)
+        return pooled[chosen]
+
+    return jax.jit(
+        feature_step,
         in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
         out_shardings=setup.replicated,
     )

@@ -18,7 +18,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import checkpoint, distributed, evaluate, interrupts, metrics, run_lock, runtime, steps, workdir
+from igpt_jax import (
+    checkpoint,
+    distributed,
+    evaluate,
+    interrupts,
+    metrics,
+    probe,
+    run_lock,
+    runtime,
+    steps,
+    workdir,
+)
 from igpt_jax.data import pipeline, splits
 
 log = logging.getLogger(__name__)
@@ -173,6 +184,13 @@ def _train(rt: runtime.Runtime) -> dict:
                         flush=True,
                     )
 
+            if _probe_due(config, step):
+                result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)
+                probe.write(directory, result)
+                writer.write(probe.metrics_row(result))
+                if jax.process_index() == 0:
+                    print(probe.summary(result), flush=True)
+
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
                 log.info("first step (with compilation) took %.1fs", time.perf_counter() - run_start)
@@ -206,6 +224,11 @@ def _train(rt: runtime.Runtime) -> dict:
     if jax.process_index() == 0:
         print(workdir.summary(directory), flush=True)
     return last
+
+
+def _probe_due(config: ml_collections.ConfigDict, step: int) -> bool:
+    every, at_end = config.probe.every_steps, config.probe.at_end
+    return bool(every and step % every == 0) or (at_end and step == config.total_steps)
 
 
 def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:

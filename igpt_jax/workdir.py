@@ -38,5 +38,6 @@ def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: i
 def summary(workdir: epath.Path) -> str:
     """'igpt: workdir W: checkpoints/, metrics.jsonl, ...' listing what the workdir holds now."""
     names = ("checkpoints/", "metrics.jsonl", CONFIG_FILE, "palette.npy", "tensorboard/", "samples/", "probe.json")
+    names += ("probe.png",)
     present = [n for n in names if (workdir / n.rstrip("/")).exists()]
     return f"igpt: workdir {workdir}: {', '.join(present)}"

@@ -35,6 +35,7 @@ def fashion_config(*, image_size: int = 8, total_steps: int = 30, **overrides) -
     config.log_every_steps = 1
     config.eval_every_steps = total_steps
     config.eval_examples = 64
+    config.probe.at_end = False  # tests that probe say so
     config.checkpoint_every_steps = 10
     config.keep_checkpoints = 10
     config.optimizer.warmup_steps = 5
@@ -74,6 +75,7 @@ def cli_flags(
         "--config.log_every_steps=1",
         f"--config.eval_every_steps={eval_every}",
         "--config.eval_examples=64",
+        "--config.probe.at_end=False",
         f"--config.checkpoint_every_steps={checkpoint_every}",
         "--config.keep_checkpoints=10",
         f"--config.optimizer.warmup_steps={warmup}",

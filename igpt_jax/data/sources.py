@@ -34,11 +34,20 @@ class Source(Protocol):
         """Examples `indices` of `split`; `rngs` (one per example) for training augmentation, None for eval."""
         ...
 
+    def labels(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """Class labels (int32 [n]) of examples `indices` of `split`, for probes and fine-tuning."""
+        ...
+
+    def num_classes(self) -> int: ...
+
 
 class Synthetic:
     """Random tokens, a pure function of (seed, split, example index): for speed runs and tests, no palette."""
 
     kind = "tokens"
+
+    def num_classes(self) -> int:
+        return 10
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.seed = config.seed
@@ -52,6 +61,10 @@ class Synthetic:
         salt = 0 if split.startswith("train") else 1
         rows = [np.random.default_rng([self.seed, salt, int(i)]).integers(0, self.vocab, self.shape) for i in indices]
         return np.stack(rows).astype(np.int32)
+
+    def labels(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """Ten classes that the tokens do not predict: a probe on them scores chance."""
+        return (np.asarray(indices) * 7 % 10).astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +140,15 @@ class TfdsSource:
             for k, (i, record) in enumerate(zip(indices, records, strict=True))
         ]
         return np.stack(list(self._pool.map(self._one, jobs)))
+
+    def labels(self, split: str, indices: np.ndarray) -> np.ndarray:
+        if "label" not in self.builder.info.features:
+            raise ValueError(f"{self.spec.name} has no labels: a probe or fine-tuning needs a labelled data set")
+        records = self._source(split).__getitems__([int(i) for i in indices])
+        return np.asarray([int(r["label"]) for r in records], np.int32)
+
+    def num_classes(self) -> int:
+        return self.builder.info.features["label"].num_classes
 
     def _one(self, job) -> np.ndarray:
         record, name, rng = job

@@ -1,0 +1,126 @@
+"""The linear probe: the on-device L-BFGS agrees with scikit-learn, features do not depend on the device count, the
+mode writes probe.json and a probe.png with one point per layer."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics
+from PIL import Image
+from scipy import ndimage
+
+from igpt_jax import features, linear_probe, palette, plots, sharding, steps
+from igpt_jax.data import get_source
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    return (0.3 * centres[y] + rng.normal(size=(n, d))).astype(np.float32), y.astype(np.int32)
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-2, 1e-1])
+def test_lbfgs_probe_matches_scikit_learn(l2):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _clustered(1500)
+    train_x, test_x = linear_probe.standardize(x[:1000], x[1000:])
+    w, b = linear_probe.fit(train_x, y[:1000], l2, num_classes=10)
+    ours = float(linear_probe.accuracy(w[None], b[None], test_x[None], y[1000:])[0])
+    # scikit-learn minimises C * sum(cross-entropy) + |W|^2 / 2, the same as ours with C = 1 / (l2 * n)
+    reference = LogisticRegression(C=1 / (l2 * 1000), max_iter=10_000, tol=1e-8).fit(train_x, y[:1000])
+    assert abs(ours - 100 * reference.score(test_x, y[1000:])) <= 0.5
+    np.testing.assert_allclose(np.asarray(w), reference.coef_.T, atol=5e-3)
+
+
+def test_the_sweep_picks_a_strength_on_held_out_train_images():
+    x, y = _clustered(1200, seed=1)
+    layers = np.stack([x, np.random.default_rng(2).normal(size=x.shape).astype(np.float32)])  # signal, noise
+    result = linear_probe.sweep(layers[:, :1000], y[:1000], layers[:, 1000:], y[1000:], 10, heldout_fraction=0.1)
+    assert result[0]["accuracy"] > 60 > 25 > result[1]["accuracy"]  # chance is 10%
+    assert all(r["l2"] in linear_probe.L2_GRID for r in result)
+
+
+def test_features_are_the_same_on_1_and_8_devices():
+    """BERT, so the masks' randomness is covered too."""
+    outputs = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        config = fashion_config(
+            image_size=8, batch_size=16, objective="bert", mesh__ici={"data": 1, "fsdp": -1, "tensor": 1}
+        )
+        mesh = sharding.make_mesh(config, devices)
+        setup = steps.make_setup(config, mesh, train=False)
+        params = steps.init_params(setup)
+        source = get_source(config)
+        clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
+        step = steps.make_feature_step(setup, (0, 1))
+        outputs.append(features.extract(config, source, "test", 40, step, params, clusters, mesh))
+    (one, labels_one), (eight, labels_eight) = outputs
+    assert one.shape == (2, 40, 32)
+    np.testing.assert_allclose(one, eight, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(labels_one, labels_eight)
+
+
+def _blobs(png: bytes, colour: tuple[int, int, int]) -> int:
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[:, : plots.WIDTH - plots.RIGHT]  # the plot area
+    _, count = ndimage.label(np.all(pixels == colour, axis=-1))
+    return count
+
+
+def test_the_png_has_one_point_per_layer():
+    png = plots.accuracy_by_layer("t", [0, 1, 2, 3, 4], [50, 62, 70, 66, 60], {"raw_pixels": 55, "random_init": 40})
+    assert Image.open(io.BytesIO(png)).size == (plots.WIDTH, plots.HEIGHT)
+    assert _blobs(png, plots.POINT) == 5
+
+
+def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
+    workdir = tmp_path / "run"
+    flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)
+    sizes = ["--config.probe.train_examples=300", "--config.probe.test_examples=100"]
+    trained = [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *flags, "--config.probe.at_end=True"]
+    subprocess.run([*trained, *sizes], cwd=ROOT, check=True)  # the train loop probes at its end
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "igpt_jax.main",
+            f"--workdir={workdir}",
+            "--mode=probe",
+            "--config=configs/fashion_mnist.py:8",
+            *sizes,
+            f"--config.data.data_dir={TFDS_TEST_DIR}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    probe = json.loads((workdir / "probe.json").read_text())
+    assert set(probe) >= {"dataset", "checkpoint_step", "train_examples", "test_examples", "layers", "best_layer"}
+    assert set(probe) >= {"best_accuracy", "baselines"} and set(probe["baselines"]) == {"raw_pixels", "random_init"}
+    assert (probe["dataset"], probe["checkpoint_step"], probe["train_examples"], probe["test_examples"]) == (
+        "fashion_mnist",
+        10,
+        300,
+        100,
+    )
+    assert sorted(probe["layers"]) == ["0", "1"]  # the checkpoint's 2 layers, whatever the config file says
+    assert all(0 <= v["accuracy"] <= 100 and v["l2"] in linear_probe.L2_GRID for v in probe["layers"].values())
+    assert probe["best_accuracy"] == max(v["accuracy"] for v in probe["layers"].values())
+    assert probe["baselines"]["raw_pixels"] > 30  # ten classes: chance is 10%
+    assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
+    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2
+    at_end_of_training, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]
+    assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10
+    assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers
