@@ -97,6 +97,6 @@ def sweep(
     w, b = _fit_layers(train_x, train_y, jnp.asarray(best, jnp.float32), num_classes)
     test = np.asarray(accuracy(w, b, test_x, test_y))
     return [
-        {"accuracy": float(test[i]), "l2": best[i], "heldout_accuracy": float(scores.max(axis=0)[i])}
+        {"accuracy": round(float(test[i]), 3), "l2": best[i], "heldout_accuracy": round(float(scores.max(0)[i]), 3)}
         for i in range(layers)
     ]

@@ -176,6 +176,8 @@ def test_local_sh_runs_the_default_config(tmp_path):
             "--config.total_steps=2",
             "--config.log_every_steps=1",
             "--config.eval_examples=64",
+            "--config.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
+            "--config.probe.test_examples=32",
             f"--config.data.data_dir={TFDS_TEST_DIR}",
         ],
         cwd=ROOT,
@@ -187,6 +189,7 @@ def test_local_sh_runs_the_default_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "w") if "mode" not in r] == [1, 2]
     assert "step 2/2" in (tmp_path / "logs" / "process_0.log").read_text()
+    assert [r["mode"] for r in read_metrics(tmp_path / "w") if "mode" in r] == ["eval", "probe"]
 
 
 def test_local_sh_fails_when_a_process_fails(tmp_path):
