@@ -46,7 +46,7 @@ def time_ours(config, batches: int) -> float:
     pipeline.load_rows(source, "train", config, 0, rows, train=True)  # warm-up: open files, start threads
     start = time.perf_counter()
     for step in range(1, batches + 1):
-        batch = pipeline.load_rows(source, "train", config, step, rows, train=True)
+        batch = pipeline.load_rows(source, "train", config, step, rows, train=True)["images"]
     elapsed = time.perf_counter() - start
     assert batch.shape == (config.batch_size, config.model.image_size, config.model.image_size, 3)
     return batches * config.batch_size / elapsed

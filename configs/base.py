@@ -77,6 +77,8 @@ def make_config(
     c.model.remat = "none"  # see igpt_jax.model.REMAT_POLICIES
     c.model.scan_layers = True
     c.model.attention = "auto"  # see igpt_jax.attention.IMPLEMENTATIONS
+    # Classes of a linear head on the mean-pooled ln_f output (zero-initialised); 0: none. --mode=finetune sets it.
+    c.model.num_classes = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "imagenet2012"
@@ -125,8 +127,30 @@ def make_config(
     c.probe.test_examples = 0
     c.probe.layers = ()  # block indices 0 .. num_layers-1 whose input is probed; empty: every layer
     c.probe.baselines = True  # also probe raw pixels and the run's own randomly initialised model
+    # 'lbfgs': full batch, every train feature held (CIFAR-sized sets); 'sgd': features streamed through minibatch SGD
+    # with momentum and a cosine learning rate, memory flat in the number of images (ImageNet-sized); 'auto': lbfgs
+    # while the train features take at most 2 GiB.
+    c.probe.solver = "auto"
+    c.probe.sgd_epochs = 10
+    c.probe.sgd_learning_rate = 0.1  # on standardised features
     c.probe.every_steps = 0  # during training: probe every this many steps (0: never) ...
     c.probe.at_end = False  # ... and/or once at the end
+
+    # Fine-tuning (--mode=finetune): the workdir's checkpoint (or config.checkpoint_step) plus a classification head,
+    # trained on generative + classification loss (the paper's 1:1) as its own resumable run in workdir/finetune/.
+    # The paper's recipe: the pretraining batch and Adam, no cosine decay, a learning rate about 10x smaller.
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.dataset = "cifar10"
+    c.finetune.train_split = "train"
+    c.finetune.test_split = "test"
+    c.finetune.test_examples = 0  # the first n test images each evaluation reads; 0: all of them
+    c.finetune.steps = 10_000
+    c.finetune.learning_rate = 0.0  # 0: the pretraining learning rate / 10
+    c.finetune.warmup_steps = 100
+    c.finetune.schedule = "constant"  # after warmup; see igpt_jax.optim.SCHEDULES
+    c.finetune.generative_weight = 1.0  # loss = generative_weight * generative + classification; 0: the head alone
+    c.finetune.eval_every_steps = 1_000
+    c.finetune.checkpoint_every_steps = 1_000
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num_images = 16

@@ -36,6 +36,10 @@ def _positive_ints(c) -> list[str]:
         "model.num_positions",
         "model.vocab_size",
         "sample.num_images",
+        "finetune.steps",
+        "probe.sgd_epochs",
+        "finetune.eval_every_steps",
+        "finetune.checkpoint_every_steps",
     ]
     out = []
     for key in keys:
@@ -54,6 +58,8 @@ def _choices(c) -> list[str]:
         "objective": list(objectives.OBJECTIVES),
         "restore": list(resume.RESTORE_MODES),
         "optimizer.schedule": list(optim.SCHEDULES),
+        "finetune.schedule": list(optim.SCHEDULES),
+        "probe.solver": ["auto", "lbfgs", "sgd"],
     }
     return [
         f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
@@ -106,6 +112,12 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "probe.train_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
     "probe.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
     "probe.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
+    "probe.sgd_learning_rate": (lambda v: v > 0, "> 0"),
+    "model.num_classes": (_nonnegative_int, "an integer >= 0 (0: no classification head)"),
+    "finetune.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
+    "finetune.learning_rate": (lambda v: v >= 0, ">= 0 (0: the pretraining learning rate / 10)"),
+    "finetune.warmup_steps": (_nonnegative_int, "an integer >= 0"),
+    "finetune.generative_weight": (lambda v: v >= 0, ">= 0 (0: the classification loss alone)"),
     "sample.temperature": (lambda v: v > 0, "> 0"),
     "sample.top_k": (_nonnegative_int, "an integer >= 0 (0 turns top-k off)"),
 }
@@ -136,8 +148,9 @@ def _data(c) -> list[str]:
 
     if c.data.dataset not in sources.SOURCES:
         return [f"config.data.dataset={c.data.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
-    if c.probe.dataset not in sources.SOURCES:
-        return [f"config.probe.dataset={c.probe.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    for key in ("probe.dataset", "finetune.dataset"):
+        if _get(c, key) not in sources.SOURCES:
+            return [f"config.{key}={_get(c, key)!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
     bad_layers = [layer for layer in c.probe.layers if not 0 <= layer < c.model.num_layers]
     if bad_layers:
         return [f"config.probe.layers={tuple(c.probe.layers)}: {bad_layers} outside 0 .. {c.model.num_layers - 1}"]

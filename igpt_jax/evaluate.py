@@ -35,8 +35,7 @@ def held_out_loss(config: ml_collections.ConfigDict, source: Source, eval_step, 
     totals: dict[str, float] = {}
     for i in range(math.ceil(n / config.batch_size)):
         batch = pipeline.eval_batch(source, split, config, i, n, mesh)
-        with jax.set_mesh(mesh):
-            sums = jax.device_get(eval_step(params, batch, clusters, jax.random.fold_in(key, i)))
+        sums = jax.device_get(eval_step(params, batch, clusters, jax.random.fold_in(key, i)))
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     weight = totals.pop("weight")
@@ -55,9 +54,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record = {"mode": "eval", "step": rt.step, **result}
         metrics.append_row(rt.directory, record)
         if jax.process_index() == 0:
-            print(
-                f"eval checkpoint {rt.step}: {result['loss']:.4f} nats ({result['bits_per_token']:.3f} bits) "
-                f"on {result['examples']} images of {splits(rt.config)[1]}",
-                flush=True,
-            )
+            print(summary(f"eval checkpoint {rt.step}", result, splits(rt.config)[1]), flush=True)
         return record
+
+
+def summary(what: str, result: dict, split: str) -> str:
+    """One line: the loss in nats and bits, and the classification head's accuracy when there is one."""
+    line = f"{what}: {result['loss']:.4f} nats ({result['bits_per_token']:.3f} bits/token)"
+    if "accuracy" in result:
+        line = (
+            f"{what}: accuracy {100 * result['accuracy']:.2f}%, classification loss "
+            f"{result['classification_loss']:.4f}, generative {result['generative_loss']:.4f} nats "
+            f"({result['bits_per_token']:.3f} bits/token)"
+        )
+    return f"{line} on {result['examples']} images of {split}"

@@ -20,8 +20,13 @@ from igpt_jax import config_checks
 
 # Every mode the CLI will have (README: Command line); MODES maps the ones implemented so far to the module whose
 # `run(config, workdir)` is the mode. Modules are imported when their mode runs: config errors come before JAX loads.
-ALL_MODES = ("train", "eval", "probe", "sample", "compile")
-MODES: dict[str, str] = {"train": "igpt_jax.train", "eval": "igpt_jax.evaluate", "probe": "igpt_jax.probe"}
+ALL_MODES = ("train", "eval", "probe", "finetune", "sample", "compile")
+MODES: dict[str, str] = {
+    "train": "igpt_jax.train",
+    "eval": "igpt_jax.evaluate",
+    "probe": "igpt_jax.probe",
+    "finetune": "igpt_jax.finetune",
+}
 
 
 def _known_errors() -> dict[type[BaseException], int]:

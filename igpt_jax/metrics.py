@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from igpt_jax import storage, tensorboard
+from igpt_jax.model import tokens_per_image
 
 # Dense bf16 peak FLOP/s per chip (vendor figures, not the 2:4-sparse ones).
 PEAK_FLOPS = {
@@ -36,7 +37,7 @@ PEAK_FLOPS = {
 
 def flops_per_token(config: ml_collections.ConfigDict) -> float:
     m = config.model
-    seq = m.image_size**2
+    seq = tokens_per_image(config)
     matmul = 12 * m.num_layers * m.embed_dim**2 + m.embed_dim * m.vocab_size
     attention = 6 * m.num_layers * seq * m.embed_dim  # causal-halved (bert, bidirectional, uses the same figure)
     return 6 * matmul + attention
@@ -115,6 +116,20 @@ def append_row(workdir: str | os.PathLike, record: Mapping) -> None:
         writer.close()
 
 
+def read_rows(workdir: str | os.PathLike) -> list[dict]:
+    """The rows of workdir/metrics.jsonl that parse (none if it does not exist)."""
+    location = storage.path(workdir) / METRICS_FILE
+    if not location.exists():
+        return []
+    rows = []
+    for line in location.read_bytes().decode(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple[int, int]:
     """Makes metrics.jsonl tell one story before a run continues from `resumed_step`.
 
@@ -149,7 +164,13 @@ def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple
 def progress_line(record: Mapping, total_steps: int) -> str:
     eta = record.get("eta_seconds")
     eta_text = f"{eta / 60:.1f} min" if eta is not None else "?"
+    loss = f"loss {record['loss']:.4f} nats ({record['bits_per_token']:.3f} bits)"
+    if "accuracy" in record:  # fine-tuning: the loss is generative + classification
+        loss = (
+            f"loss {record['loss']:.4f} = generative {record['generative_loss']:.4f} ({record['bits_per_token']:.3f}"
+            f" bits) + classification {record['classification_loss']:.4f}, accuracy {100 * record['accuracy']:.0f}%"
+        )
     return (
-        f"step {record['step']}/{total_steps}  loss {record['loss']:.4f} nats ({record['bits_per_token']:.3f} bits)"
-        f"  {record['tokens_per_sec']:.0f} tokens/s  MFU {100 * record['mfu']:.1f}%  ETA {eta_text}"
+        f"step {record['step']}/{total_steps}  {loss}  {record['tokens_per_sec']:.0f} tokens/s  "
+        f"MFU {100 * record['mfu']:.1f}%  ETA {eta_text}"
     )

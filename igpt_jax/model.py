@@ -5,9 +5,14 @@ biases anywhere, quick-GELU x*sigmoid(1.702x), learned absolute positions, a lea
 is not a vocabulary row, an untied output head, and OpenAI's initialisation (the output head starts at zero). No
 dropout.
 
-Tokens in, logits out: `model(tokens[B, N])` returns fp32 logits [B, N, vocab] where position i predicts token i.
-In AR mode the input is [SOS, x_0 .. x_{N-2}] (the last token is never an input) under a causal mask; in BERT mode
-the input is x_0 .. x_{N-1} with masked positions' embeddings zeroed, no causal mask and no SOS.
+Tokens in, logits and named intermediates out (big_vision's `(x, out)`): `logits, out = model(tokens[B, N])` gives
+fp32 logits [B, N, vocab] where position i predicts token i, and `out` holds what other modes read from the same
+forward pass: 'probe_features' [L, B, d] (block l's ln_1 output averaged over positions: the paper's linear-probe
+features), 'pre_logits' [B, d] (the ln_f output averaged over positions) and, with `model.num_classes` > 0,
+'class_logits' [B, classes] from a zero-initialised linear head on pre_logits (OpenAI's `wclf`, for fine-tuning).
+Whatever a caller leaves unused is dropped by the compiler. In AR mode the input is [SOS, x_0 .. x_{N-2}] (the last
+token is never an input) under a causal mask; in BERT mode the input is x_0 .. x_{N-1} with masked positions'
+embeddings zeroed, no causal mask and no SOS.
 
 The blocks' parameters are stacked along a leading `layers` axis, whether the forward pass scans over them
 (`scan_layers=True`: one compiled block, fast compiles for 48-60 layers) or unrolls a Python loop. The parameter tree
@@ -156,6 +161,8 @@ class IGPT(nnx.Module):
         self.ln_f = RMSNorm(d, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
         # OpenAI zero-initialises every projection that produces logits.
         self.head = _param(nnx.initializers.zeros, rngs, (d, v), ("embed", "vocab"), pd)
+        if cfg.get("num_classes", 0):
+            self.classifier = _param(nnx.initializers.zeros, rngs, (d, cfg.num_classes), ("embed", None), pd)
 
     def embed(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """Input embeddings [B, N, d]: AR shifts in the SOS vector; BERT zeroes masked positions."""
@@ -174,15 +181,14 @@ class IGPT(nnx.Module):
         h = (x + self.wpe[:n][None]).astype(self.dtype)
         return constrain(h, ACTIVATION_NAMES)
 
-    def run_blocks(self, h: jax.Array, *, features: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """All blocks over the residual stream; optionally each layer's mean-pooled norm(h) as [L, B, d] fp32."""
+    def run_blocks(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """All blocks over the residual stream; returns it and each layer's mean-pooled norm(h) as [L, B, d] fp32."""
         causal = self.objective == "ar"
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(h, layer_params):
             h, n = nnx.merge(graphdef, layer_params)(h, causal=causal)
-            pooled = jnp.mean(n.astype(jnp.float32), axis=1) if features else None
-            return constrain(h, ACTIVATION_NAMES), pooled
+            return constrain(h, ACTIVATION_NAMES), jnp.mean(n.astype(jnp.float32), axis=1)
 
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
@@ -193,25 +199,27 @@ class IGPT(nnx.Module):
         for i in range(self.num_layers):
             h, p = body(h, jax.tree.map(lambda x, i=i: x[i], stacked))
             pooled.append(p)
-        return h, (jnp.stack(pooled) if features else None)
+        return h, jnp.stack(pooled)
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """Final norm then the untied head, in fp32 (the head is small: vocab 512)."""
-        n = self.ln_f(h).astype(jnp.float32)
-        return jnp.einsum("bsd,dv->bsv", n, self.head[...].astype(jnp.float32))
-
-    def __call__(
-        self, tokens: jax.Array, *, mask: jax.Array | None = None, features: bool = False
-    ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """Logits [B, N, vocab] (fp32); with `features=True` also per-layer probe features [L, B, d].
+    def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits [B, N, vocab] fp32, named intermediates): see the module docstring.
 
         `mask` (bool [B, N], BERT only) marks the positions whose input embedding is zeroed.
         """
         if mask is not None and self.objective != "bert":
             raise ValueError("a mask is only meaningful for the 'bert' objective")
-        h, pooled = self.run_blocks(self.embed(tokens, mask), features=features)
-        logits = self.logits(h)
-        return (logits, pooled) if features else logits
+        h, pooled = self.run_blocks(self.embed(tokens, mask))
+        n = self.ln_f(h).astype(jnp.float32)  # logits and the head in fp32 (the head is small: vocab 512)
+        logits = jnp.einsum("bsd,dv->bsv", n, self.head[...].astype(jnp.float32))
+        out = {"probe_features": pooled, "pre_logits": jnp.mean(n, axis=1)}
+        if hasattr(self, "classifier"):
+            out["class_logits"] = out["pre_logits"] @ self.classifier[...].astype(jnp.float32)
+        return logits, out
+
+
+def tokens_per_image(config: ml_collections.ConfigDict) -> int:
+    """The sequence length: one palette token per pixel of a config.model.image_size square, in raster order."""
+    return config.model.image_size**2
 
 
 def build(config: ml_collections.ConfigDict, *, seed: int | None = None) -> IGPT:

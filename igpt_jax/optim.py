@@ -43,14 +43,17 @@ def schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     return SCHEDULES[name](config.optimizer, config.total_steps)
 
 
-def make(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make(
+    config: ml_collections.ConfigDict, learning_rate: optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """Adam(W) at `learning_rate` (default: `schedule(config)`), with clipping first when configured."""
     o = config.optimizer
     parts = []
     if o.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
     parts.append(
         optax.adamw(
-            schedule(config),
+            schedule(config) if learning_rate is None else learning_rate,
             b1=o.b1,
             b2=o.b2,
             eps=1e-8,

@@ -17,10 +17,9 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from etils import epath
 
-from igpt_jax import features, linear_probe, plots, steps, storage
+from igpt_jax import features, linear_probe, plots, steps, storage, streamed_probe
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
 
@@ -41,6 +40,39 @@ def _examples(wanted: int, available: int) -> int:
     return available if wanted == 0 else min(wanted, available)
 
 
+# The full-batch L-BFGS probe holds every train feature on the host and the device; above this many bytes of train
+# features, probe.solver='auto' streams them through minibatch SGD instead.
+FULL_BATCH_LIMIT_BYTES = 2 << 30
+
+
+def solver(config: ml_collections.ConfigDict, n_train: int, layers: int, dim: int) -> str:
+    """'lbfgs' or 'sgd': config.probe.solver, or for 'auto' by the size of the train features."""
+    if config.probe.solver != "auto":
+        return config.probe.solver
+    return "lbfgs" if 4 * n_train * layers * dim <= FULL_BATCH_LIMIT_BYTES else "sgd"
+
+
+def _fit_and_score(config, which: str, train, test, n_train: int, n_test: int, layers: int, dim: int, classes: int):
+    """Per-layer results from `train` and `test` passes (features.passes): gathered for L-BFGS, streamed for SGD."""
+    heldout = HELDOUT_PERCENT.get(config.probe.dataset, 10) / 100
+    if which == "sgd":
+        settings = streamed_probe.Settings(config.probe.sgd_epochs, config.probe.sgd_learning_rate)
+        return streamed_probe.sweep(
+            train,
+            n_train,
+            test,
+            classes,
+            layers=layers,
+            dim=dim,
+            batch_size=config.batch_size,
+            heldout_fraction=heldout,
+            settings=settings,
+        )
+    train_x, train_y = features.gather(train, n_train)
+    test_x, test_y = features.gather(test, n_test)
+    return linear_probe.sweep(train_x, train_y, test_x, test_y, classes, heldout_fraction=heldout)
+
+
 def linear_probes(config: ml_collections.ConfigDict, setup: steps.Setup, params, clusters, mesh, step: int) -> dict:
     """probe.json's content for parameters `params` at `step` (see the module docstring)."""
     probe = config.probe
@@ -49,18 +81,17 @@ def linear_probes(config: ml_collections.ConfigDict, setup: steps.Setup, params,
     n_train = _examples(probe.train_examples, source.num_examples(probe.train_split))
     n_test = _examples(probe.test_examples, source.num_examples(probe.test_split))
     layers = tuple(probe.layers) or tuple(range(config.model.num_layers))
-    heldout = HELDOUT_PERCENT.get(probe.dataset, 10) / 100
     feature_step = steps.make_feature_step(setup, layers)
+    which = solver(config, n_train, len(layers), config.model.embed_dim)
     seconds = {}
 
     def probe_model(model_params) -> list[dict]:
-        train_x, train_y = features.extract(
-            data_config, source, probe.train_split, n_train, feature_step, model_params, clusters, mesh
-        )
-        test_x, test_y = features.extract(
-            data_config, source, probe.test_split, n_test, feature_step, model_params, clusters, mesh
-        )
-        return linear_probe.sweep(train_x, train_y, test_x, test_y, source.num_classes(), heldout_fraction=heldout)
+        def passes(split, n):
+            return features.passes(data_config, source, split, n, feature_step, model_params, clusters, mesh)
+
+        train, test = passes(probe.train_split, n_train), passes(probe.test_split, n_test)
+        dim = config.model.embed_dim
+        return _fit_and_score(config, which, train, test, n_train, n_test, len(layers), dim, source.num_classes())
 
     start = time.perf_counter()
     per_layer = probe_model(params)
@@ -73,11 +104,11 @@ def linear_probes(config: ml_collections.ConfigDict, setup: steps.Setup, params,
         seconds["random_init"] = time.perf_counter() - start
         if source.kind == "images":
             start = time.perf_counter()
-            train_y = source.labels(probe.train_split, np.arange(n_train))
-            test_y = source.labels(probe.test_split, np.arange(n_test))
-            train_x = features.pixels(data_config, source, probe.train_split, n_train)
-            test_x = features.pixels(data_config, source, probe.test_split, n_test)
-            pixel = linear_probe.sweep(train_x, train_y, test_x, test_y, source.num_classes(), heldout_fraction=heldout)
+            dim = 3 * config.model.image_size**2
+            train = features.pixel_passes(data_config, source, probe.train_split, n_train)
+            test = features.pixel_passes(data_config, source, probe.test_split, n_test)
+            pixel_solver = solver(config, n_train, 1, dim)
+            pixel = _fit_and_score(config, pixel_solver, train, test, n_train, n_test, 1, dim, source.num_classes())
             baselines["raw_pixels"] = pixel[0]["accuracy"]
             seconds["raw_pixels"] = time.perf_counter() - start
     return {
@@ -89,7 +120,8 @@ def linear_probes(config: ml_collections.ConfigDict, setup: steps.Setup, params,
         "best_layer": layers[best],
         "best_accuracy": per_layer[best]["accuracy"],
         "baselines": baselines,
-        "heldout_fraction": heldout,
+        "heldout_fraction": HELDOUT_PERCENT.get(probe.dataset, 10) / 100,
+        "solver": which,
         "seconds": seconds,
     }
 

@@ -47,6 +47,7 @@ ACCEPTED_CHANGES = (
     "data.prefetch",
     "data.palette",  # compared by content, not by path: see runtime.load_or_fit_palette
     "probe",
+    "finetune",  # a fine-tuning run's own recipe is compared through the keys it sets (data set, optimizer, ...)
     "sample",
     "compile",
 )

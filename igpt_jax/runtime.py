@@ -78,11 +78,26 @@ class Runtime:
         return None if clusters is None else jax.device_put(clusters, NamedSharding(self.mesh, PartitionSpec()))
 
 
+# How a run without a checkpoint starts: setup -> (state, palette or None). Training starts from config.seed's
+# initialisation; fine-tuning from a pretrained checkpoint and its palette.
+StartFn = Callable[[steps.Setup], tuple[steps.State, "np.ndarray | None"]]
+
+
+def fresh_start(setup: steps.Setup) -> tuple[steps.State, None]:
+    state = steps.init_state(setup)
+    log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
+    return state, None
+
+
 @contextlib.contextmanager
 def for_training(
-    config: ml_collections.ConfigDict, workdir: str, devices: list[jax.Device] | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str | epath.Path,
+    devices: list[jax.Device] | None = None,
+    start: StartFn = fresh_start,
 ) -> Iterator[Runtime]:
-    """The train state, resumed or fresh; a checkpoint that does not fit stops here, before anything is written."""
+    """The train state, resumed or (`start`) new; a checkpoint that does not fit stops here, before anything is
+    written."""
     directory = storage.path(workdir)
     lock = run_lock.acquire_everywhere(directory)  # before anything in the workdir is read or written
     try:
@@ -90,19 +105,20 @@ def for_training(
         setup = steps.make_setup(config, mesh)
         log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
         ckpt = checkpoint.Checkpointer(directory, config)
-        state, saved_palette = _restore_or_init(ckpt, setup)
-        yield Runtime(config, directory, mesh, setup, ckpt, state, lock, saved_palette)
+        state, saved_palette = _restore_or_start(ckpt, setup, start)
+        with jax.set_mesh(mesh):  # once, around everything the mode runs
+            yield Runtime(config, directory, mesh, setup, ckpt, state, lock, saved_palette)
     finally:
         lock.release()
 
 
-def _restore_or_init(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> tuple[steps.State, np.ndarray | None]:
-    """(state, the checkpoint's palette) from the newest checkpoint that fits and reads, or a fresh state."""
+def _restore_or_start(
+    ckpt: checkpoint.Checkpointer, setup: steps.Setup, start: StartFn
+) -> tuple[steps.State, np.ndarray | None]:
+    """(state, its palette) from the newest checkpoint that fits and reads, or from `start`."""
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is None:
-        state = steps.init_state(setup)
-        log.info("fresh start: %s parameters", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
-        return state, None
+        return start(setup)
     for change in restored.plan.accepted_changes:
         log.warning("config changed since checkpoint %d: %s", restored.step, change)
     state = restored.state
@@ -119,36 +135,58 @@ def for_checkpoint(
 ) -> Iterator[Runtime]:
     """A trained model's parameters, under its checkpoint's own recipe; raises NoCheckpointError without one."""
     directory = storage.path(workdir)
-    no_checkpoint = NoCheckpointError(
-        f"{directory} holds no checkpoint: train first (--mode=train), or import weights (python -m "
-        "igpt_jax.convert), or point --workdir at a trained run"
-    )
     if not (directory / "checkpoints").exists():
-        raise no_checkpoint  # before the lock: a mistyped workdir is not created
+        raise _no_checkpoint(directory)  # before the lock: a mistyped workdir is not created
     lock = run_lock.acquire_everywhere(directory)
     try:
-        ckpt = checkpoint.Checkpointer(directory, config)
-        step = config.checkpoint_step or ckpt.latest_step()
-        if step is None:
-            raise no_checkpoint
-        saved = ckpt.saved_config(step)
-        if saved is not None:
-            config, taken = resume.with_recipe_of(saved, config)
-            for change in taken:
-                log.warning("using checkpoint %d's recipe: %s", step, change)
-        ckpt.config = config  # compared with what the checkpoint holds: the recipe now agrees
+        config, ckpt = checkpoint_recipe(config, directory)
         mesh = sharding.make_mesh(config, devices)
         setup = steps.make_setup(config, mesh, train=False)
-        restored = ckpt.restore_latest(
-            setup.abstract_state, step=config.checkpoint_step or None, params_only=True, set_aside=False
-        )
-        if restored is None:
-            raise NoCheckpointError(f"{directory} holds no checkpoint that reads (see the warnings above)")
-        log.info("%s: checkpoint %d", directory, restored.step)
-        yield Runtime(config, directory, mesh, setup, ckpt, restored.state, lock, restored.palette)
+        restored = read_params(ckpt, setup)
+        with jax.set_mesh(mesh):  # once, around everything the mode runs
+            yield Runtime(config, directory, mesh, setup, ckpt, restored.state, lock, restored.palette)
         ckpt.close()
     finally:
         lock.release()
+
+
+def _no_checkpoint(directory: epath.Path) -> NoCheckpointError:
+    return NoCheckpointError(
+        f"{directory} holds no checkpoint: train first (--mode=train), or import weights (python -m "
+        "igpt_jax.convert), or point --workdir at a trained run"
+    )
+
+
+def checkpoint_recipe(
+    config: ml_collections.ConfigDict, directory: epath.Path
+) -> tuple[ml_collections.ConfigDict, checkpoint.Checkpointer]:
+    """`config` under the recipe of the workdir's newest checkpoint (or config.checkpoint_step's), and a Checkpointer
+    that reads it. Raises NoCheckpointError without one."""
+    if not (directory / "checkpoints").exists():
+        raise _no_checkpoint(directory)
+    ckpt = checkpoint.Checkpointer(directory, config)
+    step = config.checkpoint_step or ckpt.latest_step()
+    if step is None:
+        raise _no_checkpoint(directory)
+    saved = ckpt.saved_config(step)
+    if saved is not None:
+        config, taken = resume.with_recipe_of(saved, config)
+        for change in taken:
+            log.warning("using checkpoint %d's recipe: %s", step, change)
+    ckpt.config = config  # compared with what the checkpoint holds: the recipe now agrees
+    return config, ckpt
+
+
+def read_params(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> checkpoint.Restored:
+    """{'step', 'params'} and palette of checkpoint config.checkpoint_step, or of the newest one that reads; nothing
+    is moved if one is broken."""
+    restored = ckpt.restore_latest(
+        setup.abstract_state, step=setup.config.checkpoint_step or None, params_only=True, set_aside=False
+    )
+    if restored is None:
+        raise NoCheckpointError(f"{ckpt.directory} holds no checkpoint that reads (see the warnings above)")
+    log.info("%s: checkpoint %d", ckpt.directory, restored.step)
+    return restored
 
 
 def load_or_fit_palette(

@@ -109,7 +109,6 @@ def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mes
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the global batch is split over these (FSDP is data parallel for activations)
 
 
 class MeshError(ValueError):
@@ -157,18 +156,26 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.shardi
     return jax.sharding.Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def batch_axes(config, mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    """The mesh axes the global batch is split over: the `act_batch` rule of config.logical_axis_rules (one fact in
+    one place: the input arrays are laid out as the model's activations expect them)."""
+    spec = logical_to_spec(("act_batch",), config.logical_axis_rules, mesh.axis_names)[0]
+    return (spec,) if isinstance(spec, str) else tuple(spec or ())
+
+
 def check_batch(config, mesh: jax.sharding.Mesh) -> None:
     """Each microbatch must split evenly over the batch axes of the mesh."""
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    axes = batch_axes(config, mesh)
+    shards = math.prod(mesh.shape[a] for a in axes)
     micro = config.batch_size // config.microbatches
     if micro % shards:
         raise MeshError(
             f"config.batch_size={config.batch_size} / config.microbatches={config.microbatches} = {micro} images "
             f"per microbatch, not divisible by the {shards} batch shards of the mesh "
-            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+            f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes) or 'none'})"
         )
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-    """Leading (batch) dimension over data x fsdp, the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (ndim - 1)))
+def batch_sharding(config, mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+    """Leading (batch) dimension over the batch axes (`batch_axes`), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(config, mesh) or None, *(None,) * (ndim - 1)))

@@ -32,6 +32,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
+    schedule: optax.Schedule  # the learning rate by step: the one inside `tx`, also logged by the train step
     abstract_state: State  # ShapeDtypeStructs carrying their shardings
     state_shardings: State
 
@@ -48,7 +49,8 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, tr
     """Shapes and shardings of the state for `config` on `mesh`, from jax.eval_shape (nothing allocated): with the
     optimizer's state for training, {'step', 'params'} alone for the modes that only run the model."""
     sharding.check_batch(config, mesh)
-    tx = optim.make(config)
+    schedule = optim.schedule(config)
+    tx = optim.make(config, schedule)
     abstract_model = model_lib.abstract(config)
     graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
     params = nnx.to_pure_dict(abstract_params)
@@ -62,7 +64,7 @@ def make_setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, tr
             tx, lambda _, s: s, shapes["opt_state"], param_shardings, transform_non_params=lambda _: replicated
         )
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-    return Setup(config, mesh, graphdef, tx, abstract_state, shardings)
+    return Setup(config, mesh, graphdef, tx, schedule, abstract_state, shardings)
 
 
 def init_state(setup: Setup, seed: int | None = None) -> State:
@@ -113,14 +115,14 @@ def _tokens(batch: dict, clusters: jax.Array | None) -> jax.Array:
 
 
 def _per_example_fn(setup: Setup):
-    """(params, tokens, noise) -> per-example metric vectors [B] under config.objective."""
-    objective = objectives.get(setup.config.objective)
+    """(params, tokens, noise, labels) -> per-example metric vectors [B] under config.objective (labels: None, or
+    class labels [B] when fine-tuning)."""
     config = setup.config
 
-    def per_example(params, tokens, noise):
+    def per_example(params, tokens, noise, labels):
         model = nnx.merge(setup.graphdef, nnx.State(params))
         with sharding.axis_rules(config.logical_axis_rules):
-            return objective.per_example(model, tokens, noise, config)
+            return objectives.per_example(model, tokens, noise, config, labels)
 
     return per_example
 
@@ -130,30 +132,30 @@ def _step_key(config, step: jax.Array) -> jax.Array:
 
 
 def make_grad_fn(setup: Setup):
-    """(params, tokens, key) -> (grads, metrics). The batch's randomness (BERT's mask) is drawn once from `key` for
-    the whole batch; then `config.microbatches` equal microbatches run one after another (lax.scan) and their
+    """(params, tokens, key, labels) -> (grads, metrics). The batch's randomness (BERT's mask) is drawn once from
+    `key` for the whole batch; then `config.microbatches` equal microbatches run one after another (lax.scan) and their
     gradients and metrics are averaged, so microbatching changes peak memory, not the result."""
     config = setup.config
     objective = objectives.get(config.objective)
     per_example = _per_example_fn(setup)
     k = config.microbatches
 
-    def mean_loss(params, tokens, noise):
-        metrics = {name: v.mean() for name, v in per_example(params, tokens, noise).items()}
+    def mean_loss(params, tokens, noise, labels):
+        metrics = {name: v.mean() for name, v in per_example(params, tokens, noise, labels).items()}
         return metrics["loss"], metrics
 
     grad_fn = jax.value_and_grad(mean_loss, has_aux=True)
 
-    def grads_and_metrics(params, tokens, key):
+    def grads_and_metrics(params, tokens, key, labels=None):
         noise = objective.noise(key, tokens.shape, config)
         if k == 1:
-            (_, metrics), grads = grad_fn(params, tokens, noise)
+            (_, metrics), grads = grad_fn(params, tokens, noise, labels)
             return grads, objectives.with_bits(metrics)
 
         def split(x):
             return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
-        micro = (split(tokens), jax.tree.map(split, noise))
+        micro = jax.tree.map(split, (tokens, noise, labels))  # labels=None stays None
 
         def accumulate(carry, xs):
             (_, m), g = grad_fn(params, *xs)
@@ -173,14 +175,14 @@ def make_train_step(setup: Setup):
     """jit(state, batch, clusters) -> (state, metrics), with the state donated."""
     config = setup.config
     grads_and_metrics = make_grad_fn(setup)
-    lr = optim.schedule(config)
 
     def train_step(state: State, batch: dict, clusters: jax.Array | None):
         tokens = _tokens(batch, clusters)
-        grads, metrics = grads_and_metrics(state["params"], tokens, _step_key(config, state["step"]))
+        key = _step_key(config, state["step"])
+        grads, metrics = grads_and_metrics(state["params"], tokens, key, batch.get("labels"))
         updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "learning_rate": lr(state["step"])}
+        metrics = metrics | {"grad_norm": optax.tree.norm(grads), "learning_rate": setup.schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(
@@ -201,7 +203,7 @@ def make_eval_step(setup: Setup):
 
     def eval_step(params, batch, clusters, key):
         tokens = _tokens(batch, clusters)
-        values = per_example(params, tokens, objective.noise(key, tokens.shape, config))
+        values = per_example(params, tokens, objective.noise(key, tokens.shape, config), batch.get("labels"))
         weights = batch["weights"]
         return {name: jnp.sum(v * weights) for name, v in values.items()} | {"weight": jnp.sum(weights)}
 
@@ -225,8 +227,8 @@ def make_feature_step(setup: Setup, layers: tuple[int, ...]):
         mask = objective.noise(key, tokens.shape, config).get("mask")
         model = nnx.merge(setup.graphdef, nnx.State(params))
         with sharding.axis_rules(config.logical_axis_rules):
-            _, pooled = model(tokens, mask=mask, features=True)
-        return pooled[chosen]
+            _, out = model(tokens, mask=mask)
+        return out["probe_features"][chosen]
 
     return jax.jit(
         feature_step,

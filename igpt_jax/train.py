@@ -24,6 +24,7 @@ from igpt_jax import (
     evaluate,
     interrupts,
     metrics,
+    model,
     probe,
     run_lock,
     runtime,
@@ -79,13 +80,14 @@ def train_and_evaluate(
     `devices` (default: all) lets a caller run on part of the machine, as a smaller topology would.
     """
     with runtime.for_training(config, workdir_path, devices) as rt:
-        return _train(rt)
+        return loop(rt)
 
 
 run = train_and_evaluate  # the mode's entry point (main.MODES)
 
 
-def _train(rt: runtime.Runtime) -> dict:
+def loop(rt: runtime.Runtime) -> dict:
+    """Trains rt's state to rt.config.total_steps: the loop every training mode runs (train, finetune)."""
     config, directory, mesh, setup, ckpt, state = rt.config, rt.directory, rt.mesh, rt.setup, rt.checkpointer, rt.state
     first_step = rt.step
     if first_step >= config.total_steps:
@@ -120,7 +122,8 @@ def _train(rt: runtime.Runtime) -> dict:
                 metrics.SUPERSEDED_FILE,
             )
     writer = metrics.MetricsWriter(directory, resumed_step=first_step)
-    flops_per_step = metrics.flops_per_token(config) * config.batch_size * config.model.image_size**2
+    tokens_per_step = config.batch_size * model.tokens_per_image(config)
+    flops_per_step = metrics.flops_per_token(config) * tokens_per_step
     peak, peak_source = metrics.peak_flops_per_device()
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
@@ -144,8 +147,7 @@ def _train(rt: runtime.Runtime) -> dict:
             wait_start = time.perf_counter()
             batch = prefetch.get(step)
             data_wait += time.perf_counter() - wait_start
-            with jax.set_mesh(mesh):
-                state, step_metrics = train_step(state, batch, clusters_device)
+            state, step_metrics = train_step(state, batch, clusters_device)  # under the runtime's mesh
             step += 1
             watchdog.kick(f"step {step}")
             ckpt.check_saves()  # a background save that failed stops the run now, not one interval later
@@ -161,7 +163,7 @@ def _train(rt: runtime.Runtime) -> dict:
                 last = {
                     "step": step,
                     **{k: float(v) for k, v in values.items()},
-                    "tokens_per_sec": config.batch_size * config.model.image_size**2 / sec_per_step,
+                    "tokens_per_sec": tokens_per_step / sec_per_step,
                     "mfu": flops_per_step / sec_per_step / (peak * mesh.size),
                     "seconds": now - run_start,
                     "eta_seconds": (config.total_steps - step) * sec_per_step,
@@ -178,11 +180,7 @@ def _train(rt: runtime.Runtime) -> dict:
                 held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)
                 writer.write({"mode": "eval", "step": step, **held_out})
                 if jax.process_index() == 0:
-                    print(
-                        f"eval step {step}: {held_out['loss']:.4f} nats ({held_out['bits_per_token']:.3f} bits) "
-                        f"on {held_out['examples']} images of {eval_split}",
-                        flush=True,
-                    )
+                    print(evaluate.summary(f"eval step {step}", held_out, eval_split), flush=True)
 
             if _probe_due(config, step):
                 result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)

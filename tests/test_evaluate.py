@@ -35,13 +35,14 @@ def test_the_mean_is_over_exactly_the_chosen_images():
     setup, mesh, params = _setup_with_random_head(config)
     source = get_source(config)
     clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
-    result = evaluate.held_out_loss(config, source, steps.make_eval_step(setup), params, clusters, mesh)
+    with jax.set_mesh(mesh):
+        result = evaluate.held_out_loss(config, source, steps.make_eval_step(setup), params, clusters, mesh)
     assert result["examples"] == 50
 
     images = source.get(config.data.eval_split, np.arange(50), None)
     tokens = palette.quantize(images, clusters)
     model = nnx.merge(setup.graphdef, nnx.State(jax.device_get(params)))
-    per_image = optax.softmax_cross_entropy_with_integer_labels(model(tokens), tokens).mean(axis=1)
+    per_image = optax.softmax_cross_entropy_with_integer_labels(model(tokens)[0], tokens).mean(axis=1)
     assert result["loss"] == pytest.approx(float(per_image.mean()), rel=1e-5)
     assert result["loss"] != pytest.approx(float(per_image[:48].mean()), rel=1e-5)  # the images differ enough
 

@@ -63,7 +63,7 @@ def test_ar_logits_depend_only_on_earlier_tokens():
     tokens = _tokens(config, batch=1)
     j = 7
     changed = tokens.at[0, j].set((tokens[0, j] + 1) % config.model.vocab_size)
-    a, b = model(tokens), model(changed)
+    a, b = model(tokens)[0], model(changed)[0]
     # position i predicts token i from tokens < i: positions <= j cannot see token j.
     np.testing.assert_array_equal(np.asarray(a[:, : j + 1]), np.asarray(b[:, : j + 1]))
     assert not np.allclose(a[:, j + 1 :], b[:, j + 1 :])
@@ -72,8 +72,8 @@ def test_ar_logits_depend_only_on_earlier_tokens():
 def test_ar_first_position_sees_only_the_sos():
     config = tiny_config()
     model = _with_random_head(model_lib.build(config))
-    a = model(_tokens(config, seed=1))
-    b = model(_tokens(config, seed=2))
+    a = model(_tokens(config, seed=1))[0]
+    b = model(_tokens(config, seed=2))[0]
     np.testing.assert_allclose(np.asarray(a[:, 0]), np.asarray(b[:, 0]), rtol=0, atol=0)
     np.testing.assert_allclose(np.asarray(a[0, 0]), np.asarray(a[1, 0]))
 
@@ -93,10 +93,10 @@ def test_bert_is_bidirectional_and_zeroes_masked_inputs():
     mask = jnp.zeros(tokens.shape, bool).at[0, 5].set(True)
     changed = tokens.at[0, 10].set((tokens[0, 10] + 1) % config.model.vocab_size)
     # bidirectional: a later token changes an earlier position's logits
-    assert not np.allclose(model(tokens, mask=mask)[0, 2], model(changed, mask=mask)[0, 2])
+    assert not np.allclose(model(tokens, mask=mask)[0][0, 2], model(changed, mask=mask)[0][0, 2])
     # a masked position's own token is invisible
     hidden = tokens.at[0, 5].set((tokens[0, 5] + 1) % config.model.vocab_size)
-    np.testing.assert_array_equal(np.asarray(model(tokens, mask=mask)), np.asarray(model(hidden, mask=mask)))
+    np.testing.assert_array_equal(np.asarray(model(tokens, mask=mask)[0]), np.asarray(model(hidden, mask=mask)[0]))
 
 
 def test_bert_loss_counts_masked_positions_only():
@@ -106,7 +106,7 @@ def test_bert_loss_counts_masked_positions_only():
     key = jax.random.key(3)
     loss, metrics = objectives.batch_loss(model, tokens, key, config)
     mask = jax.random.bernoulli(key, config.bert_mask_prob, tokens.shape)
-    logp = jax.nn.log_softmax(model(tokens, mask=mask))
+    logp = jax.nn.log_softmax(model(tokens, mask=mask)[0])
     ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
     expected = np.mean([ce[b][mask[b]].mean() for b in range(2)])
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -125,14 +125,14 @@ def test_features_are_pooled_norm_outputs_per_layer():
     config = tiny_config(scan_layers=True)
     model = model_lib.build(config)
     tokens = _tokens(config)
-    logits, feats = model(tokens, features=True)
+    feats = model(tokens)[1]["probe_features"]
     assert feats.shape == (config.model.num_layers, 3, config.model.embed_dim) and feats.dtype == jnp.float32
     # layer 0's feature is mean over positions of ln_1(embeddings)
     block0 = nnx.merge(*_layer(model, 0))
     expected = block0.ln_1(model.embed(tokens)).mean(axis=1)
     np.testing.assert_allclose(feats[0], expected, rtol=1e-5, atol=1e-6)
     unscanned = model_lib.build(tiny_config(scan_layers=False))
-    np.testing.assert_allclose(unscanned(tokens, features=True)[1], feats, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(unscanned(tokens)[1]["probe_features"], feats, rtol=1e-5, atol=1e-6)
 
 
 def _layer(model, i):
@@ -173,10 +173,10 @@ def test_openai_initialisation():
 def test_bfloat16_compute_keeps_fp32_params_and_logits():
     config = tiny_config(dtype="bfloat16")
     model = _with_random_head(model_lib.build(config))
-    logits = model(_tokens(config))
+    logits = model(_tokens(config))[0]
     assert logits.dtype == jnp.float32
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    ref = _with_random_head(model_lib.build(tiny_config()))(_tokens(config))
+    ref = _with_random_head(model_lib.build(tiny_config()))(_tokens(config))[0]
     np.testing.assert_allclose(logits, ref, atol=0.05)
 
 

@@ -50,7 +50,7 @@ def test_logits_equal_huggingface(tmp_path, fmt):
     hf_input = torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1))
     with torch.no_grad():
         expected = hf(hf_input).logits.numpy()  # [B, N, VOCAB]: position i predicts token i
-    ours = np.asarray(model(jnp.asarray(tokens)))
+    ours = np.asarray(model(jnp.asarray(tokens))[0])
     assert ours.shape == expected.shape == (3, SIDE * SIDE, VOCAB)
     assert np.abs(expected).max() > 0.1  # logits of a size where 1e-5 is a real bound
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
@@ -75,7 +75,7 @@ def test_bert_logits_equal_huggingface_without_its_causal_mask(tmp_path):
     with torch.no_grad():
         embeds = hf.transformer.wte(torch.tensor(tokens)) * torch.tensor(~mask)[..., None]
         expected = hf(inputs_embeds=embeds).logits.numpy()
-    ours = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(mask)))
+    ours = np.asarray(model(jnp.asarray(tokens), mask=jnp.asarray(mask))[0])
     assert np.abs(expected).max() > 0.1
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 

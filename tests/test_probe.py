@@ -64,7 +64,8 @@ def test_features_are_the_same_on_1_and_8_devices():
         source = get_source(config)
         clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
         step = steps.make_feature_step(setup, (0, 1))
-        outputs.append(features.extract(config, source, "test", 40, step, params, clusters, mesh))
+        with jax.set_mesh(mesh):
+            outputs.append(features.extract(config, source, "test", 40, step, params, clusters, mesh))
     (one, labels_one), (eight, labels_eight) = outputs
     assert one.shape == (2, 40, 32)
     np.testing.assert_allclose(one, eight, atol=1e-5, rtol=0)

@@ -100,7 +100,7 @@ def test_every_key_of_the_base_config_is_classified_on_purpose():
         "objective",
         "bert_mask_prob",
         *(f"model.{k}" for k in ("num_layers", "embed_dim", "num_heads", "mlp_ratio", "image_size")),
-        *(f"model.{k}" for k in ("num_positions", "vocab_size", "norm_eps", "param_dtype")),
+        *(f"model.{k}" for k in ("num_positions", "vocab_size", "norm_eps", "param_dtype", "num_classes")),
         "data.dataset",
         "data.train_split",
         "data.flip",

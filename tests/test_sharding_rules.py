@@ -27,7 +27,7 @@ def test_sharded_forward_equals_unsharded():
     model = model_lib.build(config)
     model.head[...] = 0.1 * jax.random.normal(jax.random.key(0), model.head.shape)
     tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, 16)
-    expected = model(tokens)
+    expected = model(tokens)[0]
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     rules = config.logical_axis_rules
@@ -39,9 +39,21 @@ def test_sharded_forward_equals_unsharded():
     @jax.jit
     def forward(state, tokens):
         with sharding.axis_rules(rules):
-            return nnx.merge(graphdef, state)(tokens)
+            return nnx.merge(graphdef, state)(tokens)[0]
 
     with jax.set_mesh(mesh):
         tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
         logits = forward(state, tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_the_batch_is_split_as_the_act_batch_rule_says():
+    """Input batches are laid out as the model's activations expect: one rule, no second list of batch axes."""
+    config = tiny_config()
+    config.mesh.ici = {"data": 2, "fsdp": 4, "tensor": 1}
+    mesh = sharding.make_mesh(config)
+    assert sharding.batch_sharding(config, mesh, 2).spec == PartitionSpec(("data", "fsdp"), None)
+    config.logical_axis_rules = [(n, "data" if n == "act_batch" else a) for n, a in config.logical_axis_rules]
+    assert sharding.batch_sharding(config, mesh, 3).spec == PartitionSpec("data", None, None)
+    config.batch_size, config.microbatches = 2, 1
+    sharding.check_batch(config, mesh)  # 2 images fit the 2 data shards: fsdp no longer splits the batch

@@ -18,6 +18,7 @@ import numpy as np
 from igpt_jax import sharding
 from igpt_jax.data import order
 from igpt_jax.data.sources import Source
+from igpt_jax.model import tokens_per_image
 
 
 def local_rows(batch_sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:
@@ -32,29 +33,45 @@ def local_rows(batch_sharding: jax.sharding.Sharding, global_shape: tuple[int, .
     return slice(lo, hi)
 
 
+def with_labels(config: ml_collections.ConfigDict) -> bool:
+    """Batches carry class labels when the model has a classification head (fine-tuning)."""
+    return bool(config.model.num_classes)
+
+
 def load_rows(
     source: Source, split: str, config: ml_collections.ConfigDict, step: int, rows: slice, *, train: bool
-) -> np.ndarray:
-    """Rows `rows` of step `step`'s batch as numpy (uint8 images or int32 tokens)."""
+) -> dict[str, np.ndarray]:
+    """Rows `rows` of step `step`'s batch as numpy: {kind: uint8 images or int32 tokens} and, when the model
+    classifies, {'labels': int32}."""
     n = source.num_examples(split)
     indices = order.global_indices(config.seed, step, config.batch_size, n, shuffle=train)[rows]
     positions = step * config.batch_size + np.arange(config.batch_size)[rows]
     rngs = [np.random.default_rng([config.seed, int(p)]) for p in positions] if train else None
-    return source.get(split, indices, rngs)
+    rows_out = {source.kind: source.get(split, indices, rngs)}
+    if with_labels(config):
+        rows_out["labels"] = np.asarray(source.labels(split, indices), np.int32)
+    return rows_out
 
 
 def _global_shape(source: Source, config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    size = config.model.image_size
     if source.kind == "tokens":
-        return (config.batch_size, size * size)
+        return (config.batch_size, tokens_per_image(config))
+    size = config.model.image_size
     return (config.batch_size, size, size, 3)
 
 
 def abstract_batch(source: Source, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
-    """The batch's shape, dtype and sharding, for lowering the train step without data."""
+    """The batch's shapes, dtypes and shardings, for lowering the train step without data."""
     shape = _global_shape(source, config)
     dtype = np.int32 if source.kind == "tokens" else np.uint8
-    return {source.kind: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))}
+    batch = {
+        source.kind: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(config, mesh, len(shape)))
+    }
+    if with_labels(config):
+        batch["labels"] = jax.ShapeDtypeStruct(
+            (config.batch_size,), np.int32, sharding=sharding.batch_sharding(config, mesh, 1)
+        )
+    return batch
 
 
 def global_batch(
@@ -67,9 +84,13 @@ def global_batch(
     train: bool = True,
 ) -> dict[str, jax.Array]:
     """Step `step`'s global batch, sharded over the mesh's batch axes, loaded process-locally."""
-    spec = abstract_batch(source, config, mesh)[source.kind]
-    local = load_rows(source, split, config, step, local_rows(spec.sharding, spec.shape), train=train)
-    return {source.kind: jax.make_array_from_process_local_data(spec.sharding, local, spec.shape)}
+    specs = abstract_batch(source, config, mesh)
+    first = specs[source.kind]
+    local = load_rows(source, split, config, step, local_rows(first.sharding, first.shape), train=train)
+    return {
+        name: jax.make_array_from_process_local_data(spec.sharding, local[name], spec.shape)
+        for name, spec in specs.items()
+    }
 
 
 def eval_batch(
@@ -78,7 +99,7 @@ def eval_batch(
     """Batch `index` of the first `num_examples` examples of `split`, in order, with `weights` 1 for those and 0 for
     the rows that pad the last batch to the full batch size (they repeat examples from the split's start)."""
     batch = global_batch(source, split, config, index, mesh, train=False)
-    spec = sharding.batch_sharding(mesh, 1)
+    spec = sharding.batch_sharding(config, mesh, 1)
     rows = local_rows(spec, (config.batch_size,))
     positions = index * config.batch_size + np.arange(config.batch_size)[rows]
     weights = (positions < num_examples).astype(np.float32)

@@ -21,6 +21,7 @@ import numpy as np
 
 from igpt_jax import storage
 from igpt_jax.data import preprocess
+from igpt_jax.model import tokens_per_image
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Synthetic:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.seed = config.seed
-        self.shape = (config.model.image_size**2,)
+        self.shape = (tokens_per_image(config),)
         self.vocab = config.model.vocab_size
 
     def num_examples(self, split: str) -> int:

@@ -1,0 +1,101 @@
+"""The streamed SGD probe: it agrees with the full-batch L-BFGS probe, separates signal from noise, keeps memory flat in
+the number of examples, and `probe.solver` picks it for feature sets too large to hold."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+from helpers import fashion_config
+
+from igpt_jax import linear_probe, probe, sharding, steps, streamed_probe
+
+
+def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    return (0.3 * centres[y] + rng.normal(size=(n, d))).astype(np.float32), y.astype(np.int32)
+
+
+def _passes(x: np.ndarray, y: np.ndarray, batch: int):
+    """features.passes over arrays held here: x [L, n, d]."""
+    n = x.shape[1]
+
+    def one_pass():
+        for start in range(0, n, batch):
+            index = start + np.arange(batch)
+            index[index >= n] = -1
+            yield jnp.asarray(x[:, index % n]), y[index % n], index
+
+    return one_pass
+
+
+def test_sgd_agrees_with_lbfgs_and_separates_signal_from_noise():
+    x, y = _clustered(2400, seed=3)
+    layers = np.stack([x, np.random.default_rng(4).normal(size=x.shape).astype(np.float32)])  # signal, noise
+    layers = 4 * layers + np.linspace(-3, 3, 64, dtype=np.float32)  # off-centre, wide: standardising matters
+    train, test = (layers[:, :2000], y[:2000]), (layers[:, 2000:], y[2000:])
+    full = linear_probe.sweep(*train, *test, 10, heldout_fraction=0.1, progress=False)
+    streamed = streamed_probe.sweep(
+        _passes(*train, 64), 2000, _passes(*test, 64), 10, layers=2, dim=64, batch_size=64, heldout_fraction=0.1
+    )
+    assert abs(streamed[0]["accuracy"] - full[0]["accuracy"]) <= 2.0, (streamed, full)
+    assert streamed[0]["accuracy"] > 60 > 25 > streamed[1]["accuracy"]  # chance is 10%
+    assert all(r["l2"] in linear_probe.L2_GRID for r in streamed)
+
+
+def _peak_rss_growth(n: int, layers: int = 4, dim: int = 256, batch: int = 256) -> float:
+    """MiB by which the process's peak resident memory rises during a streamed sweep over n generated examples."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, dim)).astype(np.float32)
+
+    def one_pass():  # features made batch by batch, as the model makes them: none is kept by the source
+        for start in range(0, n, batch):
+            index = start + np.arange(batch)
+            labels = (index % 10).astype(np.int32)
+            x = centres[labels] + rng.normal(size=(layers, batch, dim)).astype(np.float32)
+            yield jnp.asarray(x), labels, index
+
+    settings = streamed_probe.Settings(epochs=1)
+    args = dict(layers=layers, dim=dim, batch_size=batch, heldout_fraction=0.1, settings=settings)
+    streamed_probe.sweep(one_pass, batch * 4, one_pass, 10, **args)  # compiled, warm
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the current resident size
+    before = _status("VmRSS")
+    streamed_probe.sweep(one_pass, n, one_pass, 10, **args)
+    return (_status("VmHWM") - before) / 1024
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def test_streamed_memory_is_flat_in_the_number_of_examples():
+    small, large = _peak_rss_growth(2048), _peak_rss_growth(2048 * 16)  # 128 MiB of features in the large pass
+    assert large < small + 32, (small, large)
+
+
+def test_auto_streams_feature_sets_too_large_to_hold():
+    config = fashion_config()
+    assert probe.solver(config, 50_000, 4, 128) == "lbfgs"
+    assert probe.solver(config, 1_281_167, 48, 1536) == "sgd"  # ImageNet through every iGPT-L layer
+    config.probe.solver = "sgd"
+    assert probe.solver(config, 100, 1, 8) == "sgd"
+
+
+def test_the_probe_runs_streamed_end_to_end(tmp_path):
+    config = fashion_config(probe__solver="sgd", probe__sgd_epochs=3, probe__train_examples=400)
+    config.probe.test_examples = 100
+    setup = steps.make_setup(config, sharding.make_mesh(config), train=False)
+    from igpt_jax import runtime
+    from igpt_jax.data import get_source
+
+    source = get_source(config)
+    clusters = runtime.load_or_fit_palette(config, lambda: source, runtime.storage.path(tmp_path))
+    result = probe.linear_probes(config, setup, steps.init_params(setup), jnp.asarray(clusters), setup.mesh, 0)
+    assert result["solver"] == "sgd" and sorted(result["layers"]) == ["0", "1"]
+    assert result["baselines"]["raw_pixels"] > 40  # ten classes: chance is 10%
+    json.dumps(result)  # probe.json can hold it
