@@ -1,8 +1,10 @@
 """Orbax checkpoints of the train state, palette and config: saves that fail loudly, restores that never lose work.
 
 Layout: workdir/checkpoints/<step>/ (Orbax's step folders; only finalized ones count) with items `state`, `config`
-and `palette`; the workdir may be local or gs:// (Orbax goes through etils.epath and tensorstore). Restoring takes an
-abstract target that carries the *current* shardings, so a run saved on 8 devices resumes on 4.
+and `palette_fingerprint` (the SHA-256 of the workdir's palette.npy, the palette's one copy: restore checks it;
+checkpoints of earlier versions hold a `palette` copy instead, still read); the workdir may be local or gs://
+(Orbax goes through etils.epath and tensorstore). Restoring takes an abstract target that carries the *current*
+shardings, so a run saved on 8 devices resumes on 4.
 
 Restore tells three failures apart, newest checkpoint first:
 - its own files are broken (missing, truncated or corrupt data or metadata): it is moved to
@@ -36,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import resume, storage
+from igpt_jax import palette, resume, storage
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,9 @@ class CheckpointReadError(RuntimeError):
 class Restored:
     step: int
     state: Any  # the full train state, or {'step', 'params'} when plan.params_only
-    palette: np.ndarray | None
+    palette: np.ndarray | None  # a copy of the palette, in checkpoints of earlier versions only
     plan: resume.Plan
+    palette_fingerprint: str | None = None  # palette.fingerprint of the colours its tokens were made with
 
 
 def cause(error: BaseException) -> str:
@@ -115,18 +118,20 @@ class Checkpointer:
             "state": ocp.PyTreeCheckpointHandler(),
             "palette": ocp.PyTreeCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
+            "palette_fingerprint": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._pending: int | None = None  # step of the save in flight, until check_saves has seen it land
 
     # --- saving
 
-    def save(self, step: int, state: Any, palette: np.ndarray | None) -> None:
-        """Starts an async save of `step`; raises CheckpointSaveError if Orbax refuses it or an earlier one failed."""
+    def save(self, step: int, state: Any, clusters: np.ndarray | None) -> None:
+        """Starts an async save of `step` (with the fingerprint of `clusters`, the run's palette); raises
+        CheckpointSaveError if Orbax refuses it or an earlier one failed."""
         self.check_saves(block=True)
         items = {"state": ocp.args.PyTreeSave(state), "config": ocp.args.JsonSave(resume.as_saved(self.config))}
-        if palette is not None:
-            items["palette"] = ocp.args.PyTreeSave({"clusters": np.asarray(palette)})
+        if clusters is not None:
+            items["palette_fingerprint"] = ocp.args.JsonSave({"sha256": palette.fingerprint(clusters)})
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # noqa: BLE001 - whatever stops a save stops the run, with its cause
@@ -192,7 +197,7 @@ class Checkpointer:
             metadata = self._read(candidate, "metadata", functools.partial(self._metadata, candidate), set_aside)
             if metadata is None:
                 continue
-            saved_tree, saved_config, has_palette = metadata
+            saved_tree, saved_config, saved_items = metadata
             plan = resume.plan(str(where), candidate, saved_config, self.config, saved_tree, expected, params_only)
             target = abstract_state
             if plan.params_only:
@@ -204,16 +209,23 @@ class Checkpointer:
                     partial_restore=plan.params_only,
                 )
             }
+            has_palette = "palette" in saved_items
             if has_palette:
                 items["palette"] = ocp.args.PyTreeRestore()
+            if "palette_fingerprint" in saved_items:
+                items["palette_fingerprint"] = ocp.args.JsonRestore()
             args = ocp.args.Composite(**items)
             restored = self._read(
                 candidate, "arrays", lambda s=candidate, a=args: self.manager.restore(s, args=a), set_aside
             )
             if restored is None:
                 continue
-            palette = restored["palette"]["clusters"] if has_palette else None
-            return Restored(candidate, restored["state"], None if palette is None else np.asarray(palette), plan)
+            copy = np.asarray(restored["palette"]["clusters"]) if has_palette else None
+            if "palette_fingerprint" in saved_items:
+                fingerprint = restored["palette_fingerprint"]["sha256"]
+            else:
+                fingerprint = None if copy is None else palette.fingerprint(copy)
+            return Restored(candidate, restored["state"], copy, plan, fingerprint)
         if step is not None:
             raise CheckpointReadError(f"checkpoint {self.directory / str(step)} is broken (see the warning above)")
         return None
@@ -222,8 +234,8 @@ class Checkpointer:
         """The config checkpoint `step` was saved with (None for checkpoints that hold none)."""
         return self._read(step, "config", lambda: self._metadata(step)[1], set_aside=False)
 
-    def _metadata(self, step: int) -> tuple[dict, dict | None, bool]:
-        """(state tree's {path: (shape, dtype)}, saved config, whether a palette is saved), from metadata only."""
+    def _metadata(self, step: int) -> tuple[dict, dict | None, set[str]]:
+        """(state tree's {path: (shape, dtype)}, saved config, the palette items it holds), from metadata only."""
         metadata = self.manager.item_metadata(step)
         state = metadata.get("state") if metadata is not None else None
         if state is None:
@@ -233,7 +245,10 @@ class Checkpointer:
         config = None
         if "config" in names:
             config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        return resume.leaves_by_path(tree), config, (self.directory / str(step) / "palette").exists()
+        palette_items = {
+            name for name in ("palette", "palette_fingerprint") if (self.directory / str(step) / name).exists()
+        }
+        return resume.leaves_by_path(tree), config, palette_items
 
     def _read(self, step: int, what: str, read: Callable[[], Any], set_aside: bool = True) -> Any:
         """read() with retries; None for a broken checkpoint (moved aside when `set_aside`); CheckpointReadError for

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, metrics, palette, runtime, steps, storage, train
+from igpt_jax import checkpoint, metrics, runtime, steps, storage, train
 from igpt_jax.data import get_source
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def start_from_pretrained(
     pretrained_ckpt: checkpoint.Checkpointer, pretrained: ml_collections.ConfigDict, setup: steps.Setup
 ) -> tuple[steps.State, np.ndarray | None]:
     """runtime.StartFn for a fine-tuning run without checkpoints: the pretrained parameters, a zero head, step 0 and
-    a new optimizer state; the pretrained palette (its checkpoint's, else its workdir's palette.npy)."""
+    a new optimizer state; the pretrained run's palette."""
     pretrained_setup = steps.make_setup(pretrained, setup.mesh, train=False)
     restored = runtime.read_params(pretrained_ckpt, pretrained_setup)
     head_sharding = setup.state_shardings["params"]["classifier"]
@@ -67,10 +67,14 @@ def start_from_pretrained(
     params = dict(restored.state["params"])
     params["classifier"] = jax.jit(lambda: jnp.zeros(head.shape, head.dtype), out_shardings=head_sharding)()
     state = steps.with_fresh_optimizer(setup, jnp.zeros((), jnp.int32), params)
-    clusters = restored.palette
-    parent_palette = pretrained_ckpt.directory.parent / runtime.PALETTE_FILE
-    if clusters is None and parent_palette.exists():
-        clusters = palette.load(parent_palette)
+    clusters = runtime.load_or_fit_palette(  # the pretrained run's palette, checked against its checkpoint
+        pretrained,
+        lambda: get_source(pretrained),
+        pretrained_ckpt.directory.parent,
+        restored.palette,
+        restored.palette_fingerprint,
+        write=False,
+    )
     log.info(
         "fine-tuning checkpoint %s/%d with a new %d-class head",
         pretrained_ckpt.directory,

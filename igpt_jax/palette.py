@@ -8,6 +8,7 @@ step on the accelerator (images travel as uint8). `fit` is k-means in JAX on a p
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -125,6 +126,12 @@ def _kmeans_plus_plus(x: jax.Array, w: jax.Array, k: int, key: jax.Array) -> jax
         return centres, jnp.minimum(best, jnp.sum(jnp.square(x - x[idx]), axis=-1))
 
     return jax.jit(lambda c, b: jax.lax.fori_loop(1, k, add, (c, b))[0])(centres, best)
+
+
+def fingerprint(clusters: np.ndarray) -> str:
+    """SHA-256 of the colours (float32, with their shape): what a checkpoint records of the palette its tokens used."""
+    data = np.ascontiguousarray(np.asarray(clusters, np.float32))
+    return hashlib.sha256(repr(data.shape).encode() + data.tobytes()).hexdigest()
 
 
 def save(path: str | os.PathLike, clusters: np.ndarray) -> None:

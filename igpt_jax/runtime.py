@@ -53,7 +53,8 @@ class Runtime:
     checkpointer: checkpoint.Checkpointer
     state: steps.State  # {'step', 'params', 'opt_state'} for training, {'step', 'params'} otherwise
     lock: run_lock.RunLock
-    saved_palette: np.ndarray | None = None  # the palette stored with the restored checkpoint
+    saved_palette: np.ndarray | None = None  # a palette handed over: an earlier version's checkpoint copy, a start's
+    saved_fingerprint: str | None = None  # the restored checkpoint's record of its palette (palette.fingerprint)
 
     @property
     def step(self) -> int:
@@ -70,7 +71,9 @@ class Runtime:
     @functools.cached_property
     def clusters(self) -> np.ndarray | None:
         """The run's palette (None for token data sets); see `load_or_fit_palette`."""
-        return load_or_fit_palette(self.config, lambda: self.source, self.directory, self.saved_palette)
+        return load_or_fit_palette(
+            self.config, lambda: self.source, self.directory, self.saved_palette, self.saved_fingerprint
+        )
 
     @functools.cached_property
     def clusters_device(self) -> jax.Array | None:
@@ -105,20 +108,21 @@ def for_training(
         setup = steps.make_setup(config, mesh)
         log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
         ckpt = checkpoint.Checkpointer(directory, config)
-        state, saved_palette = _restore_or_start(ckpt, setup, start)
+        state, saved_palette, fingerprint = _restore_or_start(ckpt, setup, start)
         with jax.set_mesh(mesh):  # once, around everything the mode runs
-            yield Runtime(config, directory, mesh, setup, ckpt, state, lock, saved_palette)
+            yield Runtime(config, directory, mesh, setup, ckpt, state, lock, saved_palette, fingerprint)
     finally:
         lock.release()
 
 
 def _restore_or_start(
     ckpt: checkpoint.Checkpointer, setup: steps.Setup, start: StartFn
-) -> tuple[steps.State, np.ndarray | None]:
-    """(state, its palette) from the newest checkpoint that fits and reads, or from `start`."""
+) -> tuple[steps.State, np.ndarray | None, str | None]:
+    """(state, a palette copy, the palette's fingerprint) from the newest checkpoint that fits and reads, or from
+    `start`."""
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is None:
-        return start(setup)
+        return (*start(setup), None)
     for change in restored.plan.accepted_changes:
         log.warning("config changed since checkpoint %d: %s", restored.step, change)
     state = restored.state
@@ -126,7 +130,7 @@ def _restore_or_start(
         state = steps.with_fresh_optimizer(setup, state["step"], state["params"])
         log.warning("config.restore='params': restored the parameters and step %d, new optimizer state", restored.step)
     log.info("resumed from %s/%d", ckpt.directory, restored.step)
-    return state, restored.palette
+    return state, restored.palette, restored.palette_fingerprint
 
 
 @contextlib.contextmanager
@@ -144,7 +148,10 @@ def for_checkpoint(
         setup = steps.make_setup(config, mesh, train=False)
         restored = read_params(ckpt, setup)
         with jax.set_mesh(mesh):  # once, around everything the mode runs
-            yield Runtime(config, directory, mesh, setup, ckpt, restored.state, lock, restored.palette)
+            state = restored.state
+            yield Runtime(
+                config, directory, mesh, setup, ckpt, state, lock, restored.palette, restored.palette_fingerprint
+            )
         ckpt.close()
     finally:
         lock.release()
@@ -190,20 +197,35 @@ def read_params(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> checkpoint
 
 
 def load_or_fit_palette(
-    config, source: Callable[[], Source], directory: epath.Path, saved: np.ndarray | None = None
+    config,
+    source: Callable[[], Source],
+    directory: epath.Path,
+    saved: np.ndarray | None = None,
+    fingerprint: str | None = None,
+    *,
+    write: bool = True,
 ) -> np.ndarray | None:
-    """The run's palette: the checkpoint's, the workdir's palette.npy, config.data.palette, or k-means on the train
-    split, in that order; palette.npy is written when missing. The data source (`source()`) is only opened when
-    there is no palette yet. A config.data.palette whose colours differ from the run's stops it, naming both."""
+    """The run's palette. Its one copy is the workdir's palette.npy, written once, before the first checkpoint;
+    checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: an earlier
+    version's checkpoint copy, or a pretrained run's), else config.data.palette, else fitted by k-means on a sample of
+    the train split; palette.npy is written when missing (`write`). The data source (`source()`) is only opened when
+    there is no palette yet. Stops (PaletteMismatchError, naming both) when the colours differ from the restored
+    checkpoint's `fingerprint` or from config.data.palette, and when a checkpoint exists but no palette does."""
     path = directory / PALETTE_FILE
-    if saved is not None:
-        clusters, origin = saved, "the checkpoint's palette"
-    elif path.exists():
+    if path.exists():
         clusters, origin = palette.load(path), str(path)
-    elif source().kind == "tokens":
-        return None
+    elif saved is not None:
+        clusters, origin = saved, "the palette handed over with the checkpoint"
     elif config.data.palette:
         clusters, origin = palette.load(config.data.palette), None
+    elif fingerprint is not None:
+        raise PaletteMismatchError(
+            f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
+            f"{fingerprint[:16]}...: put the run's palette.npy back, or name a copy of it with "
+            "--config.data.palette=PATH (checked against the checkpoint before use)"
+        )
+    elif source().kind == "tokens":
+        return None
     else:
         train_split = splits(config)[0]
         total = source().num_examples(train_split)
@@ -213,6 +235,13 @@ def load_or_fit_palette(
         clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
         origin = None
         log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+    if fingerprint is not None and palette.fingerprint(clusters) != fingerprint:
+        where = origin or f"config.data.palette={config.data.palette}"
+        raise PaletteMismatchError(
+            f"{where} ({len(clusters)} colours, SHA-256 {palette.fingerprint(clusters)[:16]}...) is not the palette "
+            f"the checkpoint's tokens were made with (SHA-256 {fingerprint[:16]}...). Nothing was changed. Ways on: "
+            f"put the run's own palette.npy back in {directory}, or use another --workdir."
+        )
     if origin is not None and config.data.palette:
         wanted = palette.load(config.data.palette)
         if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
@@ -225,6 +254,6 @@ def load_or_fit_palette(
         raise ValueError(
             f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
         )
-    if jax.process_index() == 0 and not path.exists():
+    if write and jax.process_index() == 0 and not path.exists():
         palette.save(path, clusters)
     return clusters

@@ -324,9 +324,31 @@ def test_a_config_palette_that_differs_from_the_runs_stops_it(tmp_path):
     with pytest.raises(runtime.PaletteMismatchError) as error:
         train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(other)), str(workdir))
     message = str(error.value)
-    assert f"config.data.palette={other} (16 colours) differs from the checkpoint's palette" in message
+    assert f"config.data.palette={other} (16 colours) differs from {workdir / 'palette.npy'}" in message
     assert _snapshot(workdir) == before
     same = tmp_path / "same.npy"
     shutil.copy(workdir / "palette.npy", same)  # the run's own colours, from another path: accepted
     last = train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(same)), str(workdir))
     assert last["step"] == 20
+
+
+def test_the_palette_has_one_copy_that_every_checkpoint_checks(tmp_path):
+    """palette.npy is the palette; checkpoints record its fingerprint, not a second copy. Colours swapped under a
+    run, or gone, stop it naming what differs; a copy of the run's own palette named in the config brings it back."""
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(fashion_config(image_size=8, total_steps=10), str(workdir))
+    saved = sorted(os.listdir(workdir / "checkpoints" / "10"))
+    assert "palette_fingerprint" in saved and "palette" not in saved
+    own = tmp_path / "own.npy"
+    shutil.move(workdir / "palette.npy", own)
+    palette.save(workdir / "palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
+    before = _snapshot(workdir)
+    with pytest.raises(runtime.PaletteMismatchError, match="is not the palette the checkpoint's tokens were made"):
+        train.train_and_evaluate(fashion_config(image_size=8, total_steps=20), str(workdir))
+    assert _snapshot(workdir) == before
+    os.remove(workdir / "palette.npy")
+    with pytest.raises(runtime.PaletteMismatchError, match="palette.npy is missing"):
+        train.train_and_evaluate(fashion_config(image_size=8, total_steps=20), str(workdir))
+    last = train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(own)), str(workdir))
+    assert last["step"] == 20
+    assert (workdir / "palette.npy").read_bytes() == own.read_bytes()  # written back from the checked copy
