@@ -29,11 +29,17 @@ def passes(config: ml_collections.ConfigDict, source: Source, split: str, n: int
     def one_pass() -> Iterator[tuple[jax.Array, np.ndarray, np.ndarray]]:
         for i in tqdm(range(math.ceil(n / batch_size)), desc=f"features: {split}", disable=jax.process_index() != 0):
             batch = pipeline.eval_batch(source, split, config, i, n, mesh)
-            index = i * batch_size + np.arange(batch_size)
-            index[index >= n] = -1
+            index = _batch_index(i, batch_size, n)
             yield feature_step(params, batch, clusters, jax.random.fold_in(key, i)), labels[index % n], index
 
     return one_pass
+
+
+def _batch_index(i: int, batch_size: int, n: int) -> np.ndarray:
+    """Example indices of batch i of a pass over examples 0..n-1, -1 for the rows that pad the last batch."""
+    index = i * batch_size + np.arange(batch_size)
+    index[index >= n] = -1
+    return index
 
 
 def gather(one_pass, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +73,8 @@ def pixel_passes(config: ml_collections.ConfigDict, source: Source, split: str, 
     labels = source.labels(split, np.arange(n))
 
     def one_pass() -> Iterator[tuple[jax.Array, np.ndarray, np.ndarray]]:
-        for start in tqdm(range(0, n, batch_size), desc=f"pixels: {split}", disable=jax.process_index() != 0):
-            index = start + np.arange(batch_size)
-            index[index >= n] = -1
+        for i in tqdm(range(math.ceil(n / batch_size)), desc=f"pixels: {split}", disable=jax.process_index() != 0):
+            index = _batch_index(i, batch_size, n)
             yield jax.numpy.asarray(_scaled(source.get(split, index % n, None))), labels[index % n], index
 
     return one_pass

@@ -90,9 +90,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.De
     directory = storage.path(workdir)
     pretrained, pretrained_ckpt = runtime.checkpoint_recipe(config, directory)
     try:
-        probe_data = pretrained.copy_and_resolve_references()
-        probe_data.data.dataset = pretrained.finetune.dataset
-        ft_config = run_config(pretrained, get_source(probe_data).num_classes())
+        labelled = pretrained.copy_and_resolve_references()  # the fine-tuning data set, for its number of classes
+        labelled.data.dataset = pretrained.finetune.dataset
+        ft_config = run_config(pretrained, get_source(labelled).num_classes())
         start = functools.partial(start_from_pretrained, pretrained_ckpt, pretrained)
         with runtime.for_training(ft_config, directory / FINETUNE_DIR, devices, start=start) as rt:
             train.loop(rt)
