@@ -13,7 +13,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,7 +23,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
+import report  # noqa: E402
 
 from configs import fashion_mnist  # noqa: E402
 from igpt_jax.data import get_source, pipeline  # noqa: E402
@@ -107,10 +109,7 @@ def main() -> None:
         "fashion_mnist_train_28px_images_per_sec": {"igpt_jax": round(time_ours(fashion, args.batches), 1)},
         "photos": "200 JPEG crops of scikit-image photos, 128..512 px a side (ImageNet's average is ~400x350)",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    report.emit(result, args.out)
 
 
 if __name__ == "__main__":

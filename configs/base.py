@@ -152,11 +152,19 @@ def make_config(
     c.finetune.eval_every_steps = 1_000
     c.finetune.checkpoint_every_steps = 1_000
 
+    # Sampling (--mode=sample, or during training): a grid of unconditional samples and one of completions, the
+    # paper's layout (the given top of a held-out image | completions | the original), in workdir/samples/.
     c.sample = ml_collections.ConfigDict()
-    c.sample.num_images = 16
-    c.sample.temperature = 1.0
+    c.sample.num_images = 16  # unconditional samples; 0: none
+    c.sample.completion_images = 4  # held-out images (the eval split's first) whose bottom is sampled; 0: none
+    c.sample.completions_per_image = 4
+    c.sample.completion = 0.5  # the fraction of rows given (0.5: the top half)
+    c.sample.temperature = 1.0  # 0: greedy
     c.sample.top_k = 0  # 0: no top-k (the paper samples from the full distribution)
-    c.sample.completion = False  # True: complete the bottom half of held-out images
+    c.sample.seed = 0  # image j of a seed is the same whatever the batch or the number of devices
+    c.sample.batch_size = 0  # images per sampling call (their KV cache is on the devices); 0: config.batch_size
+    c.sample.every_steps = 0  # during training: sample every this many steps (0: never) ...
+    c.sample.at_end = False  # ... and/or once at the end
 
     c.compile = ml_collections.ConfigDict()
     c.compile.topology = ""  # e.g. 'v5p:4x4x4'

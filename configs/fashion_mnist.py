@@ -35,6 +35,8 @@ def get_config(arg: str | None = None):
     config.probe.train_examples = 1000
     config.probe.test_examples = 500
     config.probe.at_end = True
+    # And samples at the end: 16 images and 4 test images' bottom halves, 4 ways each (about 15 s here).
+    config.sample.at_end = True
     # --mode=finetune: 400 steps on Fashion-MNIST's train split (about 42 minutes here), scored on the probe's 500 test
     # images so the two compare; at a third of the pretraining learning rate, not the paper's tenth, for so few steps.
     config.finetune.dataset = "fashion_mnist"

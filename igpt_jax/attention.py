@@ -8,7 +8,8 @@ Pallas splash on TPU, blockwise on CPU, ring attention for long contexts) regist
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,29 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> 
         scores = jnp.where(allowed, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def cached_attention(
+    q: jax.Array, k_blocks: Sequence[jax.Array], v_blocks: Sequence[jax.Array], length: jax.Array
+) -> jax.Array:
+    """Decoding attention: queries q [batch, 1, heads, head_dim] at position `length` - 1 over the first `length`
+    positions of a key/value cache held as consecutive blocks along the positions, each [batch, heads, block,
+    head_dim] (positions at and after `length` are ignored).
+
+    Only the blocks passed are read: a decoding loop passes those filled so far, so the early positions of an image
+    do not stream the whole cache from memory, which bounds decoding on a CPU. Heads-major blocks make both products
+    batched over (batch, heads) with no transpose of the cache. Same scale, mask value and fp32 softmax as
+    `xla_attention`, so cached decoding reproduces the full forward pass's logits.
+    """
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.concatenate(
+        [jnp.einsum("bqhd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32) for k in k_blocks], axis=-1
+    )
+    scores = jnp.where(jnp.arange(scores.shape[-1]) < length, scores * scale, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_blocks[0].dtype)
+    sizes = [v.shape[2] for v in v_blocks]
+    parts = jnp.split(probs, list(itertools.accumulate(sizes))[:-1], axis=-1)
+    return sum(jnp.einsum("bhqs,bhsd->bqhd", p, v) for p, v in zip(parts, v_blocks, strict=True))
 
 
 IMPLEMENTATIONS: dict[str, AttentionFn] = {

@@ -35,7 +35,7 @@ def _positive_ints(c) -> list[str]:
         "model.image_size",
         "model.num_positions",
         "model.vocab_size",
-        "sample.num_images",
+        "sample.completions_per_image",
         "finetune.steps",
         "probe.sgd_epochs",
         "finetune.eval_every_steps",
@@ -118,8 +118,14 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "finetune.learning_rate": (lambda v: v >= 0, ">= 0 (0: the pretraining learning rate / 10)"),
     "finetune.warmup_steps": (_nonnegative_int, "an integer >= 0"),
     "finetune.generative_weight": (lambda v: v >= 0, ">= 0 (0: the classification loss alone)"),
-    "sample.temperature": (lambda v: v > 0, "> 0"),
+    "sample.temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
     "sample.top_k": (_nonnegative_int, "an integer >= 0 (0 turns top-k off)"),
+    "sample.num_images": (_nonnegative_int, "an integer >= 0 (0: no unconditional samples)"),
+    "sample.completion_images": (_nonnegative_int, "an integer >= 0 (0: no completions)"),
+    "sample.completion": (lambda v: 0 <= v < 1, "0 <= fraction of rows given < 1"),
+    "sample.seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
+    "sample.batch_size": (_nonnegative_int, "an integer >= 0 (0: config.batch_size)"),
+    "sample.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
 }
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -140,6 +146,25 @@ def _training(c) -> list[str]:
     if _all_positive(c.batch_size, c.microbatches) and c.batch_size % c.microbatches:
         out.append(f"config.batch_size={c.batch_size} must be a multiple of config.microbatches={c.microbatches}")
     return out
+
+
+def _sampling(c) -> list[str]:
+    """Sampling during training needs a left-to-right model and something to draw."""
+    if not (c.sample.every_steps or c.sample.at_end):
+        return []
+    if c.objective != "ar":
+        return [
+            f"{_sampling_keys(c)} with config.objective={c.objective!r}: only 'ar' models can be sampled; turn "
+            "sampling off for BERT runs"
+        ]
+    if not (c.sample.num_images or c.sample.completion_images):
+        return ["config.sample.num_images and config.sample.completion_images are both 0: nothing to sample"]
+    return []
+
+
+def _sampling_keys(c) -> str:
+    keys = {"config.sample.every_steps": c.sample.every_steps, "config.sample.at_end": c.sample.at_end}
+    return " and ".join(f"{k}={v}" for k, v in keys.items() if v)
 
 
 def _data(c) -> list[str]:
@@ -182,6 +207,7 @@ CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
     _model_shape,
     _ranges,
     _training,
+    _sampling,
     _data,
     _mesh,
 )

@@ -34,7 +34,7 @@ FINETUNE_JSON = "finetune.json"
 
 def run_config(pretrained: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
     """The fine-tuning run's config: the pretrained recipe (model, objective, seed, batch size) with a head of
-    `num_classes`, config.finetune's data set, steps and optimizer, and no probe."""
+    `num_classes`, config.finetune's data set, steps and optimizer, and no probe or samples."""
     c = pretrained.copy_and_resolve_references()
     f = c.finetune
     c.model.num_classes = num_classes
@@ -52,6 +52,8 @@ def run_config(pretrained: ml_collections.ConfigDict, num_classes: int) -> ml_co
     c.optimizer.schedule = f.schedule
     c.probe.every_steps = 0
     c.probe.at_end = False
+    c.sample.every_steps = 0
+    c.sample.at_end = False
     return c
 
 

@@ -26,13 +26,14 @@ MODES: dict[str, str] = {
     "eval": "igpt_jax.evaluate",
     "probe": "igpt_jax.probe",
     "finetune": "igpt_jax.finetune",
+    "sample": "igpt_jax.sampling",
 }
 
 
 def _known_errors() -> dict[type[BaseException], int]:
     """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
     reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
-    from igpt_jax import checkpoint, distributed, resume, run_lock, runtime, sharding
+    from igpt_jax import checkpoint, distributed, resume, run_lock, runtime, sampling, sharding
     from igpt_jax.data import preprocess
 
     usage = (
@@ -44,6 +45,7 @@ def _known_errors() -> dict[type[BaseException], int]:
         run_lock.WorkdirLockedError,
         runtime.PaletteMismatchError,
         runtime.NoCheckpointError,
+        sampling.SamplingError,
     )
     failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
     return {error: 2 for error in usage} | {error: 1 for error in failures}

@@ -45,6 +45,10 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 ACTIVATION_NAMES = ("act_batch", "act_len", "act_embed")
+# A decoding cache [B, heads, positions, head_dim]: images over the batch axes, heads over `tensor` like the weights.
+CACHE_NAMES = ("act_batch", "heads", "act_len", "kv")
+# One layer's decoding cache: {'k': blocks, 'v': blocks}, consecutive blocks of positions (see IGPT.init_cache).
+Cache = dict[str, list[jax.Array]]
 
 
 def _param(init: Callable, rngs: nnx.Rngs, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
@@ -87,12 +91,30 @@ class Attention(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
         self.attend = attention_lib.get(cfg.attention)
 
-    def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
-        def project(w):
-            return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype))
+    def _project(self, x: jax.Array, w: nnx.Param, layout: str = "bshk") -> jax.Array:
+        return jnp.einsum(f"bsd,dhk->{layout}", x, w[...].astype(self.dtype))
 
-        o = self.attend(project(self.query), project(self.key), project(self.value), causal=causal)
+    def _output(self, o: jax.Array) -> jax.Array:
         return jnp.einsum("bshk,hkd->bsd", o, self.out[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, *, causal: bool) -> jax.Array:
+        q, k, v = (self._project(x, w) for w in (self.query, self.key, self.value))
+        return self._output(self.attend(q, k, v, causal=causal))
+
+    def decode(self, x: jax.Array, cache: Cache, index: jax.Array, block: int) -> tuple[jax.Array, Cache]:
+        """One position: x [B, 1, d] at sequence position `index`, inside cache block `block` (static): its key and
+        value are written there, then it attends over blocks 0 .. block (the ones filled so far)."""
+        size = cache["k"][0].shape[2]
+
+        def write(blocks: list[jax.Array], w: nnx.Param) -> list[jax.Array]:
+            new = self._project(x, w, "bhsk").astype(blocks[block].dtype)
+            updated = jax.lax.dynamic_update_slice(blocks[block], new, (0, 0, index - block * size, 0))
+            return [*blocks[:block], constrain(updated, CACHE_NAMES), *blocks[block + 1 :]]
+
+        cache = {"k": write(cache["k"], self.key), "v": write(cache["v"], self.value)}
+        q = self._project(x, self.query)
+        o = attention_lib.cached_attention(q, cache["k"][: block + 1], cache["v"][: block + 1], index + 1)
+        return self._output(o), cache
 
 
 class MLP(nnx.Module):
@@ -126,6 +148,12 @@ class Block(nnx.Module):
         h = h + self.mlp(self.ln_2(h))
         return h, n
 
+    def decode(self, h: jax.Array, cache: Cache, index: jax.Array, block: int) -> tuple[jax.Array, Cache]:
+        """`__call__` for the one position `index` (causal), reading and extending the layer's key/value cache."""
+        a, cache = self.attn.decode(self.ln_1(h), cache, index, block)
+        h = h + a
+        return h + self.mlp(self.ln_2(h)), cache
+
 
 def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
     """`num_layers` blocks as one Block whose parameters have a leading `layers` axis."""
@@ -150,6 +178,7 @@ class IGPT(nnx.Module):
         self.objective = objective
         self.dtype = DTYPES[cfg.dtype]
         self.num_layers = cfg.num_layers
+        self.num_heads = cfg.num_heads
         self.scan_layers = cfg.scan_layers
         if cfg.remat not in REMAT_POLICIES:
             raise ValueError(f"config.model.remat={cfg.remat!r} is unknown; allowed: {list(REMAT_POLICIES)}")
@@ -215,6 +244,43 @@ class IGPT(nnx.Module):
         if hasattr(self, "classifier"):
             out["class_logits"] = out["pre_logits"] @ self.classifier[...].astype(jnp.float32)
         return logits, out
+
+    # --- KV-cached decoding (AR): one position at a time, each block's keys and values kept in a cache.
+
+    def init_cache(self, batch: int, length: int, blocks: int = 1) -> list[Cache]:
+        """An empty cache for `length` positions in `blocks` equal blocks: per layer {'k', 'v'}, each a list of
+        [batch, heads, length / blocks, head_dim] arrays in the compute dtype. Separate arrays per layer and per
+        block, so a decoding loop updates each in place and reads only the blocks filled so far."""
+        if length % blocks:
+            raise ValueError(f"a cache of {length} positions cannot be cut into {blocks} equal blocks")
+        d = self.wte.shape[1]
+        shape = (batch, self.num_heads, length // blocks, d // self.num_heads)
+        return [
+            {name: [jnp.zeros(shape, self.dtype) for _ in range(blocks)] for name in ("k", "v")}
+            for _ in range(self.num_layers)
+        ]
+
+    def decode_step(
+        self, previous: jax.Array, cache: list[Cache], index: jax.Array, block: int = 0
+    ) -> tuple[jax.Array, list[Cache]]:
+        """fp32 logits [B, vocab] for token `index`, given token `index` - 1 (`previous` [B], ignored at index 0
+        where the input is the SOS vector) and the cache of the positions before it; `block` (static) is the cache
+        block that holds position `index`. Returns the extended cache. The same arithmetic as `__call__`: its
+        logits at position `index` are these."""
+        if self.objective != "ar":
+            raise ValueError("decode_step needs the 'ar' objective: a BERT model does not predict left to right")
+        x = jnp.take(self.wte[...], previous, axis=0)
+        x = jnp.where(index == 0, self.sos[...].astype(x.dtype), x)
+        position = jax.lax.dynamic_index_in_dim(self.wpe[...], index, keepdims=False)
+        h = (x + position)[:, None].astype(self.dtype)
+        graphdef, stacked = nnx.split(self.blocks)
+        extended = []
+        for i, layer_cache in enumerate(cache):  # unrolled: each layer's cache is its own buffers, updated in place
+            layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+            h, layer_cache = layer.decode(h, layer_cache, index, block)
+            extended.append(layer_cache)
+        n = self.ln_f(h[:, 0]).astype(jnp.float32)
+        return n @ self.head[...].astype(jnp.float32), extended
 
 
 def tokens_per_image(config: ml_collections.ConfigDict) -> int:

@@ -1,10 +1,12 @@
-"""Small PNG charts drawn with Pillow (no plotting library needed on a TPU VM): probe accuracy against layer."""
+"""Small PNGs drawn with Pillow (no plotting library needed on a TPU VM): probe accuracy against layer, and grids of
+sampled images."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 WIDTH, HEIGHT = 720, 420
@@ -53,4 +55,23 @@ def accuracy_by_layer(
         draw.text((x1 + 42, y0 + 8 + 22 * k), name.replace("_", " "), fill="black")
     out = io.BytesIO()
     image.save(out, format="PNG")
+    return out.getvalue()
+
+
+GRID_GAP = 2  # pixels of white between images in a grid
+
+
+def image_grid(images: np.ndarray, *, scale: int = 1) -> bytes:
+    """A PNG of uint8 images [rows, cols, H, W, 3] laid out as a grid, each enlarged `scale` times (nearest
+    neighbour: every pixel stays a visible square of one palette colour)."""
+    rows, cols, h, w, _ = images.shape
+    big = images.repeat(scale, axis=2).repeat(scale, axis=3)
+    H, W = h * scale, w * scale
+    canvas = np.full((rows * (H + GRID_GAP) + GRID_GAP, cols * (W + GRID_GAP) + GRID_GAP, 3), 255, np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            top, left = GRID_GAP + r * (H + GRID_GAP), GRID_GAP + c * (W + GRID_GAP)
+            canvas[top : top + H, left : left + W] = big[r, c]
+    out = io.BytesIO()
+    Image.fromarray(canvas).save(out, format="PNG")
     return out.getvalue()

@@ -28,6 +28,7 @@ from igpt_jax import (
     probe,
     run_lock,
     runtime,
+    sampling,
     steps,
     workdir,
 )
@@ -134,6 +135,7 @@ def loop(rt: runtime.Runtime) -> dict:
     watchdog = distributed.Watchdog(config.watchdog_seconds)
     step = first_step
     last = {}
+    grids: list[str] = []  # the newest sample grids, printed last: the run's picture
     run_start = last_time = time.perf_counter()
     data_wait = 0.0
     last_step = step
@@ -182,12 +184,21 @@ def loop(rt: runtime.Runtime) -> dict:
                 if jax.process_index() == 0:
                     print(evaluate.summary(f"eval step {step}", held_out, eval_split), flush=True)
 
-            if _probe_due(config, step):
+            if _due(config.probe, step, config.total_steps):
                 result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)
                 probe.write(directory, result)
                 writer.write(probe.metrics_row(result))
                 if jax.process_index() == 0:
                     print(probe.summary(result), flush=True)
+
+            if _due(config.sample, step, config.total_steps):
+                record = sampling.write_samples(
+                    config, setup, state["params"], clusters, lambda: source, directory, step
+                )
+                writer.write(record)
+                grids = record["files"]
+                if jax.process_index() == 0:
+                    print(sampling.summary(record), flush=True)
 
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
@@ -221,12 +232,15 @@ def loop(rt: runtime.Runtime) -> dict:
         stop_request.restore()
     if jax.process_index() == 0:
         print(workdir.summary(directory), flush=True)
+        if grids:
+            print(f"igpt: samples: {', '.join(grids)}", flush=True)
     return last
 
 
-def _probe_due(config: ml_collections.ConfigDict, step: int) -> bool:
-    every, at_end = config.probe.every_steps, config.probe.at_end
-    return bool(every and step % every == 0) or (at_end and step == config.total_steps)
+def _due(evaluator: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
+    """Whether an evaluator with `every_steps` (0: never) and `at_end` keys (config.probe, config.sample) runs now."""
+    every = evaluator.every_steps
+    return bool(every and step % every == 0) or (evaluator.at_end and step == total_steps)
 
 
 def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:

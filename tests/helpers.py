@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import ml_collections
 
@@ -18,6 +21,16 @@ def tiny_config(*, image_size: int = 4, objective: str = "ar", **model) -> ml_co
     for key, value in model.items():
         config.model[key] = value
     return config
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m igpt_jax.main ARGS` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # TFDS prepares Fashion-MNIST (from Debian's files) once per machine here, not in the user's ~/tensorflow_datasets.
@@ -35,7 +48,8 @@ def fashion_config(*, image_size: int = 8, total_steps: int = 30, **overrides) -
     config.log_every_steps = 1
     config.eval_every_steps = total_steps
     config.eval_examples = 64
-    config.probe.at_end = False  # tests that probe say so
+    config.probe.at_end = False  # tests that probe or sample say so
+    config.sample.at_end = False
     config.checkpoint_every_steps = 10
     config.keep_checkpoints = 10
     config.optimizer.warmup_steps = 5
@@ -76,6 +90,7 @@ def cli_flags(
         f"--config.eval_every_steps={eval_every}",
         "--config.eval_examples=64",
         "--config.probe.at_end=False",
+        "--config.sample.at_end=False",
         f"--config.checkpoint_every_steps={checkpoint_every}",
         "--config.keep_checkpoints=10",
         f"--config.optimizer.warmup_steps={warmup}",

@@ -49,7 +49,16 @@ def _check(**overrides):
         ({"model__norm_eps": 0.0}, r"config\.model\.norm_eps=0\.0: allowed: > 0"),
         ({"eval_examples": -5}, r"config\.eval_examples=-5: allowed: an integer >= 0"),
         ({"data__prefetch": -1}, r"config\.data\.prefetch=-1: allowed: an integer >= 0"),
-        ({"sample__temperature": float("nan")}, r"config\.sample\.temperature=nan: allowed: > 0"),
+        ({"sample__temperature": float("nan")}, r"config\.sample\.temperature=nan: allowed: >= 0 \(0: greedy\)"),
+        ({"sample__completion": 1.0}, r"config\.sample\.completion=1\.0: allowed: 0 <= fraction of rows given < 1"),
+        (
+            {"sample__at_end": True, "objective": "bert"},
+            r"config\.sample\.at_end=True with config\.objective='bert': only 'ar' models can be sampled",
+        ),
+        (
+            {"sample__every_steps": 10, "sample__num_images": 0, "sample__completion_images": 0},
+            r"config\.sample\.num_images and config\.sample\.completion_images are both 0",
+        ),
         ({"data__dataset": "imagenet"}, r"config\.data\.dataset='imagenet' is unknown; allowed: \[.*'imagenet2012'"),
         ({"restore": "opt"}, r"config\.restore='opt' is unknown; allowed: \['all', 'params'\]"),
     ],
@@ -88,7 +97,7 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--mode=sample"], "--mode=sample is not implemented yet"),
+        (["--mode=compile"], "--mode=compile is not implemented yet"),
         (["--mode=dance"], "--mode=dance is unknown; allowed: train, eval, probe, finetune, sample, compile"),
         (["--config.model.depth=3"], "unknown config key config.model.depth; keys under config.model: attention,"),
         (["--config.modle.num_layers=3"], "unknown config key config.modle.num_layers; keys under config: batch_size"),

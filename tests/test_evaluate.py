@@ -3,22 +3,16 @@ and the paper's held-out splits kept out of training."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics
+from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics, run_main
 
 from igpt_jax import config_checks, evaluate, palette, sharding, steps
 from igpt_jax.data import get_source, splits
 from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup_with_random_head(config):
@@ -111,21 +105,15 @@ def test_the_heldout_images_are_kept_out_of_training(tmp_path):
 # --- --mode=eval
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "igpt_jax.main", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-
-
 def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)
-    trained = _cli(f"--workdir={workdir}", *flags)
+    trained = run_main(f"--workdir={workdir}", *flags)
     assert trained.returncode == 0, trained.stderr[-3000:]
     (last_eval,) = [r for r in read_metrics(workdir) if r.get("mode") == "eval"]
 
     # the command line names the default model (4 layers of 128): the checkpoint's own recipe is used
-    evaluated = _cli(
+    evaluated = run_main(
         f"--workdir={workdir}",
         "--mode=eval",
         "--config=configs/fashion_mnist.py:8",
@@ -141,7 +129,7 @@ def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
 
 
 def test_mode_eval_without_a_checkpoint_is_one_line(tmp_path):
-    result = _cli(f"--workdir={tmp_path / 'empty'}", "--mode=eval", "--config=configs/fashion_mnist.py:8")
+    result = run_main(f"--workdir={tmp_path / 'empty'}", "--mode=eval", "--config=configs/fashion_mnist.py:8")
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"igpt: {tmp_path / 'empty'} holds no checkpoint: ")
     assert not (tmp_path / "empty").exists()  # a mistyped workdir is not created

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import TFDS_TEST_DIR, cli_flags, read_metrics
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=5, warmup=3)
@@ -178,6 +179,8 @@ def test_local_sh_runs_the_default_config(tmp_path):
             "--config.eval_examples=64",
             "--config.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
             "--config.probe.test_examples=32",
+            "--config.sample.num_images=4",  # and its samples at the end, gathered from both processes
+            "--config.sample.completion_images=1",
             f"--config.data.data_dir={TFDS_TEST_DIR}",
         ],
         cwd=ROOT,
@@ -189,7 +192,9 @@ def test_local_sh_runs_the_default_config(tmp_path):
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in read_metrics(tmp_path / "w") if "mode" not in r] == [1, 2]
     assert "step 2/2" in (tmp_path / "logs" / "process_0.log").read_text()
-    assert [r["mode"] for r in read_metrics(tmp_path / "w") if "mode" in r] == ["eval", "probe"]
+    assert [r["mode"] for r in read_metrics(tmp_path / "w") if "mode" in r] == ["eval", "probe", "sample"]
+    grid = Image.open(tmp_path / "w" / "samples" / "step_00000002_completions.png")
+    assert grid.size == (6 * (28 * 3 + 2) + 2, 28 * 3 + 2 + 2)  # given | 4 completions | original
 
 
 def test_local_sh_fails_when_a_process_fails(tmp_path):

@@ -1,0 +1,365 @@
+"""Sampling: whole images from one compiled KV-cached loop, unconditional or completing held-out images.
+
+`make_sampler` jits one `lax.fori_loop` over every position of the image: each iteration runs the model on one token
+(IGPT.decode_step, each layer's keys and values kept in a cache laid out for the mesh: images over the batch axes,
+heads over `tensor`), masks the logits of colours the palette does not have, and draws the next token (temperature,
+top-k; temperature 0 is greedy). Positions before `given` take the prompt's tokens instead, so a completion is the
+same program as an unconditional sample. Nothing is recompiled per position or per prompt length.
+
+Randomness is per image: image j draws from fold_in(fold_in(key(seed), j), position), so an image depends on the
+seed and its index alone, not on the batch it was drawn in, the padding, or the number of devices.
+
+`write_samples` is what --mode=sample and the train loop's sample evaluator run: PNG grids in workdir/samples/ named
+by checkpoint step (unconditional: a grid of config.sample.num_images; completions: one row per held-out image with
+the given part, several completions and the original) and a {"mode": "sample", ...} row in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from igpt_jax import model as model_lib
+from igpt_jax import palette, plots, sharding, steps, storage
+from igpt_jax.data import splits
+from igpt_jax.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+SAMPLE_KEY = 0x73_61_6D_70  # folded into sample.seed's key: no training or evaluation key is the same
+
+
+class SamplingError(ValueError):
+    """The checkpoint or config cannot be sampled (e.g. a BERT model); the message says why and what to do."""
+
+
+def check_samplable(config: ml_collections.ConfigDict) -> None:
+    if config.objective != "ar":
+        raise SamplingError(
+            f"the checkpoint's objective is {config.objective!r}: only 'ar' (left-to-right) models can be sampled "
+            "pixel by pixel; probe or fine-tune a BERT checkpoint instead"
+        )
+
+
+def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, *, top_k: int, num_colours: int) -> jax.Array:
+    """The next token per row of fp32 logits [B, vocab]: greedy (argmax) when temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest (0: all), with one key per row. Tokens the palette
+    has no colour for (index >= num_colours) are never chosen."""
+    vocab = logits.shape[-1]
+    logits = jnp.where(jnp.arange(vocab) < num_colours, logits, -jnp.inf)
+    if 0 < top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+class Sampler:
+    """A jitted sampling loop for `batch` images: `sampler(params, prompt, given, image_ids, seed, temperature)` ->
+    tokens [batch, N] int32 on the devices; prompt [batch, N] (only positions < given are read) and image_ids [batch]
+    are host arrays, the same on every process. The first call compiles (timed as `compile_seconds`)."""
+
+    def __init__(self, fn: Callable, batch: int, length: int, rows: NamedSharding):
+        self.fn, self.batch, self.length, self.rows = fn, batch, length, rows
+        self.compiled = None
+        self.compile_seconds = 0.0
+
+    def __call__(self, params, prompt, given: int, image_ids, seed: int, temperature: float) -> jax.Array:
+        args = (
+            params,
+            self._put(np.asarray(prompt, np.int32)),
+            jnp.int32(given),
+            self._put(np.asarray(image_ids, np.int32)),
+            jnp.uint32(seed),
+            jnp.float32(temperature),
+        )
+        if self.compiled is None:
+            start = time.perf_counter()
+            self.compiled = self.fn.lower(*args).compile()
+            self.compile_seconds = time.perf_counter() - start
+        return self.compiled(*args)
+
+    def _put(self, host: np.ndarray) -> jax.Array:
+        """A host array that is the same on every process -> the global array, each process placing its rows."""
+        spec = PartitionSpec(self.rows.spec[0], *(None,) * (host.ndim - 1))
+        return jax.make_array_from_callback(host.shape, NamedSharding(self.rows.mesh, spec), lambda i: host[i])
+
+
+# The cache is cut into blocks of positions and each position reads only the blocks filled so far: on average
+# (1 + 1/blocks) / 2 of the cache instead of all of it, which is what bounds decoding on a CPU (measured with
+# benchmarks/sample_speed.py: 8.6 ms a token with one block, 7.2 with 8, 6.3 with 32 for 4 layers of width 256 and
+# 16 images of 32x32). The attention calls are unrolled, blocks x layers of them, and compile time grows with the
+# square of the blocks (6 s for 8 blocks and 4 layers, 72 s for 32), so deep models keep one block: on accelerators
+# their step is bound by the matmuls, not by reading the cache.
+CACHE_BLOCKS = (8, 4, 2, 1)
+MAX_UNROLLED_BLOCKS = 32  # layers x blocks
+
+
+def cache_blocks(length: int, num_layers: int) -> int:
+    """How many blocks a cache of `length` positions is cut into: the most of CACHE_BLOCKS that divides `length`
+    and keeps num_layers x blocks <= MAX_UNROLLED_BLOCKS."""
+    return next(b for b in CACHE_BLOCKS if length % b == 0 and (b == 1 or num_layers * b <= MAX_UNROLLED_BLOCKS))
+
+
+def over_positions(model: model_lib.IGPT, batch: int, length: int, step: Callable, carry):
+    """Runs `cache, carry = step(i, block, cache, carry)` for positions i = 0 .. length-1 with an empty cache: one
+    lax.fori_loop per cache block (`block`, static, holds position i), all inside the caller's one program."""
+    blocks = cache_blocks(length, model.num_layers)
+    size = length // blocks
+    cache = jax.tree.map(
+        lambda c: sharding.constrain(c, model_lib.CACHE_NAMES), model.init_cache(batch, length, blocks)
+    )
+    for block in range(blocks):
+        cache, carry = jax.lax.fori_loop(
+            block * size, (block + 1) * size, lambda i, c, block=block: step(i, block, *c), (cache, carry)
+        )
+    return carry
+
+
+def make_sampler(
+    setup: steps.Setup, batch: int, *, top_k: int, num_colours: int, progress: Callable[[int], None] | None = None
+) -> Sampler:
+    """A jitted sampler for `batch` images under setup's model, mesh and parameter shardings. `progress(position)`,
+    if given, is called from the device at the start of every image row (a host callback, not a loop in Python)."""
+    config, mesh = setup.config, setup.mesh
+    length = model_lib.tokens_per_image(config)
+    row = config.model.image_size
+    batch_sharding = sharding.batch_sharding(config, mesh, 2)
+    rows = NamedSharding(mesh, PartitionSpec(batch_sharding.spec[0]))
+
+    def sample(params, prompt, given, image_ids, seed, temperature):
+        model = nnx.merge(setup.graphdef, params)
+        base = jax.random.fold_in(jax.random.key(seed), SAMPLE_KEY)
+        image_keys = jax.vmap(jax.random.fold_in, (None, 0))(base, image_ids)
+
+        def position(i, block, cache, carry):
+            tokens, previous = carry
+            if progress is not None:
+                jax.lax.cond(i % row == 0, lambda: jax.debug.callback(progress, i), lambda: None)
+            logits, cache = model.decode_step(previous, cache, i, block)
+            keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, i)
+            drawn = choose(logits, keys, temperature, top_k=top_k, num_colours=num_colours)
+            token = jnp.where(i < given, jax.lax.dynamic_index_in_dim(prompt, i, 1, keepdims=False), drawn)
+            return cache, (jax.lax.dynamic_update_index_in_dim(tokens, token, i, 1), token)
+
+        start = (jnp.zeros((batch, length), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        return over_positions(model, batch, length, position, start)[0]
+
+    scalar = setup.replicated
+    fn = jax.jit(
+        sample,
+        in_shardings=(setup.state_shardings["params"], batch_sharding, scalar, rows, scalar, scalar),
+        out_shardings=batch_sharding,
+    )
+    return Sampler(fn, batch, length, rows)
+
+
+def batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, wanted: int) -> int:
+    """Images per sampling call: `wanted` (at most config.sample.batch_size, 0: config.batch_size), rounded up to a
+    multiple of the mesh's batch shards."""
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(config, mesh))
+    cap = config.sample.batch_size or config.batch_size
+    return -(-min(wanted, cap) // shards) * shards
+
+
+class Progress:
+    """One progress bar over every position of every sampling call; fed from the device (`position`) at each image
+    row. Several devices report the same position: the bar only moves forward."""
+
+    def __init__(self, calls: int, length: int, desc: str):
+        self.length = length
+        self.call = 0
+        self.bar = tqdm(total=calls * length, desc=desc, unit=" positions", disable=jax.process_index() != 0)
+
+    def position(self, i) -> None:
+        done = self.call * self.length + int(i)
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def next_call(self) -> None:
+        self.call += 1
+        self.position(0)
+
+    def close(self) -> None:
+        self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+def generate(
+    sampler: Sampler,
+    params,
+    prompts: np.ndarray,
+    given: int,
+    image_ids: np.ndarray,
+    seed: int,
+    temperature: float,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Tokens [n, N] on the host for n prompts (rows of int32 [n, N], read before `given`), in batches of the
+    sampler's size (the last padded); image_ids [n] pick each image's random stream."""
+    out = []
+    for start in range(0, len(prompts), sampler.batch):
+        chunk, ids = prompts[start : start + sampler.batch], image_ids[start : start + sampler.batch]
+        pad = sampler.batch - len(chunk)
+        tokens = sampler(
+            params,
+            np.concatenate([chunk, np.zeros((pad, chunk.shape[1]), chunk.dtype)]),
+            given,
+            np.concatenate([ids, np.arange(pad) - pad]),  # padding rows draw from their own (negative) ids
+            seed,
+            temperature,
+        )
+        out.append(np.asarray(multihost_utils.process_allgather(tokens, tiled=True))[: len(chunk)])
+        if progress is not None:
+            progress.next_call()
+    return np.concatenate(out)
+
+
+COMPLETION_IDS = 1 << 30  # completions draw from image ids above this, unconditional samples from 0 up
+MASKED_GREY = 128  # the part of a completion's input that is not given, as drawn in the grid
+
+
+def render(tokens: np.ndarray, clusters: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """uint8 images [n, H, W, 3] from tokens [n, H*W]: through the palette, or (token data sets, no palette) each
+    token as a grey level."""
+    if clusters is not None:
+        return np.asarray(palette.dequantize(tokens, clusters))
+    side = math.isqrt(tokens.shape[-1])
+    grey = (tokens * (255 // max(vocab_size - 1, 1))).astype(np.uint8).reshape(len(tokens), side, side, 1)
+    return np.repeat(grey, 3, axis=-1)
+
+
+def held_out_tokens(config: ml_collections.ConfigDict, source: Source, clusters: np.ndarray | None, n: int):
+    """Tokens [n, N] of the eval split's first n images: the originals that completions start from."""
+    split = splits(config)[1]
+    n = min(n, source.num_examples(split))
+    data = source.get(split, np.arange(n), None)
+    if source.kind == "tokens":
+        return np.asarray(data, np.int32)
+    return np.asarray(palette.quantize(data, clusters), np.int32)
+
+
+def _grid_shape(n: int) -> tuple[int, int]:
+    cols = math.ceil(math.sqrt(n))
+    return math.ceil(n / cols), cols
+
+
+def _scale(side: int) -> int:
+    return max(1, 96 // side)  # 28x28 drawn at 84x84, 32x32 at 96x96, 64x64 as is
+
+
+def unconditional_grid(images: np.ndarray) -> bytes:
+    rows, cols = _grid_shape(len(images))
+    padded = np.concatenate([images, np.full((rows * cols - len(images), *images.shape[1:]), 255, np.uint8)])
+    return plots.image_grid(padded.reshape(rows, cols, *images.shape[1:]), scale=_scale(images.shape[1]))
+
+
+def completion_grid(originals: np.ndarray, completions: np.ndarray, given_rows: int) -> bytes:
+    """The paper's layout, one row per held-out image: the given part (the rest grey) | completions | original."""
+    shown = originals.copy()
+    shown[:, given_rows:] = MASKED_GREY
+    per = len(completions) // len(originals)
+    grid = np.concatenate(
+        [shown[:, None], completions.reshape(len(originals), per, *originals.shape[1:]), originals[:, None]], axis=1
+    )
+    return plots.image_grid(grid, scale=_scale(originals.shape[1]))
+
+
+def write_samples(
+    config: ml_collections.ConfigDict,
+    setup: steps.Setup,
+    params,
+    clusters: np.ndarray | None,
+    source: Callable[[], Source],
+    directory,
+    step: int,
+) -> dict:
+    """Samples config.sample's images from `params`, writes the grids to directory/samples/ (process 0) and returns
+    the {"mode": "sample", ...} metrics row, with the grids' paths in 'files'. `source()` opens the data set, only
+    for completions."""
+    check_samplable(config)
+    s = config.sample
+    side, length = config.model.image_size, model_lib.tokens_per_image(config)
+    given_rows = round(s.completion * side)
+    n_free = s.num_images
+    n_completed = s.completion_images * s.completions_per_image
+    batch = batch_size(config, setup.mesh, max(n_free, n_completed))
+    calls = math.ceil(n_free / batch) + math.ceil(n_completed / batch)
+    progress = Progress(calls, length, f"sample step {step}")
+    num_colours = config.model.vocab_size if clusters is None else len(clusters)
+    sampler = make_sampler(setup, batch, top_k=s.top_k, num_colours=num_colours, progress=progress.position)
+    folder = storage.path(directory) / SAMPLES_DIR
+    files = []
+
+    def save(name: str, png: bytes) -> None:
+        files.append(str(folder / name))
+        if jax.process_index() == 0:
+            storage.write_bytes(folder / name, png)
+
+    start = time.perf_counter()
+    if n_free:
+        prompts = np.zeros((n_free, length), np.int32)
+        tokens = generate(sampler, params, prompts, 0, np.arange(n_free), s.seed, s.temperature, progress)
+        save(f"step_{step:08d}.png", unconditional_grid(render(tokens, clusters, config.model.vocab_size)))
+    if n_completed:
+        originals = held_out_tokens(config, source(), clusters, s.completion_images)
+        prompts = np.repeat(originals, s.completions_per_image, axis=0)
+        ids = COMPLETION_IDS + np.arange(len(prompts))
+        tokens = generate(sampler, params, prompts, given_rows * side, ids, s.seed, s.temperature, progress)
+        pictures = render(np.concatenate([originals, tokens]), clusters, config.model.vocab_size)
+        save(
+            f"step_{step:08d}_completions.png",
+            completion_grid(pictures[: len(originals)], pictures[len(originals) :], given_rows),
+        )
+    progress.close()
+    seconds = time.perf_counter() - start - sampler.compile_seconds
+    images = n_free + (len(prompts) if n_completed else 0)
+    return {
+        "mode": "sample",
+        "step": step,
+        "images": images,
+        "images_per_sec": images / max(seconds, 1e-9),
+        "seconds": seconds,
+        "compile_seconds": sampler.compile_seconds,
+        "batch": batch,
+        "temperature": s.temperature,
+        "top_k": s.top_k,
+        "seed": s.seed,
+        "completion": s.completion if n_completed else 0.0,
+        "files": files,
+    }
+
+
+def summary(record: dict) -> str:
+    return (
+        f"samples step {record['step']}: {record['images']} images at {record['images_per_sec']:.2f} images/s -> "
+        + ", ".join(record["files"])
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """--mode=sample on the newest checkpoint (or config.checkpoint_step): grids in workdir/samples/, a row in
+    metrics.jsonl, and the grids' paths printed."""
+    from igpt_jax import metrics, runtime
+
+    with runtime.for_checkpoint(config, workdir) as rt:
+        check_samplable(rt.config)  # before the palette or data set is touched
+        record = write_samples(rt.config, rt.setup, rt.params, rt.clusters, lambda: rt.source, rt.directory, rt.step)
+        metrics.append_row(rt.directory, record)
+        if jax.process_index() == 0:
+            print(summary(record), flush=True)
+        return record

@@ -1,0 +1,183 @@
+"""Sampling: cached decoding reproduces the full forward pass, greedy is the full model's argmax, the palette's
+missing colours are never drawn, images depend on the seed alone (not on devices or sharding), completions keep what
+was given, and --mode=sample writes the grids the train loop writes."""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import TFDS_TEST_DIR, cli_flags, override, read_metrics, run_main, tiny_config
+from PIL import Image
+
+from igpt_jax import model as model_lib
+from igpt_jax import sampling, sharding, steps
+
+
+def _with_random_head(model: model_lib.IGPT, scale: float = 0.3) -> model_lib.IGPT:
+    """OpenAI's head starts at zero (every logit equal): give it weights so the logits say something."""
+    model.head[...] = scale * jax.random.normal(jax.random.key(7), model.head.shape)
+    return model
+
+
+@pytest.mark.parametrize("side", [5, 28])
+def test_cached_logits_equal_the_full_forward_pass_at_every_position(side):
+    config = tiny_config(image_size=side)
+    model = _with_random_head(model_lib.build(config))
+    tokens = jax.random.randint(jax.random.key(1), (3, side * side), 0, config.model.vocab_size)
+    full, _ = model(tokens)
+
+    @nnx.jit
+    def teacher_forced(model, tokens):
+        def position(i, block, cache, logits):
+            previous = jnp.where(i > 0, tokens[:, i - 1], 0)
+            step_logits, cache = model.decode_step(previous, cache, i, block)
+            return cache, jax.lax.dynamic_update_index_in_dim(logits, step_logits, i, 1)
+
+        return sampling.over_positions(model, 3, side * side, position, jnp.zeros_like(full))
+
+    cached = teacher_forced(model, tokens)
+    assert np.abs(full).max() > 1.0  # logits of a size where 1e-5 is a real bound
+    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
+
+
+def _setup(config, devices):
+    mesh = sharding.make_mesh(config, devices)
+    return steps.make_setup(config, mesh, train=False), mesh
+
+
+def _params(setup, head_scale: float = 0.3, favour_missing: bool = False):
+    """config.seed's model with a random head, laid out in setup's shards. `favour_missing`: the last half of the
+    vocabulary (colours a small palette lacks) gets head columns +-20 e_i, so one of them has the largest logit
+    wherever one of ln_f's first components is not tiny."""
+    model = _with_random_head(model_lib.build(setup.config), head_scale)
+    if favour_missing:
+        vocab, d = setup.config.model.vocab_size, setup.config.model.embed_dim
+        half = vocab // 2
+        signs = 20.0 * np.where(np.arange(half) % 2, -1.0, 1.0)
+        columns = np.zeros((d, half), np.float32)
+        columns[np.arange(half) // 2, np.arange(half)] = signs
+        model.head[...] = model.head[...].at[:, half:].set(columns)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.device_put(params, setup.state_shardings["params"])
+
+
+def _sample(config, devices=None, *, batch=8, given=0, prompt=None, seed=0, temperature=1.0, top_k=0, colours=16):
+    setup, mesh = _setup(config, devices or jax.devices()[:1])
+    params = _params(setup)
+    sampler = sampling.make_sampler(setup, batch, top_k=top_k, num_colours=colours)
+    length = model_lib.tokens_per_image(config)
+    prompt = np.zeros((batch, length), np.int32) if prompt is None else prompt
+    with jax.set_mesh(mesh):
+        tokens = sampler(params, prompt, given, np.arange(batch), seed, temperature)
+    return np.asarray(tokens), setup, params
+
+
+def test_greedy_is_the_full_models_argmax_at_every_position():
+    config = tiny_config(image_size=6)
+    tokens, setup, params = _sample(config, temperature=0.0, colours=10)
+    logits, _ = nnx.merge(setup.graphdef, params)(jnp.asarray(tokens))
+    masked = np.where(np.arange(16) < 10, np.asarray(logits), -np.inf)
+    np.testing.assert_array_equal(tokens, masked.argmax(-1))
+    assert len(np.unique(tokens)) > 1  # a model that says something, not a constant image
+
+
+def test_colours_the_palette_lacks_are_never_drawn():
+    """Half the vocabulary has no colour; the head favours exactly those tokens, so only the mask keeps them out."""
+    config = tiny_config(image_size=6)
+    setup, mesh = _setup(config, jax.devices()[:1])
+    params = _params(setup, favour_missing=True)
+    logits, _ = nnx.merge(setup.graphdef, params)(jnp.zeros((1, 36), jnp.int32))
+    assert (np.asarray(logits).argmax(-1) >= 8).all()  # unmasked, the missing colours would win everywhere
+    sampler = sampling.make_sampler(setup, 8, top_k=0, num_colours=8)
+    with jax.set_mesh(mesh):
+        tokens = np.asarray(sampler(params, np.zeros((8, 36), np.int32), 0, np.arange(8), 0, 1.0))
+    assert tokens.max() < 8
+
+
+def test_the_same_seed_gives_the_same_images_on_1_and_8_devices_with_params_sharded():
+    config = tiny_config(image_size=6)
+    one, *_ = _sample(config, jax.devices()[:1], seed=3)
+    fsdp = override(tiny_config(image_size=6), mesh__ici={"data": 1, "fsdp": 8, "tensor": 1})
+    eight, setup, params = _sample(fsdp, jax.devices(), seed=3)
+    assert "fsdp" in str(params["wte"].sharding.spec)  # the embedding really is split 8 ways
+    np.testing.assert_array_equal(one, eight)
+    other, *_ = _sample(config, jax.devices()[:1], seed=4)
+    assert (other != one).mean() > 0.3  # a different seed draws different images
+
+
+def test_an_image_does_not_depend_on_the_batch_it_was_drawn_in():
+    config = tiny_config(image_size=5)
+    eight, *_ = _sample(config, batch=8)
+    sixteen, *_ = _sample(config, batch=16)
+    np.testing.assert_array_equal(eight, sixteen[:8])
+
+
+def test_top_1_is_greedy_and_completions_keep_what_was_given():
+    config = tiny_config(image_size=6)
+    prompt = np.asarray(jax.random.randint(jax.random.key(5), (8, 36), 0, 16), np.int32)
+    greedy, *_ = _sample(config, prompt=prompt, given=18, temperature=0.0)
+    top1, *_ = _sample(config, prompt=prompt, given=18, temperature=1.0, top_k=1)
+    np.testing.assert_array_equal(top1, greedy)
+    np.testing.assert_array_equal(greedy[:, :18], prompt[:, :18])
+    drawn, *_ = _sample(config, prompt=prompt, given=18)
+    np.testing.assert_array_equal(drawn[:, :18], prompt[:, :18])
+    assert (drawn[:, 18:] != greedy[:, 18:]).any()
+
+
+def test_completion_grid_layout():
+    originals = np.zeros((2, 4, 4, 3), np.uint8) + np.arange(2, dtype=np.uint8)[:, None, None, None] * 100
+    completions = np.full((6, 4, 4, 3), 200, np.uint8)
+    png = sampling.completion_grid(originals, completions, given_rows=1)
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    scale, gap = sampling._scale(4), 2
+    cell = 4 * scale + gap
+    assert grid.shape[:2] == (2 * cell + gap, 5 * cell + gap)  # given | 3 completions | original
+
+    def pixel(row, col, y):
+        return grid[gap + row * cell + y * scale, gap + col * cell, 0]
+
+    assert pixel(1, 0, 0) == 100 and pixel(1, 0, 1) == sampling.MASKED_GREY  # the given top row, the rest grey
+    assert pixel(1, 2, 3) == 200 and pixel(1, 4, 3) == 100  # a completion, then the whole original
+
+
+def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
+    workdir = tmp_path / "run"
+    flags = cli_flags(image_size=8, embed_dim=32, total_steps=6, eval_every=6, checkpoint_every=6, warmup=2)
+    sample = ["--config.sample.num_images=6", "--config.sample.completion_images=2"]
+    trained = run_main(f"--workdir={workdir}", *flags, *sample, "--config.sample.at_end=True")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    grids = ["step_00000006.png", "step_00000006_completions.png"]
+    assert trained.stdout.splitlines()[-1] == f"igpt: samples: {', '.join(str(workdir / 'samples' / g) for g in grids)}"
+    written = {name: (workdir / "samples" / name).read_bytes() for name in grids}
+
+    sampled = run_main(
+        f"--workdir={workdir}",
+        "--mode=sample",
+        "--config=configs/fashion_mnist.py:8",
+        *sample,
+        f"--config.data.data_dir={TFDS_TEST_DIR}",
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert str(workdir / "samples" / grids[0]) in sampled.stdout.splitlines()[-1]
+    for name in grids:  # same checkpoint, same seed: the same images, in training and in --mode=sample
+        assert (workdir / "samples" / name).read_bytes() == written[name]
+    free = np.asarray(Image.open(workdir / "samples" / grids[0]))
+    assert free.shape[:2] == (2 * (8 * 12 + 2) + 2, 3 * (8 * 12 + 2) + 2)  # 6 images: 2 rows of 3, each 12x
+    rows = [r for r in read_metrics(workdir) if r.get("mode") == "sample"]
+    assert [r["step"] for r in rows] == [6, 6] and rows[1]["images"] == 6 + 2 * 4
+    assert rows[1]["images_per_sec"] > 0
+
+
+def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
+    workdir = tmp_path / "bert"
+    flags = cli_flags(image_size=8, embed_dim=32, total_steps=2, eval_every=2, checkpoint_every=2, warmup=1)
+    assert run_main(f"--workdir={workdir}", *flags, "--config.objective=bert").returncode == 0
+    result = run_main(f"--workdir={workdir}", "--mode=sample", "--config=configs/fashion_mnist.py:8")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("igpt: the checkpoint's objective is 'bert': only 'ar'"), last
