@@ -1,10 +1,11 @@
 """Sampling: whole images from one compiled KV-cached loop, unconditional or completing held-out images.
 
-`make_sampler` jits one `lax.fori_loop` over every position of the image: each iteration runs the model on one token
-(IGPT.decode_step, each layer's keys and values kept in a cache laid out for the mesh: images over the batch axes,
-heads over `tensor`), masks the logits of colours the palette does not have, and draws the next token (temperature,
-top-k; temperature 0 is greedy). Positions before `given` take the prompt's tokens instead, so a completion is the
-same program as an unconditional sample. Nothing is recompiled per position or per prompt length.
+`make_sampler` jits one program that generates the whole image: `lax.fori_loop`s over the positions (one per block
+of the cache, see CACHE_BLOCKS), each iteration running the model on one token (IGPT.decode_step, each layer's keys
+and values kept in a cache laid out for the mesh: images over the batch axes, heads over `tensor`), masking the
+logits of colours the palette does not have, and drawing the next token (temperature, top-k; temperature 0 is
+greedy). Positions before `given` take the prompt's tokens instead, so a completion is the same program as an
+unconditional sample. No Python runs per token, and nothing is recompiled per position or per prompt length.
 
 Randomness is per image: image j draws from fold_in(fold_in(key(seed), j), position), so an image depends on the
 seed and its index alone, not on the batch it was drawn in, the padding, or the number of devices.
@@ -16,7 +17,6 @@ the given part, several completions and the original) and a {"mode": "sample", .
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -34,8 +34,6 @@ from igpt_jax import model as model_lib
 from igpt_jax import palette, plots, sharding, steps, storage
 from igpt_jax.data import splits
 from igpt_jax.data.sources import Source
-
-log = logging.getLogger(__name__)
 
 SAMPLES_DIR = "samples"
 SAMPLE_KEY = 0x73_61_6D_70  # folded into sample.seed's key: no training or evaluation key is the same
@@ -100,11 +98,11 @@ class Sampler:
 
 
 # The cache is cut into blocks of positions and each position reads only the blocks filled so far: on average
-# (1 + 1/blocks) / 2 of the cache instead of all of it, which is what bounds decoding on a CPU (measured with
-# benchmarks/sample_speed.py: 8.6 ms a token with one block, 7.2 with 8, 6.3 with 32 for 4 layers of width 256 and
-# 16 images of 32x32). The attention calls are unrolled, blocks x layers of them, and compile time grows with the
-# square of the blocks (6 s for 8 blocks and 4 layers, 72 s for 32), so deep models keep one block: on accelerators
-# their step is bound by the matmuls, not by reading the cache.
+# (1 + 1/blocks) / 2 of the cache instead of all of it, which is what bounds decoding on a CPU (measured on 2 cores
+# for benchmarks/sample_speed.py's model, 4 layers of width 256, 16 images of 32x32: 8.6 ms a position with one
+# block, 7.2 with 8, 6.3 with 32; 1.2 of them outside attention). The attention calls are unrolled, blocks x layers
+# of them, and compile time grows with the square of the blocks (6 s for 8 blocks and 4 layers, 72 s for 32), so deep
+# models keep one block: on accelerators their step is bound by the matmuls, not by reading the cache.
 CACHE_BLOCKS = (8, 4, 2, 1)
 MAX_UNROLLED_BLOCKS = 32  # layers x blocks
 

@@ -110,11 +110,22 @@ def test_the_same_seed_gives_the_same_images_on_1_and_8_devices_with_params_shar
     assert (other != one).mean() > 0.3  # a different seed draws different images
 
 
-def test_an_image_does_not_depend_on_the_batch_it_was_drawn_in():
+def test_an_image_depends_on_its_index_not_on_the_batch_it_was_drawn_in():
+    """16 images drawn 8 at a time (generate's two calls) are the 16 drawn at once: each image's randomness comes from
+    its index, so the second call does not repeat the first's draws."""
     config = tiny_config(image_size=5)
-    eight, *_ = _sample(config, batch=8)
-    sixteen, *_ = _sample(config, batch=16)
-    np.testing.assert_array_equal(eight, sixteen[:8])
+    setup, mesh = _setup(config, jax.devices()[:1])
+    params = _params(setup)
+    prompts, ids = np.zeros((16, 25), np.int32), np.arange(16)
+    with jax.set_mesh(mesh):
+        by_eight = sampling.generate(
+            sampling.make_sampler(setup, 8, top_k=0, num_colours=16), params, prompts, 0, ids, 0, 1.0
+        )
+        at_once = sampling.generate(
+            sampling.make_sampler(setup, 16, top_k=0, num_colours=16), params, prompts, 0, ids, 0, 1.0
+        )
+    np.testing.assert_array_equal(by_eight, at_once)
+    assert (at_once[8:] != at_once[:8]).mean() > 0.3
 
 
 def test_top_1_is_greedy_and_completions_keep_what_was_given():
