@@ -260,23 +260,33 @@ class IGPT(nnx.Module):
             for _ in range(self.num_layers)
         ]
 
+    def layers(self) -> list[Block]:
+        """The blocks as one Block per layer, each holding its slice of the stacked parameters. A decoding loop takes
+        them once, before the loop: sliced inside it, every position would copy every layer's weights again."""
+        graphdef, stacked = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked)) for i in range(self.num_layers)]
+
     def decode_step(
-        self, previous: jax.Array, cache: list[Cache], index: jax.Array, block: int = 0
+        self,
+        previous: jax.Array,
+        cache: list[Cache],
+        index: jax.Array,
+        block: int = 0,
+        layers: list[Block] | None = None,
     ) -> tuple[jax.Array, list[Cache]]:
         """fp32 logits [B, vocab] for token `index`, given token `index` - 1 (`previous` [B], ignored at index 0
         where the input is the SOS vector) and the cache of the positions before it; `block` (static) is the cache
-        block that holds position `index`. Returns the extended cache. The same arithmetic as `__call__`: its
-        logits at position `index` are these."""
+        block that holds position `index`, `layers` the model's `layers()` (taken here when not given). Returns the
+        extended cache. The same arithmetic as `__call__`: its logits at position `index` are these."""
         if self.objective != "ar":
             raise ValueError("decode_step needs the 'ar' objective: a BERT model does not predict left to right")
         x = jnp.take(self.wte[...], previous, axis=0)
         x = jnp.where(index == 0, self.sos[...].astype(x.dtype), x)
         position = jax.lax.dynamic_index_in_dim(self.wpe[...], index, keepdims=False)
         h = (x + position)[:, None].astype(self.dtype)
-        graphdef, stacked = nnx.split(self.blocks)
         extended = []
-        for i, layer_cache in enumerate(cache):  # unrolled: each layer's cache is its own buffers, updated in place
-            layer = nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+        # unrolled: each layer's cache is its own buffers, updated in place
+        for layer, layer_cache in zip(self.layers() if layers is None else layers, cache, strict=True):
             h, layer_cache = layer.decode(h, layer_cache, index, block)
             extended.append(layer_cache)
         n = self.ln_f(h[:, 0]).astype(jnp.float32)

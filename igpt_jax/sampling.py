@@ -141,6 +141,7 @@ def make_sampler(
 
     def sample(params, prompt, given, image_ids, seed, temperature):
         model = nnx.merge(setup.graphdef, params)
+        layers = model.layers()  # sliced once, outside the loops
         base = jax.random.fold_in(jax.random.key(seed), SAMPLE_KEY)
         image_keys = jax.vmap(jax.random.fold_in, (None, 0))(base, image_ids)
 
@@ -148,7 +149,7 @@ def make_sampler(
             tokens, previous = carry
             if progress is not None:
                 jax.lax.cond(i % row == 0, lambda: jax.debug.callback(progress, i), lambda: None)
-            logits, cache = model.decode_step(previous, cache, i, block)
+            logits, cache = model.decode_step(previous, cache, i, block, layers)
             keys = jax.vmap(jax.random.fold_in, (0, None))(image_keys, i)
             drawn = choose(logits, keys, temperature, top_k=top_k, num_colours=num_colours)
             token = jnp.where(i < given, jax.lax.dynamic_index_in_dim(prompt, i, 1, keepdims=False), drawn)
