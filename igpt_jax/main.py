@@ -30,7 +30,7 @@ MODES: dict[str, str] = {
 }
 
 
-def _known_errors() -> dict[type[BaseException], int]:
+def known_errors() -> dict[type[BaseException], int]:
     """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
     reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
     from igpt_jax import checkpoint, distributed, resume, run_lock, runtime, sampling, sharding
@@ -56,7 +56,7 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
     module = importlib.import_module(MODES[mode])
     from igpt_jax import train
 
-    known = _known_errors()
+    known = known_errors()
     try:
         module.run(config, workdir)
     except train.Stopped as e:

@@ -13,19 +13,14 @@ import math
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from configs import base
+from igpt_jax import defaults
 from igpt_jax import model as model_lib
+from igpt_jax.convert.common import ConversionError, build
 
 _BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
-
-
-class ConversionError(ValueError):
-    """The checkpoint cannot be represented exactly by this model; the message says which part and why."""
 
 
 def config_from_huggingface(hf: dict) -> ml_collections.ConfigDict:
@@ -44,10 +39,12 @@ def config_from_huggingface(hf: dict) -> ml_collections.ConfigDict:
         if value != supported:
             raise ConversionError(f"config {key}={value!r} is not iGPT's architecture (supported: {supported!r})")
     side = math.isqrt(hf["n_positions"])
-    config = base.make_config(image_size=side, num_layers=hf["n_layer"], embed_dim=d, num_heads=hf["n_head"])
+    config = defaults.make_config(image_size=side, num_layers=hf["n_layer"], embed_dim=d, num_heads=hf["n_head"])
     config.model.num_positions = hf["n_positions"]
     config.model.vocab_size = hf["vocab_size"] - 1  # the last row is the SOS
     config.model.norm_eps = float(hf.get("layer_norm_epsilon", 1e-5))
+    if "ImageGPTForImageClassification" in hf.get("architectures", []):
+        config.model.num_classes = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 2))
     return config
 
 
@@ -116,8 +113,8 @@ def params_from_huggingface(w: dict[str, np.ndarray], config: ml_collections.Con
     d, h, n_layers = m.embed_dim, m.num_heads, m.num_layers
     w = _strip_prefix(w)
     missing = [k for k in ("wte.weight", "wpe.weight", "ln_f.weight") if k not in w]
-    if "lm_head.weight" not in w:
-        missing.append("lm_head.weight (an ImageGPTForCausalImageModeling checkpoint has it)")
+    if "lm_head.weight" not in w and "score.weight" not in w:
+        missing.append("lm_head.weight or score.weight (ImageGPTForCausalImageModeling / ForImageClassification)")
     if missing:
         raise ConversionError(f"missing tensors: {missing}")
     _refuse_biases(w, n_layers)
@@ -143,38 +140,96 @@ def params_from_huggingface(w: dict[str, np.ndarray], config: ml_collections.Con
             "mlp": {"fc": layer("mlp.c_fc.weight"), "proj": layer("mlp.c_proj.weight")},
         },
         "ln_f": {"scale": w["ln_f.weight"]},
-        "head": w["lm_head.weight"].T,
-    }
+        # A classification checkpoint has no generative head: it starts at zero, as OpenAI's does.
+        "head": w["lm_head.weight"].T if "lm_head.weight" in w else np.zeros((d, m.vocab_size), np.float32),
+    } | ({"classifier": w["score.weight"].T} if "score.weight" in w else {})
 
 
 def from_huggingface(path: str | os.PathLike) -> tuple[model_lib.IGPT, ml_collections.ConfigDict]:
     """(model, config) from a Hugging Face ImageGPT save_pretrained folder; nothing is downloaded."""
     hf = json.loads((Path(path) / "config.json").read_text())
     config = config_from_huggingface(hf)
-    params = params_from_huggingface(read_huggingface_weights(path), config)
-    model = model_lib.abstract(config)
-    state = nnx.state(model, nnx.Param)
-    _check_shapes(state, params)
-    pd = model_lib.DTYPES[config.model.param_dtype]
-    nnx.replace_by_pure_dict(state, _map(lambda x: jnp.asarray(x, pd), params))
-    nnx.update(model, state)
-    return model, config
+    return build(config, params_from_huggingface(read_huggingface_weights(path), config)), config
 
 
-def _map(fn, tree: dict) -> dict:
-    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-def _check_shapes(state: nnx.State, params: dict) -> None:
-    expected = nnx.to_pure_dict(state)
+def clusters_from_huggingface(path: str | os.PathLike) -> np.ndarray | None:
+    """The palette a hub-style folder carries: `clusters` of its preprocessor_config.json ((K, 3) in [-1, 1], as
+    OpenAI's kmeans_centers.npy), or None without one."""
+    file = Path(path) / PREPROCESSOR_FILE
+    if not file.exists():
+        return None
+    clusters = json.loads(file.read_text()).get("clusters")
+    return None if clusters is None else np.asarray(clusters, np.float32)
 
-    def walk(e, p, prefix):
-        for key in e:
-            if key not in p:
-                raise ConversionError(f"no weights for {prefix}{key}")
-            if isinstance(e[key], dict):
-                walk(e[key], p[key], f"{prefix}{key}.")
-            elif tuple(e[key].shape) != tuple(p[key].shape):
-                raise ConversionError(f"{prefix}{key}: checkpoint shape {p[key].shape}, model expects {e[key].shape}")
 
-    walk(expected, params, "")
+def to_huggingface_tensors(params: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """Our parameter tree (numpy, layers stacked) under ImageGPTForCausalImageModeling's names and layouts, with the
+    zero biases its Conv1D layers carry; a classification head is not exported (the causal model has none)."""
+    m = config.model
+    d, n_layers = m.embed_dim, m.num_layers
+    blocks, attn = params["blocks"], params["blocks"]["attn"]
+    out = {
+        "transformer.wte.weight": np.concatenate([params["wte"], params["sos"][None]]),
+        "transformer.wpe.weight": params["wpe"],
+        "transformer.ln_f.weight": params["ln_f"]["scale"],
+        "lm_head.weight": params["head"].T,
+    }
+    for i in range(n_layers):
+        qkv = [attn[name][i].reshape(d, d) for name in ("query", "key", "value")]
+        layer = {
+            "ln_1.weight": blocks["ln_1"]["scale"][i],
+            "attn.c_attn.weight": np.concatenate(qkv, axis=1),
+            "attn.c_attn.bias": np.zeros(3 * d, np.float32),
+            "attn.c_proj.weight": attn["out"][i].reshape(d, d),
+            "attn.c_proj.bias": np.zeros(d, np.float32),
+            "ln_2.weight": blocks["ln_2"]["scale"][i],
+            "mlp.c_fc.weight": blocks["mlp"]["fc"][i],
+            "mlp.c_fc.bias": np.zeros(blocks["mlp"]["fc"].shape[-1], np.float32),
+            "mlp.c_proj.weight": blocks["mlp"]["proj"][i],
+            "mlp.c_proj.bias": np.zeros(d, np.float32),
+        }
+        out.update({f"transformer.h.{i}.{name}": value for name, value in layer.items()})
+    return {name: np.ascontiguousarray(value, np.float32) for name, value in out.items()}
+
+
+def huggingface_config(config: ml_collections.ConfigDict) -> dict:
+    """ImageGPTConfig's fields for our model (no dropout: OpenAI trained without it)."""
+    m = config.model
+    return {
+        "architectures": ["ImageGPTForCausalImageModeling"],
+        "model_type": "imagegpt",
+        "vocab_size": m.vocab_size + 1,
+        "n_positions": m.num_positions,
+        "n_embd": m.embed_dim,
+        "n_layer": m.num_layers,
+        "n_head": m.num_heads,
+        "n_inner": None,
+        "activation_function": "quick_gelu",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": m.norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+    }
+
+
+def preprocessor_config(config: ml_collections.ConfigDict, clusters: np.ndarray | None) -> dict:
+    """ImageGPTImageProcessor's settings: the palette and the model's image size."""
+    size = config.model.image_size
+    return {
+        "image_processor_type": "ImageGPTImageProcessor",
+        "clusters": None if clusters is None else np.asarray(clusters, np.float32).tolist(),
+        "do_resize": True,
+        "size": {"height": size, "width": size},
+        "resample": 2,
+        "do_normalize": True,
+        "do_color_quantize": True,
+    }

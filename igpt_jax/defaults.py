@@ -1,0 +1,172 @@
+"""The complete config: every key the project reads, with iGPT-S defaults at 32x32.
+
+Library code builds configs from here (the converter describes an imported model with `make_config`); the config
+files in configs/ start from `make_config` too, through configs/base.py, and change only what differs, so a key
+exists in one place. A config file's `get_config(arg)` takes an optional argument after the file name on the command
+line: `--config=configs/igpt_l.py:48` or `--config=configs/igpt_l.py:image_size=48` sets the image side (and with it
+the context length and the position table). Any key can then be overridden: `--config.model.num_layers=2`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Keys accepted in the `:ARG` part of --config, with their types. The rest is set with --config.KEY=VALUE.
+ARG_KEYS = {"image_size": int}
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """Parses `48` or `image_size=48` into {'image_size': 48}; unknown keys are refused by name."""
+    out = dict(defaults)
+    if not arg:
+        return out
+    for part in str(arg).split(","):
+        key, sep, value = part.partition("=")
+        if not sep:  # a bare value is the image size
+            key, value = "image_size", key
+        key = key.strip()
+        if key not in ARG_KEYS:
+            raise ValueError(f"config argument {key!r} is unknown; allowed: {sorted(ARG_KEYS)}")
+        try:
+            out[key] = ARG_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} is not a {ARG_KEYS[key].__name__}") from None
+    return out
+
+
+def make_config(
+    *,
+    image_size: int = 32,
+    num_layers: int = 24,
+    embed_dim: int = 512,
+    num_heads: int = 8,
+    learning_rate: float = 0.003,
+) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 128  # global, in images (the paper's batch for S/M/L)
+    c.total_steps = 1_000_000
+    c.microbatches = 1  # gradient accumulation: each step runs batch_size / microbatches at a time
+    c.log_every_steps = 100
+    c.eval_every_steps = 5_000
+    c.eval_examples = 0  # images of the eval split each evaluation reads, in order; 0: all of them
+    c.checkpoint_every_steps = 5_000
+    c.keep_checkpoints = 3
+    # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
+    c.watchdog_seconds = 1800
+    # What a relaunch restores from the workdir's newest checkpoint: 'all' (step, parameters, optimizer state) or
+    # 'params' (step and parameters; the optimizer state too where it still fits, else a new one), which also
+    # accepts config changes that 'all' refuses (see igpt_jax/resume.py).
+    c.restore = "all"
+    c.checkpoint_step = 0  # the checkpoint that eval, probe and sample read; 0: the newest
+    c.objective = "ar"  # 'ar': next pixel in raster order; 'bert': masked pixels
+    c.bert_mask_prob = 0.15
+
+    c.model = ml_collections.ConfigDict()
+    c.model.num_layers = num_layers
+    c.model.embed_dim = embed_dim
+    c.model.num_heads = num_heads
+    c.model.mlp_ratio = 4
+    c.model.image_size = image_size
+    # Rows of the learned position table; image_size**2 must fit. Kept separate from image_size so a checkpoint's
+    # table size is explicit (OpenAI's 32x32 models have 1024 rows).
+    c.model.num_positions = image_size * image_size
+    c.model.vocab_size = 512  # palette colours (the SOS is a separate learned vector, not a vocabulary row)
+    c.model.norm_eps = 1e-5
+    c.model.dtype = "float32"  # compute dtype; 'bfloat16' on accelerators. Logits and loss are always fp32.
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # see igpt_jax.model.REMAT_POLICIES
+    c.model.scan_layers = True
+    c.model.attention = "auto"  # see igpt_jax.attention.IMPLEMENTATIONS
+    # Classes of a linear head on the mean-pooled ln_f output (zero-initialised); 0: none. --mode=finetune sets it.
+    c.model.num_classes = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "imagenet2012"
+    c.data.data_dir = ""  # TFDS data_dir; empty: TFDS's default
+    c.data.manual_dir = ""  # where manual downloads (ILSVRC tars) live; empty: <data_dir>/downloads/manual
+    c.data.train_split = "train"
+    # 'heldout': the paper's held-out end of train_split (ImageNet 4%, CIFAR and STL-10 10%), kept out of training
+    c.data.eval_split = "validation"
+    c.data.flip = False  # random horizontal flips in training (the paper mentions none for pretraining)
+    c.data.prefetch = 2  # batches prepared ahead of the device by a background thread
+    c.data.palette = ""  # path to a (K, 3) kmeans_centers.npy; empty: fit k-means on the train split
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95  # the paper: 0.999 caused loss spikes
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.warmup_steps = 10_000  # about one ImageNet epoch at batch 128
+    c.optimizer.schedule = "cosine"
+    c.optimizer.grad_clip_norm = 0.0  # 0 turns clipping off
+
+    # Mesh axis sizes; one -1 per dict takes what is left. ici: within a slice/host, dcn: across them.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
+    c.mesh.dcn = {"data": -1, "fsdp": 1, "tensor": 1}
+    # Logical axis -> mesh axes (tuples are tried as a group). Parameters: embed/mlp/heads/kv/vocab/layers;
+    # activations: act_batch/act_len/act_embed.
+    c.logical_axis_rules = [
+        ("act_batch", ("data", "fsdp")),
+        ("act_len", None),
+        ("act_embed", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv", None),
+        ("vocab", "tensor"),
+        ("layers", None),
+    ]
+
+    # Linear probe (--mode=probe, or during training): logistic regression on each layer's mean-pooled ln_1 output.
+    c.probe = ml_collections.ConfigDict()
+    c.probe.dataset = "cifar10"
+    c.probe.train_split = "train"
+    c.probe.test_split = "test"
+    c.probe.train_examples = 0  # the first n of each split; 0: all of it
+    c.probe.test_examples = 0
+    c.probe.layers = ()  # block indices 0 .. num_layers-1 whose input is probed; empty: every layer
+    c.probe.baselines = True  # also probe raw pixels and the run's own randomly initialised model
+    # 'lbfgs': full batch, every train feature held (CIFAR-sized sets); 'sgd': features streamed through minibatch SGD
+    # with momentum and a cosine learning rate, memory flat in the number of images (ImageNet-sized); 'auto': lbfgs
+    # while the train features take at most 2 GiB.
+    c.probe.solver = "auto"
+    c.probe.sgd_epochs = 10
+    c.probe.sgd_learning_rate = 0.1  # on standardised features
+    c.probe.every_steps = 0  # during training: probe every this many steps (0: never) ...
+    c.probe.at_end = False  # ... and/or once at the end
+
+    # Fine-tuning (--mode=finetune): the workdir's checkpoint (or config.checkpoint_step) plus a classification head,
+    # trained on generative + classification loss (the paper's 1:1) as its own resumable run in workdir/finetune/.
+    # The paper's recipe: the pretraining batch and Adam, no cosine decay, a learning rate about 10x smaller.
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.dataset = "cifar10"
+    c.finetune.train_split = "train"
+    c.finetune.test_split = "test"
+    c.finetune.test_examples = 0  # the first n test images each evaluation reads; 0: all of them
+    c.finetune.steps = 10_000
+    c.finetune.learning_rate = 0.0  # 0: the pretraining learning rate / 10
+    c.finetune.warmup_steps = 100
+    c.finetune.schedule = "constant"  # after warmup; see igpt_jax.optim.SCHEDULES
+    c.finetune.generative_weight = 1.0  # loss = generative_weight * generative + classification; 0: the head alone
+    c.finetune.eval_every_steps = 1_000
+    c.finetune.checkpoint_every_steps = 1_000
+
+    # Sampling (--mode=sample, or during training): a grid of unconditional samples and one of completions, the
+    # paper's layout (the given top of a held-out image | completions | the original), in workdir/samples/.
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num_images = 16  # unconditional samples; 0: none
+    c.sample.completion_images = 4  # held-out images (the eval split's first) whose bottom is sampled; 0: none
+    c.sample.completions_per_image = 4
+    c.sample.completion = 0.5  # the fraction of rows given (0.5: the top half)
+    c.sample.temperature = 1.0  # 0: greedy
+    c.sample.top_k = 0  # 0: no top-k (the paper samples from the full distribution)
+    c.sample.seed = 0  # image j of a seed is the same whatever the batch or the number of devices
+    c.sample.batch_size = 0  # images per sampling call (their KV cache is on the devices); 0: config.batch_size
+    c.sample.every_steps = 0  # during training: sample every this many steps (0: never) ...
+    c.sample.at_end = False  # ... and/or once at the end
+
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""  # e.g. 'v5p:4x4x4'
+    return c

@@ -1,0 +1,256 @@
+"""Pretrained weights: OpenAI's TF1 checkpoints import with logits equal to an independent reference of OpenAI's
+forward pass, Hugging Face -> ours -> Hugging Face keeps logits, config and clusters, an imported workdir runs the
+modes with no training, and a checkpoint whose shapes do not fit its names stops in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, TFDS_TEST_DIR, read_metrics, run_main
+from transformers import (
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+    ImageGPTForImageClassification,
+    ImageGPTImageProcessor,
+)
+
+from igpt_jax import convert
+
+SIDE, D, HEADS, LAYERS, VOCAB = 4, 32, 4, 2, 16
+
+# --- OpenAI's checkpoints
+
+
+def _openai_variables(rng: np.random.Generator, *, bert: bool, classes: int = 0) -> dict[str, np.ndarray]:
+    """A random model in OpenAI's names and layouts (src/model.py), gains away from 1 so a dropped one shows."""
+
+    def normal(*shape, scale=0.3):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    v = {"model/wte": normal(VOCAB, D), "model/wpe": normal(SIDE * SIDE, D), "model/wtet": normal(VOCAB, D)}
+    v["model/ln_f/g"] = 1 + normal(D)
+    if not bert:
+        v["model/sos"] = normal(D)
+    for i in range(LAYERS):
+        for name in ("ln_1/g", "ln_2/g"):
+            v[f"model/h{i}/{name}"] = 1 + normal(D)
+        for name in ("q_proj", "k_proj", "v_proj", "c_proj"):
+            v[f"model/h{i}/attn/{name}"] = normal(HEADS, D // HEADS, D)
+        v[f"model/h{i}/mlp/c_fc/w"] = normal(D, 4 * D)
+        v[f"model/h{i}/mlp/c_proj/w"] = normal(4 * D, D, scale=0.1)
+    if classes:
+        v["model/clf/wclf"] = normal(classes, D)
+    return v
+
+
+def _save_tf1(prefix, variables: dict[str, np.ndarray]) -> None:
+    """A TF1 (V2 format) checkpoint with these names, plus the optimizer slots and counters OpenAI's files carry."""
+    import tensorflow as tf
+
+    extra = {f"{name}/Adam": np.zeros_like(value) for name, value in list(variables.items())[:3]}
+    extra["global_step"] = np.array(1000, np.int64)
+    everything = variables | extra
+    names = sorted(everything)
+    tf.raw_ops.SaveV2(
+        prefix=str(prefix),
+        tensor_names=names,
+        shape_and_slices=[""] * len(names),
+        tensors=[tf.constant(everything[n]) for n in names],
+    )
+
+
+def _openai_forward(v: dict[str, np.ndarray], tokens: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """OpenAI's model() in numpy, written from src/model.py: gen_logits [B, N, V]. `keep` (BERT): 1 where the input
+    embedding is kept, 0 where masked."""
+
+    def norm(x, g):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-5) * g
+
+    h = v["model/wte"][tokens]
+    b, n = tokens.shape
+    if keep is None:
+        h = np.concatenate([np.broadcast_to(v["model/sos"], (b, 1, D)), h[:, :-1]], axis=1)
+    else:
+        h = h * keep[..., None]
+    h = h + v["model/wpe"][:n]
+    for i in range(LAYERS):
+        p = f"model/h{i}/"
+        x = norm(h, v[p + "ln_1/g"])
+        q, k, val = (np.einsum("bsf,hef->bhse", x, v[p + f"attn/{w}_proj"]) for w in ("q", "k", "v"))
+        w = q @ k.transpose(0, 1, 3, 2) / np.sqrt(D // HEADS)
+        if keep is None:
+            mask = np.tril(np.ones((n, n)))
+            w = w * mask - 1e10 * (1 - mask)
+        w = np.exp(w - w.max(-1, keepdims=True))
+        a = (w / w.sum(-1, keepdims=True)) @ val
+        h = h + np.einsum("bhse,hef->bsf", a, v[p + "attn/c_proj"])
+        x = norm(h, v[p + "ln_2/g"])
+        f = x @ v[p + "mlp/c_fc/w"]
+        h = h + (f / (1 + np.exp(-1.702 * f))) @ v[p + "mlp/c_proj/w"]
+    return norm(h, v["model/ln_f/g"]) @ v["model/wtet"].T
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_openai_checkpoint_logits_equal_openais_forward_pass(tmp_path, objective):
+    rng = np.random.default_rng(0)
+    variables = _openai_variables(rng, bert=objective == "bert", classes=3)
+    _save_tf1(tmp_path / "model.ckpt-1000", variables)
+    clusters = rng.uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    np.save(tmp_path / "kmeans_centers.npy", clusters)
+
+    model, config, palette = convert.from_openai(tmp_path / "model.ckpt-1000", tmp_path / "kmeans_centers.npy")
+    assert config.objective == objective  # inferred: an AR checkpoint has `sos`, a BERT one does not
+    assert (config.model.num_layers, config.model.embed_dim, config.model.num_heads) == (LAYERS, D, HEADS)
+    assert (config.model.image_size, config.model.vocab_size, config.model.num_classes) == (SIDE, VOCAB, 3)
+    np.testing.assert_array_equal(palette, clusters)
+
+    tokens = rng.integers(0, VOCAB, (3, SIDE * SIDE))
+    keep = (rng.random(tokens.shape) > 0.15).astype(np.float32) if objective == "bert" else None
+    expected = _openai_forward(variables, tokens, keep)
+    mask = None if keep is None else jnp.asarray(keep == 0)
+    logits, out = model(jnp.asarray(tokens), mask=mask)
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
+    pooled = _openai_pooled(variables, tokens, keep)  # the head on the pooled ln_f output: OpenAI's clf_logits
+    np.testing.assert_allclose(np.asarray(out["class_logits"]), pooled @ variables["model/clf/wclf"].T, atol=1e-5)
+
+
+def _openai_pooled(v, tokens, keep):
+    """mean over positions of ln_f's output, from the logits' pre-image: rerun the reference and stop before wtet."""
+    wtet = v["model/wtet"]
+    v = dict(v, **{"model/wtet": np.eye(D, dtype=np.float32)})  # identity head: logits = ln_f output
+    out = _openai_forward(v, tokens, keep).mean(axis=1)
+    v["model/wtet"] = wtet
+    return out
+
+
+def test_unknown_variables_are_named_with_their_shapes(tmp_path):
+    variables = _openai_variables(np.random.default_rng(1), bert=False)
+    variables["model/h1/attn/bias"] = np.zeros((D,), np.float32)
+    _save_tf1(tmp_path / "model.ckpt-1", variables)
+    with pytest.raises(convert.ConversionError, match=r"no place for: model/h1/attn/bias \(32,\)"):
+        convert.from_openai(tmp_path / "model.ckpt-1")
+
+
+def test_a_shape_that_does_not_fit_its_name_stops_in_one_line(tmp_path):
+    variables = _openai_variables(np.random.default_rng(2), bert=False)
+    variables["model/h1/mlp/c_fc/w"] = np.zeros((D, 3 * D), np.float32)
+    _save_tf1(tmp_path / "model.ckpt-1", variables)
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.convert", "--from=openai", f"--src={tmp_path / 'model.ckpt-1'}"]
+        + [f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]  # after TensorFlow's start-up chatter, no traceback: one line
+    assert "Traceback" not in result.stderr
+    assert line.startswith("igpt: model/h1/mlp/c_fc/w has shape (32, 96) but ") and line.endswith("make it (32, 128)")
+    assert not (tmp_path / "w").exists()
+
+
+# --- Hugging Face
+
+
+def _random_hf(cls=ImageGPTForCausalImageModeling, side: int = SIDE, **extra):
+    torch.manual_seed(0)
+    hf_config = ImageGPTConfig(
+        vocab_size=VOCAB + 1, n_positions=side * side, n_embd=D, n_layer=LAYERS, n_head=HEADS, **extra
+    )
+    hf = cls(hf_config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+            elif name.endswith(("lm_head.weight", "score.weight")):
+                p.copy_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias") and "attn.bias" not in name:
+                p.zero_()  # OpenAI's weights carry none; HF initialises them to zero too
+    return hf
+
+
+def _hf_logits(hf, tokens: np.ndarray) -> np.ndarray:
+    sos = np.full((len(tokens), 1), VOCAB)
+    with torch.no_grad():
+        return hf(torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1))).logits.numpy()
+
+
+def test_huggingface_round_trip_keeps_logits_config_and_clusters(tmp_path):
+    hf = _random_hf()
+    hf.save_pretrained(tmp_path / "hf")
+    clusters = np.random.default_rng(3).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    ImageGPTImageProcessor(clusters=clusters, size={"height": SIDE, "width": SIDE}).save_pretrained(tmp_path / "hf")
+
+    from igpt_jax.convert import __main__ as cli
+
+    cli.run(cli.parse(["--from=huggingface", f"--src={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}"]))
+    assert np.array_equal(np.load(tmp_path / "w" / "palette.npy"), clusters)
+    cli.run(cli.parse(["--to=huggingface", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'back'}"]))
+
+    back = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "back").eval()
+    tokens = np.random.default_rng(4).integers(0, VOCAB, (3, SIDE * SIDE))
+    expected = _hf_logits(hf, tokens)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(_hf_logits(back, tokens), expected, atol=1e-5, rtol=0)
+    for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon"):
+        assert getattr(back.config, key) == getattr(hf.config, key), key
+    processor = ImageGPTImageProcessor.from_pretrained(tmp_path / "back")
+    np.testing.assert_array_equal(np.asarray(processor.clusters), clusters)
+    assert processor.size == {"height": SIDE, "width": SIDE}
+
+
+def test_huggingface_classification_head_becomes_the_finetune_head(tmp_path):
+    hf = _random_hf(ImageGPTForImageClassification, num_labels=5)
+    hf.save_pretrained(tmp_path)
+    model, config = convert.from_huggingface(tmp_path)
+    assert config.model.num_classes == 5
+    tokens = np.random.default_rng(5).integers(0, VOCAB, (3, SIDE * SIDE))
+    with torch.no_grad():
+        expected = hf(torch.tensor(np.concatenate([np.full((3, 1), VOCAB), tokens[:, :-1]], axis=1))).logits.numpy()
+    _, out = model(jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(out["class_logits"]), expected, atol=1e-5, rtol=0)
+
+
+def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_path):
+    side = 8  # Fashion-MNIST resized to 8x8
+    hf = _random_hf(side=side)
+    hf.save_pretrained(tmp_path / "hf")
+    grey = np.linspace(-1, 1, VOCAB, dtype=np.float32)
+    np.save(tmp_path / "clusters.npy", np.stack([grey] * 3, axis=1))
+    workdir = tmp_path / "w"
+    imported = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.convert", "--from=huggingface", f"--src={tmp_path / 'hf'}"]
+        + [f"--clusters={tmp_path / 'clusters.npy'}", "--dataset=fashion_mnist", f"--workdir={workdir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert imported.stdout.strip().endswith(str(workdir / "checkpoints" / "0"))
+    assert json.loads((workdir / "config.json").read_text())["model"]["embed_dim"] == D
+
+    common = ["--config=configs/fashion_mnist.py:8", f"--workdir={workdir}", f"--config.data.data_dir={TFDS_TEST_DIR}"]
+    modes = {
+        "eval": ["--config.eval_examples=32"],
+        "sample": ["--config.sample.num_images=4", "--config.sample.completion_images=1"],
+        "probe": [
+            "--config.probe.train_examples=100",
+            "--config.probe.test_examples=50",
+            "--config.probe.baselines=False",
+        ],
+    }
+    for mode, flags in modes.items():
+        result = run_main(f"--mode={mode}", *common, *flags)
+        assert result.returncode == 0, (mode, result.stderr[-2000:])
+    rows = read_metrics(workdir)
+    assert [r["mode"] for r in rows] == ["eval", "sample", "probe"] and all(r["step"] == 0 for r in rows)
+    assert 0 < rows[0]["loss"] < 10 and (workdir / "samples" / "step_00000000.png").exists()
