@@ -71,13 +71,17 @@ def allowed_names() -> list[str]:
     return ["auto", *IMPLEMENTATIONS]
 
 
-def get(name: str, backend: str | None = None) -> AttentionFn:
-    """Returns the attention function called `name`; `auto` resolves by backend (default: JAX's)."""
+def resolve(name: str, backend: str | None = None) -> str:
+    """The implementation's name: `name` itself, or for `auto` the best registered for `backend` (default: JAX's;
+    the compile-only planner passes its target's platform, not the host's)."""
     if name == "auto":
         backend = backend or jax.default_backend()
-        for candidate in _AUTO_PREFERENCE.get(backend, ("xla",)):
-            if candidate in IMPLEMENTATIONS:
-                return IMPLEMENTATIONS[candidate]
+        name = next((c for c in _AUTO_PREFERENCE.get(backend, ()) if c in IMPLEMENTATIONS), "xla")
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={name!r} is unknown; allowed: {allowed_names()}")
-    return IMPLEMENTATIONS[name]
+    return name
+
+
+def get(name: str, backend: str | None = None) -> AttentionFn:
+    """Returns the attention function called `name`; `auto` resolves by backend (see `resolve`)."""
+    return IMPLEMENTATIONS[resolve(name, backend)]

@@ -126,6 +126,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "sample.seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
     "sample.batch_size": (_nonnegative_int, "an integer >= 0 (0: config.batch_size)"),
     "sample.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
+    "compile.num_slices": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
 }
 FLOAT32_MAX = 3.4028234663852886e38
 

@@ -167,6 +167,8 @@ def make_config(
     c.sample.every_steps = 0  # during training: sample every this many steps (0: never) ...
     c.sample.at_end = False  # ... and/or once at the end
 
+    # --mode=compile: compile the train step for a TPU topology from any host (igpt_jax/planner.py).
     c.compile = ml_collections.ConfigDict()
-    c.compile.topology = ""  # e.g. 'v5p:4x4x4'
+    c.compile.topology = ""  # 'v5p:4x4x4' or 'v5p-128' (v4/v5p count 2 cores a chip; v5e/v6e count chips)
+    c.compile.num_slices = 1  # multislice: slices joined over DCN (config.mesh.dcn spans them)
     return c

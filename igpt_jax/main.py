@@ -27,13 +27,14 @@ MODES: dict[str, str] = {
     "probe": "igpt_jax.probe",
     "finetune": "igpt_jax.finetune",
     "sample": "igpt_jax.sampling",
+    "compile": "igpt_jax.planner",
 }
 
 
 def known_errors() -> dict[type[BaseException], int]:
     """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
     reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
-    from igpt_jax import checkpoint, distributed, resume, run_lock, runtime, sampling, sharding
+    from igpt_jax import checkpoint, distributed, hardware, planner, resume, run_lock, runtime, sampling, sharding
     from igpt_jax.data import preprocess
 
     usage = (
@@ -46,9 +47,11 @@ def known_errors() -> dict[type[BaseException], int]:
         runtime.PaletteMismatchError,
         runtime.NoCheckpointError,
         sampling.SamplingError,
+        hardware.TopologyError,
     )
     failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
-    return {error: 2 for error in usage} | {error: 1 for error in failures}
+    verdicts = {planner.DoesNotFit: 3}  # --mode=compile: the step does not fit the topology
+    return {error: 2 for error in usage} | {error: 1 for error in failures} | verdicts
 
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -17,22 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import storage, tensorboard
+from igpt_jax import hardware, storage, tensorboard
 from igpt_jax.model import tokens_per_image
-
-# Dense bf16 peak FLOP/s per chip (vendor figures, not the 2:4-sparse ones).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
 
 
 def flops_per_token(config: ml_collections.ConfigDict) -> float:
@@ -60,9 +46,9 @@ def _measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
 def peak_flops_per_device() -> tuple[float, str]:
     """(peak FLOP/s of one device, where the figure comes from)."""
     device = jax.devices()[0]
-    for prefix, peak in PEAK_FLOPS.items():
-        if device.device_kind.startswith(prefix):
-            return peak, f"{prefix} bf16 dense peak"
+    chip = hardware.chip_of(device.device_kind)
+    if chip is not None:
+        return chip.peak_flops, f"{chip.name} bf16 dense peak (igpt_jax/hardware.py)"
     if device.platform == "cpu":
         per_device = _measured_cpu_peak() / jax.local_device_count()
         return per_device, "measured fp32 matmul throughput of this CPU, split over its JAX devices"

@@ -136,12 +136,15 @@ def _granules(devices: Sequence[jax.Device]) -> int:
     return len({d.process_index for d in devices})
 
 
-def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh.ici` (within a slice/host) x `config.mesh.dcn` (across)."""
+def make_mesh(config, devices: Sequence[jax.Device] | None = None, *, granules: int | None = None) -> jax.sharding.Mesh:
+    """The (data, fsdp, tensor) mesh of `config.mesh.ici` (within a slice/host) x `config.mesh.dcn` (across).
+
+    `granules` (default: counted from the devices) is how many units `mesh.dcn` spans: a compile-only topology's
+    abstract devices carry no slice index and one process index per host, so the planner says how many slices."""
     from jax.experimental import mesh_utils
 
     devices = list(devices if devices is not None else jax.devices())
-    granules = _granules(devices)
+    granules = granules or _granules(devices)
     dcn = _resolve(dict(config.mesh.dcn), granules, "config.mesh.dcn")
     ici = _resolve(dict(config.mesh.ici), len(devices) // granules, "config.mesh.ici")
     if math.prod(dcn.values()) > 1:

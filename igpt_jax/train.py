@@ -108,7 +108,7 @@ def loop(rt: runtime.Runtime) -> dict:
     # --- steps, and the same program on every process (checked before the first collective can hang on it)
     train_step = steps.make_train_step(setup)
     eval_step = steps.make_eval_step(setup)
-    lowered = train_step.lower(setup.abstract_state, pipeline.abstract_batch(source, config, mesh), clusters)
+    lowered = train_step.lower(setup.abstract_state, pipeline.abstract_batch(source.kind, config, mesh), clusters)
     distributed.check_same_program(distributed.fingerprint(lowered))
 
     # --- metrics: rows after the resumed step belong to the interrupted run's lost steps

@@ -53,20 +53,19 @@ def load_rows(
     return rows_out
 
 
-def _global_shape(source: Source, config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    if source.kind == "tokens":
+def _global_shape(kind: str, config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    if kind == "tokens":
         return (config.batch_size, tokens_per_image(config))
     size = config.model.image_size
     return (config.batch_size, size, size, 3)
 
 
-def abstract_batch(source: Source, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
-    """The batch's shapes, dtypes and shardings, for lowering the train step without data."""
-    shape = _global_shape(source, config)
-    dtype = np.int32 if source.kind == "tokens" else np.uint8
-    batch = {
-        source.kind: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(config, mesh, len(shape)))
-    }
+def abstract_batch(kind: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> dict:
+    """The batch's shapes, dtypes and shardings for a source of `kind` ('images' or 'tokens'), for lowering the
+    train step without data."""
+    shape = _global_shape(kind, config)
+    dtype = np.int32 if kind == "tokens" else np.uint8
+    batch = {kind: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(config, mesh, len(shape)))}
     if with_labels(config):
         batch["labels"] = jax.ShapeDtypeStruct(
             (config.batch_size,), np.int32, sharding=sharding.batch_sharding(config, mesh, 1)
@@ -84,7 +83,7 @@ def global_batch(
     train: bool = True,
 ) -> dict[str, jax.Array]:
     """Step `step`'s global batch, sharded over the mesh's batch axes, loaded process-locally."""
-    specs = abstract_batch(source, config, mesh)
+    specs = abstract_batch(source.kind, config, mesh)
     first = specs[source.kind]
     local = load_rows(source, split, config, step, local_rows(first.sharding, first.shape), train=train)
     return {

@@ -230,6 +230,12 @@ SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
 }
 
 
+def kind(dataset: str) -> str:
+    """What a data set's batches hold, 'images' or 'tokens', without opening it (the compile-only planner)."""
+    factory = SOURCES[dataset]
+    return getattr(factory, "kind", None) or factory.func.kind
+
+
 def get_source(config: ml_collections.ConfigDict) -> Source:
     name = config.data.dataset
     if name not in SOURCES:
@@ -237,4 +243,4 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
     return SOURCES[name](config)
 
 
-__all__ = ["HELDOUT", "HELDOUT_PERCENT", "SOURCES", "Source", "TfdsSpec", "get_source", "splits"]
+__all__ = ["HELDOUT", "HELDOUT_PERCENT", "SOURCES", "Source", "TfdsSpec", "get_source", "kind", "splits"]

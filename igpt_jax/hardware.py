@@ -1,0 +1,101 @@
+"""Accelerator facts in one table: per chip, HBM (TPUs in GiB as Google states it, GPUs in GB as NVIDIA does), dense
+bf16 peak FLOP/s and HBM bandwidth (vendor figures), the
+device kinds JAX reports for it, and how its slices are named.
+
+Training's MFU (metrics.peak_flops_per_device) and the compile-only planner's fit and roofline (planner.py) read
+this table, and the planner turns topology names into `jax.experimental.topologies` devices here: MaxText-style
+`v5p-128` (v4 and v5p count TensorCores, two a chip: 64 chips, 4x4x4; v5e and v6e count chips) or an explicit
+shape, `v5p:4x4x4`, `v5e:4x4`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+
+GB, GIB = 1e9, float(1 << 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    device_kinds: tuple[str, ...]  # jax's Device.device_kind prefixes for this chip
+    hbm_bytes: float
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    cores_per_chip: int = 1  # TensorCores a chip counts for in slice names like v5p-128
+    topology_dims: int = 2  # 3 for the 3-D torus chips (v4, v5p)
+
+
+CHIPS: dict[str, Chip] = {
+    chip.name: chip
+    for chip in (
+        Chip("v4", ("TPU v4",), 32 * GIB, 275e12, 1228 * GB, cores_per_chip=2, topology_dims=3),
+        Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, 819 * GB),
+        Chip("v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, 2765 * GB, cores_per_chip=2, topology_dims=3),
+        Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, 1640 * GB),
+        Chip("a100", ("NVIDIA A100",), 80 * GB, 312e12, 2039 * GB),
+        Chip("h100", ("NVIDIA H100",), 80 * GB, 989e12, 3350 * GB),
+        Chip("h200", ("NVIDIA H200",), 141 * GB, 989e12, 4800 * GB),
+    )
+}
+
+
+def chip_of(device_kind: str) -> Chip | None:
+    """The table's chip for a jax device kind ('TPU v5 lite' is a v5e, 'TPU v5' a v5p), or None."""
+    matches = [(p, chip) for chip in CHIPS.values() for p in chip.device_kinds if device_kind.startswith(p)]
+    return max(matches, key=lambda m: len(m[0]))[1] if matches else None
+
+
+class TopologyError(ValueError):
+    """A topology name the planner cannot read; the message says what is allowed."""
+
+
+def topology_shape(name: str) -> tuple[Chip, tuple[int, ...]]:
+    """(chip, slice shape in chips) of 'v5p:4x4x4' or 'v5p-128'."""
+    match = re.fullmatch(r"(v\d+[a-z]*)(?::(\d+(?:x\d+)*)|-(\d+))", name.strip())
+    if not match or match.group(1) not in CHIPS:
+        raise TopologyError(
+            f"config.compile.topology={name!r}: expected CHIP:SHAPE (v5p:4x4x4, v5e:4x4) or CHIP-CORES (v5p-128, "
+            f"v5e-16), CHIP one of {[c for c in CHIPS if c.startswith('v')]}"
+        )
+    chip = CHIPS[match.group(1)]
+    if match.group(2):
+        shape = tuple(int(x) for x in match.group(2).split("x"))
+        if len(shape) != chip.topology_dims:
+            raise TopologyError(f"{name}: a {chip.name} slice has {chip.topology_dims} dimensions")
+        return chip, shape
+    cores = int(match.group(3))
+    if cores % chip.cores_per_chip:
+        raise TopologyError(f"{name}: {chip.name} slices count {chip.cores_per_chip} cores a chip")
+    return chip, _slice_shape(cores // chip.cores_per_chip, chip.topology_dims)
+
+
+def _slice_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The usual slice shape for a chip count: powers of two, as even as they go, the last dimension largest
+    (4 chips: 2x2x1, 64: 4x4x4, 128: 4x4x8; 8 on a 2-D chip: 2x4, 16: 4x4)."""
+    if chips < 1 or chips & (chips - 1):
+        raise TopologyError(f"{chips} chips: slices have a power-of-two number of chips")
+    shape = [1] * dims
+    while math.prod(shape) < chips:
+        smallest = [i for i, s in enumerate(shape) if s == min(shape)]
+        shape[smallest[0] if min(shape) == 1 else smallest[-1]] *= 2  # 2x2x1 first, then 2x2x2, 2x2x4, 2x4x4 ...
+    return tuple(shape)
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """Abstract devices of `num_slices` slices of topology `name`, for compiling on a host without them (libtpu:
+    `pip install igpt_jax[tpu]`)."""
+    from jax.experimental import topologies
+
+    chip, shape = topology_shape(name)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask on a CPU host
+    try:
+        topology = topologies.get_topology_desc(
+            f"{chip.name}:{'x'.join(map(str, shape))}", "tpu", **({"num_slices": num_slices} if num_slices > 1 else {})
+        )
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors
+        raise TopologyError(f"cannot describe {name} ({str(e).splitlines()[0][:200]}); is libtpu installed?") from None
+    return list(topology.devices)

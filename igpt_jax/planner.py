@@ -1,0 +1,234 @@
+"""--mode=compile: does the configured training step fit a TPU topology, and how fast should it run? From any host.
+
+The real train step (steps.make_train_step, the one training compiles) is lowered for the abstract devices of
+`config.compile.topology` (hardware.topology_devices; libtpu compiles for TPU on a CPU host), on the configured mesh,
+with the state's and the batch's shapes from the config: no data set is opened, no array is allocated, nothing is
+written outside the workdir. XLA's memory analysis is what an out-of-memory error would see; its cost analysis gives
+FLOPs and bytes per device, which a roofline turns into a step time, tokens/s and MFU.
+
+XLA counts a scanned layer stack's body once (and the microbatch loop's), so the costs come from two small unscanned
+compiles of the same step, 1 and 2 layers on one microbatch: cost = c1 + (L - 1) (c2 - c1), times the microbatches.
+
+Writes workdir/compile.json and a {"mode": "compile", ...} row in metrics.jsonl, prints a table; a step that does not
+fit ends with the verdict and exit status 3.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from igpt_jax import attention, hardware, metrics, model, sharding, steps, storage
+from igpt_jax.data import pipeline, sources
+
+COMPILE_JSON = "compile.json"
+GIB = 1 << 30
+
+
+class DoesNotFit(Exception):  # noqa: N818 - a verdict, reported with exit status 3
+    """The step needs more memory per device than the chip has; the message is the verdict with the numbers."""
+
+
+def _target_config(config: ml_collections.ConfigDict, platform: str, **changes) -> ml_collections.ConfigDict:
+    """The config as compiled for the target: `auto` attention resolved for its platform, not the host's."""
+    c = config.copy_and_resolve_references()
+    c.model.attention = attention.resolve(c.model.attention, platform)
+    for dotted, value in changes.items():
+        node = c
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def _compile(config: ml_collections.ConfigDict, devices: list, num_slices: int):
+    mesh = sharding.make_mesh(config, devices, granules=num_slices)
+    setup = steps.make_setup(config, mesh)
+    kind = sources.kind(config.data.dataset)
+    batch = pipeline.abstract_batch(kind, config, mesh)
+    clusters = None
+    if kind == "images":
+        clusters = jax.ShapeDtypeStruct((config.model.vocab_size, 3), jnp.float32, sharding=setup.replicated)
+    with jax.set_mesh(mesh):
+        return steps.make_train_step(setup).lower(setup.abstract_state, batch, clusters).compile(), mesh
+
+
+def _cost(compiled) -> tuple[float, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def per_device_cost(config: ml_collections.ConfigDict, devices: list, num_slices: int) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of one device's step, every layer and microbatch counted (module docstring)."""
+    micro = config.microbatches
+    one_micro = {"batch_size": config.batch_size // micro, "microbatches": 1, "model.scan_layers": False}
+    platform = devices[0].platform
+    c1, c2 = (
+        _cost(
+            _compile(_target_config(config, platform, **one_micro, **{"model.num_layers": n}), devices, num_slices)[0]
+        )
+        for n in (1, 2)
+    )
+    layers = config.model.num_layers
+    return tuple(micro * (a + (layers - 1) * (b - a)) for a, b in zip(c1, c2, strict=True))
+
+
+def plan(config: ml_collections.ConfigDict) -> dict:
+    """The report for config.compile.topology: memory per device, fit, XLA and analytic FLOPs, roofline."""
+    c = config.compile
+    chip, shape = hardware.topology_shape(c.topology)
+    devices = hardware.topology_devices(c.topology, c.num_slices)
+    target = _target_config(config, devices[0].platform)
+    chips = math.prod(shape) * c.num_slices
+    per_chip = len(devices) // chips  # devices a chip shows (v4: 2 TensorCores)
+    hbm = chip.hbm_bytes / per_chip
+    mesh = sharding.make_mesh(target, devices, granules=c.num_slices)
+    tokens = config.batch_size * model.tokens_per_image(config)
+    analytic = metrics.flops_per_token(config) * tokens
+    start = time.perf_counter()
+    try:
+        compiled, mesh = _compile(target, devices, c.num_slices)
+    except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that cannot fit at compile time
+        needed = _OUT_OF_MEMORY.search(str(e))
+        if needed is None:
+            raise
+        report = _header(config, chip, shape, devices, mesh, target, tokens)
+        temp = float(needed.group(1)) * _UNITS[needed.group(2)]
+        return report | {
+            "bytes_per_device": {"temp": temp, "total": temp, "hbm": hbm},
+            "fits": False,
+            "analytic_flops_per_step": analytic,
+            "compiler": str(e).splitlines()[0][:300],
+            "compile_seconds": time.perf_counter() - start,
+        }
+    compile_seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    parts = {
+        "argument": memory.argument_size_in_bytes,
+        "output": memory.output_size_in_bytes,
+        "temp": memory.temp_size_in_bytes,
+        "alias": memory.alias_size_in_bytes,
+        "generated_code": memory.generated_code_size_in_bytes,
+    }
+    total = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+    flops, bytes_accessed = per_device_cost(target, devices, c.num_slices)
+    peak, bandwidth = chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip
+    step_seconds = max(flops / peak, bytes_accessed / bandwidth)
+    return _header(config, chip, shape, devices, mesh, target, tokens) | {
+        "bytes_per_device": parts | {"total": total, "hbm": hbm},
+        "fits": total <= hbm,
+        "xla_flops_per_device": flops,
+        "xla_bytes_accessed_per_device": bytes_accessed,
+        "analytic_flops_per_step": analytic,
+        "xla_over_analytic_flops": flops * len(devices) / analytic,
+        "roofline": {
+            "step_seconds": step_seconds,
+            "bound": "compute" if flops / peak >= bytes_accessed / bandwidth else "memory",
+            "tokens_per_sec": tokens / step_seconds,
+            "mfu": analytic / (step_seconds * peak * len(devices)),
+        },
+        "compile_seconds": compile_seconds,
+    }
+
+
+# "... HLO temporaries (502.18G) exceeds available HBM (15.75G)": libtpu's sizes are binary (G = GiB)
+_OUT_OF_MEMORY = re.compile(r"required for [^(]*\(([\d.]+)([KMGT])\) exceeds available HBM")
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _header(config, chip, shape, devices, mesh, target, tokens) -> dict:
+    return {
+        "topology": config.compile.topology,
+        "chip": chip.name,
+        "slice_shape": "x".join(map(str, shape)),
+        "num_slices": config.compile.num_slices,
+        "devices": len(devices),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "attention": target.model.attention,
+        "remat": config.model.remat,
+        "microbatches": config.microbatches,
+        "batch_size": config.batch_size,
+        "tokens_per_step": tokens,
+    }
+
+
+def table(report: dict) -> str:
+    b = report["bytes_per_device"]
+    rows = [
+        ("topology", f"{report['topology']} ({report['devices']} devices, mesh {report['mesh']})"),
+        (
+            "step",
+            f"batch {report['batch_size']}, {report['microbatches']} microbatches, remat {report['remat']}, "
+            f"attention {report['attention']}",
+        ),
+        *(
+            (f"{name} GiB/device", f"{b[name] / GIB:.2f}")
+            for name in ("argument", "output", "temp", "alias")
+            if name in b
+        ),
+        ("total GiB/device", f"{b['total'] / GIB:.2f} of {b['hbm'] / GIB:.1f} HBM: {_fits(report)}"),
+    ]
+    if "roofline" in report:
+        r = report["roofline"]
+        rows += [
+            ("generated code GiB", f"{b['generated_code'] / GIB:.3f}"),
+            (
+                "FLOPs/step (XLA, analytic)",
+                f"{report['xla_flops_per_device'] * report['devices']:.3g}, {report['analytic_flops_per_step']:.3g} "
+                f"(x{report['xla_over_analytic_flops']:.2f})",
+            ),
+            (
+                "roofline step",
+                f"{r['step_seconds'] * 1e3:.1f} ms ({r['bound']}-bound), {r['tokens_per_sec']:.3g} tokens/s, "
+                f"MFU {100 * r['mfu']:.1f}%",
+            ),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+_PARTS = ("argument", "output", "temp", "alias")
+
+
+def _fits(report: dict) -> str:
+    return "fits" if report["fits"] else "DOES NOT FIT"
+
+
+def verdict(report: dict) -> str:
+    b = report["bytes_per_device"]
+    return (
+        f"does not fit: {b['total'] / GIB:.2f} GiB per device needed (temporaries {b['temp'] / GIB:.2f}) against "
+        f"{b['hbm'] / GIB:.1f} GiB of HBM per device on {report['topology']}; try more microbatches "
+        "(--config.microbatches), --config.model.remat=full, another mesh split or a larger topology"
+    )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """--mode=compile: the report, printed, in workdir/compile.json and metrics.jsonl; DoesNotFit when it does not."""
+    report = plan(config)
+    directory = storage.path(workdir)
+    if jax.process_index() == 0:
+        storage.write_text(directory / COMPILE_JSON, json.dumps(report, indent=2) + "\n")
+        metrics.append_row(directory, {"mode": "compile", "step": 0, **_flat(report)})
+        print(table(report), flush=True)
+    if not report["fits"]:
+        raise DoesNotFit(verdict(report))
+    return report
+
+
+def _flat(report: dict) -> dict:
+    out = {}
+    for key, value in report.items():
+        if isinstance(value, dict) and key != "mesh":
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out

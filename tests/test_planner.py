@@ -1,0 +1,94 @@
+"""--mode=compile: the real train step compiled for a TPU topology on this CPU (libtpu), with no data set opened and
+nothing written outside the workdir; a step that cannot fit ends with the verdict and status 3; topology names; the
+per-layer cost extrapolation equals an unscanned compile's count."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from helpers import override, read_metrics, run_main, tiny_config
+
+from igpt_jax import hardware, planner
+
+pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[tpu])")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+
+@pytest.mark.parametrize(
+    "name, chip, shape",
+    [
+        ("v5p:2x2x1", "v5p", (2, 2, 1)),
+        ("v5p-128", "v5p", (4, 4, 4)),  # v5p counts two cores a chip: 64 chips
+        ("v5p-256", "v5p", (4, 4, 8)),
+        ("v4-8", "v4", (2, 2, 1)),
+        ("v5e-16", "v5e", (4, 4)),
+        ("v6e:2x4", "v6e", (2, 4)),
+    ],
+)
+def test_topology_names(name, chip, shape):
+    found, slice_shape = hardware.topology_shape(name)
+    assert (found.name, slice_shape) == (chip, shape)
+
+
+@pytest.mark.parametrize("name", ["v5p", "v7x-8", "v5e:2x2x2", "v5p-6", "tpu-128"])
+def test_bad_topology_names_say_what_is_allowed(name):
+    with pytest.raises(hardware.TopologyError, match="expected CHIP:SHAPE|dimensions|power-of-two|cores a chip"):
+        hardware.topology_shape(name)
+
+
+def test_a_small_model_fits_v5p_2x2x1_without_opening_its_data(tmp_path):
+    missing = tmp_path / "no_such_data_dir"
+    workdir = tmp_path / "w"
+    result = run_main(
+        "--mode=compile",
+        "--config=configs/fashion_mnist.py",
+        f"--workdir={workdir}",
+        "--config.compile.topology=v5p:2x2x1",
+        f"--config.data.data_dir={missing}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / planner.COMPILE_JSON).read_text())
+    assert report["fits"] and report["devices"] == 4 and report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    memory = report["bytes_per_device"]
+    assert set(memory) == {"argument", "output", "temp", "alias", "generated_code", "total", "hbm"}
+    assert 0 < memory["total"] < memory["hbm"] == 95 * 2**30
+    assert memory["argument"] > 4 * 800_000 / 4  # fp32 params + Adam, sharded 4 ways, at least the params' share
+    assert report["xla_flops_per_device"] > 0 and report["analytic_flops_per_step"] > 0
+    assert 0.8 < report["xla_over_analytic_flops"] < 2.0
+    roofline = report["roofline"]
+    assert roofline["step_seconds"] > 0 and 0 < roofline["mfu"] <= 1 and roofline["bound"] in ("compute", "memory")
+    assert "total GiB/device" in result.stdout and "fits" in result.stdout
+    (row,) = read_metrics(workdir)
+    assert row["mode"] == "compile" and row["fits"] is True
+    assert not missing.exists()  # no data set was opened or prepared
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing written outside the workdir
+
+
+def test_a_batch_far_too_large_exits_3_with_the_verdict(tmp_path):
+    workdir = tmp_path / "w"
+    result = run_main(
+        "--mode=compile",
+        "--config=configs/fashion_mnist.py",
+        f"--workdir={workdir}",
+        "--config.compile.topology=v5e:2x2",
+        "--config.batch_size=16384",
+    )
+    assert result.returncode == 3, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("igpt: does not fit: ") and "GiB of HBM per device on v5e:2x2" in last, last
+    assert "Traceback" not in result.stderr
+    assert json.loads((workdir / planner.COMPILE_JSON).read_text())["fits"] is False
+
+
+def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
+    """XLA counts a scanned body once; the planner's 1- and 2-layer extrapolation must give what XLA counts for the
+    same 4 layers unrolled."""
+    devices = hardware.topology_devices("v5p:2x2x1")
+    config = override(tiny_config(image_size=8), batch_size=16, model__num_layers=4, data__dataset="synthetic")
+    config.model.scan_layers = True
+    extrapolated = planner.per_device_cost(config, devices, 1)
+    unrolled = planner._cost(planner._compile(override(config, model__scan_layers=False), devices, 1)[0])
+    assert extrapolated[0] == pytest.approx(unrolled[0], rel=0.01)
+    assert extrapolated[1] == pytest.approx(unrolled[1], rel=0.05)
