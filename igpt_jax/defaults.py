@@ -171,4 +171,8 @@ def make_config(
     c.compile = ml_collections.ConfigDict()
     c.compile.topology = ""  # 'v5p:4x4x4' or 'v5p-128' (v4/v5p count 2 cores a chip; v5e/v6e count chips)
     c.compile.num_slices = 1  # multislice: slices joined over DCN (config.mesh.dcn spans them)
+    c.compile.search = False  # also try the settings below, one compile each, and rank those that fit
+    c.compile.search_remat = "none,save_dots_no_batch,full"
+    c.compile.search_microbatches = "1,2,4"
+    c.compile.search_meshes = "fsdp,data=2,tensor=2"  # 'tensor=N': mesh.ici {tensor: N, fsdp: the rest}
     return c

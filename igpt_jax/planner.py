@@ -9,8 +9,9 @@ FLOPs and bytes per device, which a roofline turns into a step time, tokens/s an
 XLA counts a scanned layer stack's body once (and the microbatch loop's), so the costs come from two small unscanned
 compiles of the same step, 1 and 2 layers on one microbatch: cost = c1 + (L - 1) (c2 - c1), times the microbatches.
 
-Writes workdir/compile.json and a {"mode": "compile", ...} row in metrics.jsonl, prints a table; a step that does not
-fit ends with the verdict and exit status 3.
+`config.compile.search=True` also compiles remat policies x microbatches x mesh splits (plan_search.py) and ranks
+those that fit. Writes workdir/compile.json and a {"mode": "compile", ...} row in metrics.jsonl, prints a table; a
+step that does not fit (nor any searched setting) ends with the verdict and exit status 3.
 """
 
 from __future__ import annotations
@@ -69,6 +70,31 @@ def _cost(compiled) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
+def compile_memory(config: ml_collections.ConfigDict, devices: list, num_slices: int):
+    """(compiled or None, mesh, per-device bytes {argument, output, temp, alias, generated_code, total}, the
+    compiler's out-of-memory line or None): when libtpu refuses a program that cannot fit, the temporaries it asked
+    for are the total."""
+    mesh = sharding.make_mesh(config, devices, granules=num_slices)
+    try:
+        compiled, mesh = _compile(config, devices, num_slices)
+    except jax.errors.JaxRuntimeError as e:
+        needed = _OUT_OF_MEMORY.search(str(e))
+        if needed is None:
+            raise
+        temp = float(needed.group(1)) * _UNITS[needed.group(2)]
+        return None, mesh, {"temp": temp, "total": temp}, str(e).splitlines()[0][:300]
+    memory = compiled.memory_analysis()
+    parts = {
+        "argument": memory.argument_size_in_bytes,
+        "output": memory.output_size_in_bytes,
+        "temp": memory.temp_size_in_bytes,
+        "alias": memory.alias_size_in_bytes,
+        "generated_code": memory.generated_code_size_in_bytes,
+    }
+    parts["total"] = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
+    return compiled, mesh, parts, None
+
+
 def per_device_cost(config: ml_collections.ConfigDict, devices: list, num_slices: int) -> tuple[float, float]:
     """(FLOPs, bytes accessed) of one device's step, every layer and microbatch counted (module docstring)."""
     micro = config.microbatches
@@ -93,35 +119,21 @@ def plan(config: ml_collections.ConfigDict) -> dict:
     chips = math.prod(shape) * c.num_slices
     per_chip = len(devices) // chips  # devices a chip shows (v4: 2 TensorCores)
     hbm = chip.hbm_bytes / per_chip
-    mesh = sharding.make_mesh(target, devices, granules=c.num_slices)
     tokens = config.batch_size * model.tokens_per_image(config)
     analytic = metrics.flops_per_token(config) * tokens
     start = time.perf_counter()
-    try:
-        compiled, mesh = _compile(target, devices, c.num_slices)
-    except jax.errors.JaxRuntimeError as e:  # libtpu refuses a program that cannot fit at compile time
-        needed = _OUT_OF_MEMORY.search(str(e))
-        if needed is None:
-            raise
+    compiled, mesh, parts, error = compile_memory(target, devices, c.num_slices)
+    compile_seconds = time.perf_counter() - start
+    total = parts["total"]
+    if compiled is None:  # libtpu refused a program that cannot fit, at compile time
         report = _header(config, chip, shape, devices, mesh, target, tokens)
-        temp = float(needed.group(1)) * _UNITS[needed.group(2)]
         return report | {
-            "bytes_per_device": {"temp": temp, "total": temp, "hbm": hbm},
+            "bytes_per_device": parts | {"hbm": hbm},
             "fits": False,
             "analytic_flops_per_step": analytic,
-            "compiler": str(e).splitlines()[0][:300],
-            "compile_seconds": time.perf_counter() - start,
+            "compiler": error,
+            "compile_seconds": compile_seconds,
         }
-    compile_seconds = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    parts = {
-        "argument": memory.argument_size_in_bytes,
-        "output": memory.output_size_in_bytes,
-        "temp": memory.temp_size_in_bytes,
-        "alias": memory.alias_size_in_bytes,
-        "generated_code": memory.generated_code_size_in_bytes,
-    }
-    total = parts["argument"] + parts["output"] - parts["alias"] + parts["temp"] + parts["generated_code"]
     flops, bytes_accessed = per_device_cost(target, devices, c.num_slices)
     peak, bandwidth = chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip
     # XLA counts less than the step runs for some shardings (iGPT-L, one layer, full remat: 1.30x the analytic FLOPs
@@ -131,7 +143,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
     compute_flops = max(flops, floor)
     step_seconds = max(compute_flops / peak, bytes_accessed / bandwidth)
     return _header(config, chip, shape, devices, mesh, target, tokens) | {
-        "bytes_per_device": parts | {"total": total, "hbm": hbm},
+        "bytes_per_device": parts | {"hbm": hbm},
         "fits": total <= hbm,
         "xla_flops_per_device": flops,
         "xla_bytes_accessed_per_device": bytes_accessed,
@@ -223,12 +235,20 @@ def verdict(report: dict) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """--mode=compile: the report, printed, in workdir/compile.json and metrics.jsonl; DoesNotFit when it does not."""
     report = plan(config)
+    if config.compile.search:
+        from igpt_jax import plan_search
+
+        devices = hardware.topology_devices(config.compile.topology, config.compile.num_slices)
+        report["search"] = plan_search.search(config, devices)
     directory = storage.path(workdir)
     if jax.process_index() == 0:
         storage.write_text(directory / COMPILE_JSON, json.dumps(report, indent=2) + "\n")
-        metrics.append_row(directory, {"mode": "compile", "step": 0, **_flat(report)})
+        row = {k: v for k, v in _flat(report).items() if k != "search"}
+        metrics.append_row(directory, {"mode": "compile", "step": 0, **row})
         print(table(report), flush=True)
-    if not report["fits"]:
+        if "search" in report:
+            print(plan_search.table(report["search"], report["bytes_per_device"]["hbm"] / GIB), flush=True)
+    if not report["fits"] and not any(r["fits"] for r in report.get("search", ())):
         raise DoesNotFit(verdict(report))
     return report
 

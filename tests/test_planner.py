@@ -92,3 +92,26 @@ def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
     unrolled = planner._cost(planner._compile(override(config, model__scan_layers=False), devices, 1)[0])
     assert extrapolated[0] == pytest.approx(unrolled[0], rel=0.01)
     assert extrapolated[1] == pytest.approx(unrolled[1], rel=0.05)
+
+
+def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
+    """At batch 512 on v5e:2x2 the configured step (no remat) needs about 17 GiB of 16; full remat fits."""
+    workdir = tmp_path / "w"
+    result = run_main(
+        "--mode=compile",
+        "--config=configs/fashion_mnist.py",
+        f"--workdir={workdir}",
+        "--config.compile.topology=v5e:2x2",
+        "--config.batch_size=512",
+        "--config.compile.search=True",
+        "--config.compile.search_remat=none,full",
+        "--config.compile.search_microbatches=1",
+        "--config.compile.search_meshes=fsdp",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((workdir / planner.COMPILE_JSON).read_text())
+    assert report["fits"] is False  # as configured
+    best, worst = report["search"]
+    assert (best["remat"], best["fits"], worst["remat"], worst["fits"]) == ("full", True, "none", False)
+    assert best["gib_per_device"] < 16 < worst["gib_per_device"] and best["step_seconds"] > 0
+    assert "search: 1 of 2 settings fit" in result.stdout

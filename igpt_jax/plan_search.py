@@ -1,0 +1,71 @@
+"""`--config.compile.search=True`: which remat policy, microbatch count and mesh split make the step fit, best first.
+
+Every combination of config.compile.search_remat x search_microbatches x search_meshes (comma-separated lists) is
+compiled for the topology like --mode=compile's step (memory only: one compile each). Candidates that fit are ranked
+by their compute-bound step time, analytic FLOPs with the policy's recomputation over the topology's peak (the
+microbatch loop and the mesh split change little of the FLOPs; memory is what they buy), then by memory. A mesh
+split `tensor=4` means mesh.ici {tensor: 4, fsdp: the rest}; `fsdp` is FSDP over every device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import ml_collections
+
+from igpt_jax import hardware, metrics, model, planner, sharding
+
+
+def _items(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _mesh(split: str) -> dict[str, int]:
+    """'fsdp' -> {fsdp: -1}; 'data=2' -> {data: 2, fsdp: -1}."""
+    if split == "fsdp":
+        return {"data": 1, "fsdp": -1, "tensor": 1}
+    axis, _, size = split.partition("=")
+    if axis not in ("data", "tensor") or not size.isdigit():
+        raise ValueError(f"config.compile.search_meshes: {split!r} is not 'fsdp', 'data=N' or 'tensor=N'")
+    return {"data": 1, "tensor": 1, axis: int(size), "fsdp": -1}
+
+
+def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
+    """One row per combination: its settings, per-device GiB, fits, and (fitting ones) the estimated step time;
+    fitting rows first, fastest first."""
+    c = config.compile
+    chip, shape = hardware.topology_shape(c.topology)
+    per_chip = len(devices) // (math.prod(shape) * c.num_slices)
+    hbm, peak = chip.hbm_bytes / per_chip, chip.peak_flops / per_chip
+    analytic = metrics.flops_per_token(config) * config.batch_size * model.tokens_per_image(config)
+    rows = []
+    for remat, micro, split in itertools.product(
+        _items(c.search_remat), [int(m) for m in _items(c.search_microbatches)], _items(c.search_meshes)
+    ):
+        changes = {"model.remat": remat, "microbatches": micro, "mesh.ici": _mesh(split)}
+        row = {"remat": remat, "microbatches": micro, "mesh": split}
+        if config.batch_size % micro:
+            continue
+        target = planner._target_config(config, devices[0].platform, **changes)
+        try:
+            _, mesh, parts, _ = planner.compile_memory(target, devices, c.num_slices)
+        except sharding.MeshError as e:  # the split or the microbatch does not divide: not a candidate
+            rows.append(row | {"fits": False, "why": str(e)})
+            continue
+        row |= {"mesh_shape": {k: int(v) for k, v in mesh.shape.items()}, "gib_per_device": parts["total"] / (1 << 30)}
+        row["fits"] = parts["total"] <= hbm
+        if row["fits"]:
+            row["step_seconds"] = analytic * planner.RECOMPUTE.get(remat, 1.0) / len(devices) / peak
+        rows.append(row)
+    return sorted(rows, key=lambda r: (not r["fits"], r.get("step_seconds", 0), r.get("gib_per_device", 0)))
+
+
+def table(rows: list[dict], hbm_gib: float) -> str:
+    lines = [f"search: {sum(r['fits'] for r in rows)} of {len(rows)} settings fit in {hbm_gib:.1f} GiB, best first"]
+    for r in rows:
+        memory = f"{r['gib_per_device']:.2f} GiB" if "gib_per_device" in r else r.get("why", "")[:60]
+        step = f"{r['step_seconds'] * 1e3:.1f} ms" if "step_seconds" in r else "-"
+        settings = f"remat={r['remat']} microbatches={r['microbatches']} mesh={r['mesh']}"
+        lines.append(f"  {'fits' if r['fits'] else 'no  '}  {settings:<55} {memory:>12}  {step}")
+    return "\n".join(lines)
