@@ -185,9 +185,11 @@ def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
 
 
 def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
+    from igpt_jax import convert
+
+    config = override(tiny_config(image_size=8, objective="bert"), data__dataset="fashion_mnist")
     workdir = tmp_path / "bert"
-    flags = cli_flags(image_size=8, embed_dim=32, total_steps=2, eval_every=2, checkpoint_every=2, warmup=1)
-    assert run_main(f"--workdir={workdir}", *flags, "--config.objective=bert").returncode == 0
+    convert.write_workdir(model_lib.build(config), config, np.linspace(-1, 1, 48).reshape(16, 3), str(workdir))
     result = run_main(f"--workdir={workdir}", "--mode=sample", "--config=configs/fashion_mnist.py:8")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
