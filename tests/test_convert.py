@@ -254,3 +254,16 @@ def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_pat
     rows = read_metrics(workdir)
     assert [r["mode"] for r in rows] == ["eval", "sample", "probe"] and all(r["step"] == 0 for r in rows)
     assert 0 < rows[0]["loss"] < 10 and (workdir / "samples" / "step_00000000.png").exists()
+
+
+def test_an_import_never_writes_into_a_workdir_that_holds_checkpoints(tmp_path):
+    hf = _random_hf()
+    hf.save_pretrained(tmp_path / "hf")
+    model, config = convert.from_huggingface(tmp_path / "hf")
+    clusters = np.random.default_rng(6).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    convert.write_workdir(model, config, clusters, str(tmp_path / "w"))
+    before = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file() and "lock" not in p.name}
+    with pytest.raises(convert.ConversionError, match="already holds checkpoints: nothing was written"):
+        convert.write_workdir(model, config, clusters[::-1].copy(), str(tmp_path / "w"))
+    after = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file() and "lock" not in p.name}
+    assert after == before
