@@ -18,9 +18,8 @@ from ml_collections import config_flags
 
 from igpt_jax import config_checks
 
-# Every mode the CLI will have (README: Command line); MODES maps the ones implemented so far to the module whose
-# `run(config, workdir)` is the mode. Modules are imported when their mode runs: config errors come before JAX loads.
-ALL_MODES = ("train", "eval", "probe", "finetune", "sample", "compile")
+# Every mode (README: Command line): name -> the module whose `run(config, workdir)` is the mode. Modules are imported
+# when their mode runs: config errors come before JAX loads.
 MODES: dict[str, str] = {
     "train": "igpt_jax.train",
     "eval": "igpt_jax.evaluate",
@@ -28,6 +27,13 @@ MODES: dict[str, str] = {
     "finetune": "igpt_jax.finetune",
     "sample": "igpt_jax.sampling",
     "compile": "igpt_jax.planner",
+}
+ALL_MODES = tuple(MODES)
+
+# Set before JAX loads, per mode. `compile` only describes TPU topologies: it never holds a TPU, so it need not take
+# libtpu's one-process lock (another JAX process on the host would otherwise stop it) nor ask a metadata server.
+MODE_ENVIRONMENT: dict[str, dict[str, str]] = {
+    "compile": {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1"},
 }
 
 
@@ -106,12 +112,9 @@ def _exit(message: str, code: int) -> None:
 
 
 def check_mode(mode: str) -> str:
-    """`mode` if it is implemented, or a one-line exit naming what exists."""
+    """`mode` if there is one of that name, or a one-line exit naming those there are."""
     if mode in MODES:
         return mode
-    available = ", ".join(MODES) or "none yet"
-    if mode in ALL_MODES:
-        _fail(f"--mode={mode} is not implemented yet (implemented: {available})")
     _fail(f"--mode={mode} is unknown; allowed: {', '.join(ALL_MODES)}")
 
 
@@ -204,6 +207,8 @@ def main(argv: list[str]) -> None:
     except config_checks.ConfigError as e:
         _fail("bad config: " + str(e).replace("\n", "; "))
     mode = check_mode(_MODE.value)
+    for name, value in MODE_ENVIRONMENT.get(mode, {}).items():
+        os.environ.setdefault(name, value)
     from igpt_jax import distributed  # JAX loads here, after every check that needs no backend
 
     try:

@@ -97,7 +97,6 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--mode=compile"], "--mode=compile is not implemented yet"),
         (["--mode=dance"], "--mode=dance is unknown; allowed: train, eval, probe, finetune, sample, compile"),
         (["--config.model.depth=3"], "unknown config key config.model.depth; keys under config.model: attention,"),
         (["--config.modle.num_layers=3"], "unknown config key config.modle.num_layers; keys under config: batch_size"),
