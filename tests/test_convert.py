@@ -219,6 +219,7 @@ def test_huggingface_classification_head_becomes_the_finetune_head(tmp_path):
     np.testing.assert_allclose(np.asarray(out["class_logits"]), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # about 35 s: an import and three modes, each its own process
 def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_path):
     side = 8  # Fashion-MNIST resized to 8x8
     hf = _random_hf(side=side)

@@ -179,8 +179,9 @@ def test_local_sh_runs_the_default_config(tmp_path):
             "--config.eval_examples=64",
             "--config.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
             "--config.probe.test_examples=32",
-            "--config.sample.num_images=4",  # and its samples at the end, gathered from both processes
+            "--config.sample.num_images=2",  # and its samples at the end, gathered from both processes
             "--config.sample.completion_images=1",
+            "--config.sample.completions_per_image=2",
             f"--config.data.data_dir={TFDS_TEST_DIR}",
         ],
         cwd=ROOT,
@@ -194,7 +195,7 @@ def test_local_sh_runs_the_default_config(tmp_path):
     assert "step 2/2" in (tmp_path / "logs" / "process_0.log").read_text()
     assert [r["mode"] for r in read_metrics(tmp_path / "w") if "mode" in r] == ["eval", "probe", "sample"]
     grid = Image.open(tmp_path / "w" / "samples" / "step_00000002_completions.png")
-    assert grid.size == (6 * (28 * 3 + 2) + 2, 28 * 3 + 2 + 2)  # given | 4 completions | original
+    assert grid.size == (4 * (28 * 3 + 2) + 2, 28 * 3 + 2 + 2)  # given | 2 completions | original
 
 
 def test_local_sh_fails_when_a_process_fails(tmp_path):

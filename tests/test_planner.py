@@ -94,6 +94,7 @@ def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
     assert extrapolated[1] == pytest.approx(unrolled[1], rel=0.05)
 
 
+@pytest.mark.slow  # about a minute: four compiles
 def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
     """At batch 512 on v5e:2x2 the configured step (no remat) needs about 17 GiB of 16; full remat fits."""
     workdir = tmp_path / "w"
