@@ -205,6 +205,10 @@ def test_huggingface_round_trip_keeps_logits_config_and_clusters(tmp_path):
     processor = ImageGPTImageProcessor.from_pretrained(tmp_path / "back")
     np.testing.assert_array_equal(np.asarray(processor.clusters), clusters)
     assert processor.size == {"height": SIDE, "width": SIDE}
+    exported = (tmp_path / "back" / "model.safetensors").read_bytes()
+    with pytest.raises(convert.ConversionError, match="already holds config.json, model.safetensors"):
+        convert.to_huggingface(tmp_path / "w", tmp_path / "back")  # an existing export is never overwritten
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == exported
 
 
 def test_huggingface_classification_head_becomes_the_finetune_head(tmp_path):

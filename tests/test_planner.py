@@ -66,15 +66,15 @@ def test_a_small_model_fits_v5p_2x2x1_without_opening_its_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # nothing written outside the workdir
 
 
+def _compile_mode(workdir, *flags: str):
+    """--mode=compile of the Fashion-MNIST config on v5e:2x2 with `flags`."""
+    base = ["--mode=compile", "--config=configs/fashion_mnist.py", f"--workdir={workdir}"]
+    return run_main(*base, "--config.compile.topology=v5e:2x2", *flags)
+
+
 def test_a_batch_far_too_large_exits_3_with_the_verdict(tmp_path):
     workdir = tmp_path / "w"
-    result = run_main(
-        "--mode=compile",
-        "--config=configs/fashion_mnist.py",
-        f"--workdir={workdir}",
-        "--config.compile.topology=v5e:2x2",
-        "--config.batch_size=16384",
-    )
+    result = _compile_mode(workdir, "--config.batch_size=16384")
     assert result.returncode == 3, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("igpt: does not fit: ") and "GiB of HBM per device on v5e:2x2" in last, last
@@ -98,11 +98,8 @@ def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
 def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
     """At batch 512 on v5e:2x2 the configured step (no remat) needs about 17 GiB of 16; full remat fits."""
     workdir = tmp_path / "w"
-    result = run_main(
-        "--mode=compile",
-        "--config=configs/fashion_mnist.py",
-        f"--workdir={workdir}",
-        "--config.compile.topology=v5e:2x2",
+    result = _compile_mode(
+        workdir,
         "--config.batch_size=512",
         "--config.compile.search=True",
         "--config.compile.search_remat=none,full",

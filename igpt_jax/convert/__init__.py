@@ -57,6 +57,9 @@ def to_huggingface(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> st
             f"{workdir} holds a {config.objective!r} model: Hugging Face's ImageGPT is left-to-right only"
         )
     out = storage.path(out_dir)
+    taken = [name for name in ("config.json", "model.safetensors", "preprocessor_config.json") if (out / name).exists()]
+    if taken:
+        raise ConversionError(f"{out} already holds {', '.join(taken)}: nothing was written; export to a new --out")
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_huggingface_tensors(params, config)
     storage.write_bytes(out / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
