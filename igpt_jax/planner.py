@@ -74,13 +74,13 @@ def compile_memory(config: ml_collections.ConfigDict, devices: list, num_slices:
     """(compiled or None, mesh, per-device bytes {argument, output, temp, alias, generated_code, total}, the
     compiler's out-of-memory line or None): when libtpu refuses a program that cannot fit, the temporaries it asked
     for are the total."""
-    mesh = sharding.make_mesh(config, devices, granules=num_slices)
     try:
         compiled, mesh = _compile(config, devices, num_slices)
     except jax.errors.JaxRuntimeError as e:
         needed = _OUT_OF_MEMORY.search(str(e))
         if needed is None:
             raise
+        mesh = sharding.make_mesh(config, devices, granules=num_slices)  # for the report: the compile built it too
         temp = float(needed.group(1)) * _UNITS[needed.group(2)]
         return None, mesh, {"temp": temp, "total": temp}, str(e).splitlines()[0][:300]
     memory = compiled.memory_analysis()
