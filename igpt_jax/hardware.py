@@ -27,12 +27,15 @@ class Chip:
     hbm_bandwidth: float  # bytes/s
     cores_per_chip: int = 1  # TensorCores a chip counts for in slice names like v5p-128
     topology_dims: int = 2  # 3 for the 3-D torus chips (v4, v5p)
+    # libtpu's chip_config_name: v4 must be asked for "megacore" (one JAX device per chip, as v4 pods run), else it
+    # describes one device per TensorCore, which mesh building refuses; v5p is megacore by default.
+    chip_config: str = "default"
 
 
 CHIPS: dict[str, Chip] = {
     chip.name: chip
     for chip in (
-        Chip("v4", ("TPU v4",), 32 * GIB, 275e12, 1228 * GB, cores_per_chip=2, topology_dims=3),
+        Chip("v4", ("TPU v4",), 32 * GIB, 275e12, 1228 * GB, cores_per_chip=2, topology_dims=3, chip_config="megacore"),
         Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, 819 * GB),
         Chip("v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, 2765 * GB, cores_per_chip=2, topology_dims=3),
         Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, 1640 * GB),
@@ -92,9 +95,14 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
 
     chip, shape = topology_shape(name)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server to ask on a CPU host
+    # Compiling holds no TPU, so another JAX process's libtpu lock (a training run, a test) must not stop it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topology = topologies.get_topology_desc(
-            f"{chip.name}:{'x'.join(map(str, shape))}", "tpu", **({"num_slices": num_slices} if num_slices > 1 else {})
+            f"{chip.name}:{'x'.join(map(str, shape))}",
+            "tpu",
+            chip_config_name=chip.chip_config,
+            **({"num_slices": num_slices} if num_slices > 1 else {}),
         )
     except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors
         raise TopologyError(f"cannot describe {name} ({str(e).splitlines()[0][:200]}); is libtpu installed?") from None

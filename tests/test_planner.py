@@ -5,6 +5,7 @@ per-layer cost extrapolation equals an unscanned compile's count."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -30,6 +31,16 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 def test_topology_names(name, chip, shape):
     found, slice_shape = hardware.topology_shape(name)
     assert (found.name, slice_shape) == (chip, shape)
+
+
+@pytest.mark.parametrize("name", ["v4-32", "v5p-32", "v5e-16", "v6e:2x4"])
+def test_topology_devices_are_one_per_chip(name):
+    """One abstract device per chip, whatever the chip's cores (a v4 slice described per core cannot be meshed)."""
+    chip, shape = hardware.topology_shape(name)
+    devices = hardware.topology_devices(name)
+    assert len(devices) == math.prod(shape)
+    assert len({tuple(d.coords) for d in devices}) == len(devices)
+    assert all(hardware.chip_of(d.device_kind) is chip for d in devices)
 
 
 @pytest.mark.parametrize("name", ["v5p", "v7x-8", "v5e:2x2x2", "v5p-6", "tpu-128"])
