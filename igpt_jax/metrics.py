@@ -21,26 +21,32 @@ from igpt_jax import hardware, storage, tensorboard
 from igpt_jax.model import tokens_per_image
 
 
+def attention_flops_per_token(config: ml_collections.ConfigDict) -> float:
+    """The attention scores' and values' share of flops_per_token: causal-halved (bert, bidirectional, uses the same
+    figure)."""
+    return 6 * config.model.num_layers * tokens_per_image(config) * config.model.embed_dim
+
+
 def flops_per_token(config: ml_collections.ConfigDict) -> float:
     m = config.model
-    seq = tokens_per_image(config)
     matmul = 12 * m.num_layers * m.embed_dim**2 + m.embed_dim * m.vocab_size
-    attention = 6 * m.num_layers * seq * m.embed_dim  # causal-halved (bert, bidirectional, uses the same figure)
-    return 6 * matmul + attention
+    return 6 * matmul + attention_flops_per_token(config)
 
 
-def _measured_cpu_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the fastest of `repeats` jitted fp32 n x n matmuls on this host's CPU (best, not mean: the peak
-    that CPU MFU is quoted against should not move with a busy neighbour)."""
+def _measured_cpu_peak(n: int = 2048, min_seconds: float = 1.0, min_repeats: int = 5) -> tuple[float, int]:
+    """(FLOP/s of the fastest jitted fp32 n x n matmul, how many were timed). Timed for at least `min_seconds` after
+    a warm-up call, best not mean: a single short timing swung 3x between runs here (1.1e11 against 3.4e11), and the
+    peak that CPU MFU is quoted against should not move with a busy neighbour or a cold cache."""
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    best, repeats, start = float("inf"), 0, time.perf_counter()
+    while repeats < min_repeats or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
         f(x).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        best = min(best, time.perf_counter() - t)
+        repeats += 1
+    return 2 * n**3 / best, repeats
 
 
 def peak_flops_per_device() -> tuple[float, str]:
@@ -50,8 +56,11 @@ def peak_flops_per_device() -> tuple[float, str]:
     if chip is not None:
         return chip.peak_flops, f"{chip.name} bf16 dense peak (igpt_jax/hardware.py)"
     if device.platform == "cpu":
-        per_device = _measured_cpu_peak() / jax.local_device_count()
-        return per_device, "measured fp32 matmul throughput of this CPU, split over its JAX devices"
+        peak, repeats = _measured_cpu_peak()
+        return peak / jax.local_device_count(), (
+            f"this CPU's fp32 matmul throughput, the best of {repeats} timed 2048x2048 matmuls over 1 s, "
+            "split over its JAX devices"
+        )
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 
@@ -147,7 +156,7 @@ def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple
     return len(superseded), len(broken)
 
 
-def progress_line(record: Mapping, total_steps: int) -> str:
+def progress_line(record: Mapping, total_steps: int, attention: str | None = None) -> str:
     eta = record.get("eta_seconds")
     eta_text = f"{eta / 60:.1f} min" if eta is not None else "?"
     loss = f"loss {record['loss']:.4f} nats ({record['bits_per_token']:.3f} bits)"
@@ -158,5 +167,5 @@ def progress_line(record: Mapping, total_steps: int) -> str:
         )
     return (
         f"step {record['step']}/{total_steps}  {loss}  {record['tokens_per_sec']:.0f} tokens/s  "
-        f"MFU {100 * record['mfu']:.1f}%  ETA {eta_text}"
+        f"MFU {100 * record['mfu']:.1f}%  ETA {eta_text}" + (f"  attention {attention}" if attention else "")
     )

@@ -62,6 +62,39 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
+@jax.custom_vjp
+def quick_gelu_mlp(x: jax.Array, fc: jax.Array, proj: jax.Array) -> jax.Array:
+    """quick_gelu(x @ fc) @ proj over the last axis of x, with a hand-written backward pass.
+
+    Autodiff's backward of this MLP fuses the GELU derivative with a transpose into a [tokens, 4d] buffer laid out
+    for the weight-gradient matmul, which on a CPU is written at about 1 GB/s and cost 15% of a training step.
+    Here every product is an explicit 2-D matmul over (tokens, features) and the derivative of x sigmoid(1.702 x) is
+    written out, so XLA sees plain GEMMs. Saves x and the pre-activation, as autodiff does."""
+    return _mlp_forward(x, fc, proj)[0]
+
+
+def _mlp_forward(x, fc, proj):
+    x2 = x.reshape(-1, x.shape[-1])
+    pre = x2 @ fc
+    y = quick_gelu(pre) @ proj
+    return y.reshape(*x.shape[:-1], proj.shape[-1]), (x2, pre, fc, proj)
+
+
+def _mlp_backward(residuals, dy):
+    x2, pre, fc, proj = residuals
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    p32 = pre.astype(jnp.float32)
+    sig = jax.nn.sigmoid(1.702 * p32)
+    hidden = (p32 * sig).astype(pre.dtype)
+    d_hidden = (dy2 @ proj.T).astype(jnp.float32)
+    d_pre = (d_hidden * (sig + 1.702 * p32 * sig * (1.0 - sig))).astype(pre.dtype)
+    dx = (d_pre @ fc.T).reshape(*dy.shape[:-1], fc.shape[0])
+    return dx, x2.T @ d_pre, hidden.T @ dy2
+
+
+quick_gelu_mlp.defvjp(_mlp_forward, _mlp_backward)
+
+
 class RMSNorm(nnx.Module):
     """OpenAI's `norm`: x / sqrt(mean(x^2) + eps) * g. No mean subtraction, no bias; computed in fp32."""
 
@@ -127,8 +160,7 @@ class MLP(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = quick_gelu(jnp.einsum("bsd,dm->bsm", x, self.fc[...].astype(self.dtype)))
-        return jnp.einsum("bsm,md->bsd", h, self.proj[...].astype(self.dtype))
+        return quick_gelu_mlp(x, self.fc[...].astype(self.dtype), self.proj[...].astype(self.dtype))
 
 
 class Block(nnx.Module):

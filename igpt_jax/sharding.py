@@ -49,13 +49,28 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules, mesh_axes: Sequen
     return PartitionSpec(*spec)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """with_sharding_constraint by logical names under the current mesh and rules; identity without a mesh."""
+def mesh_platform() -> str:
+    """The platform ('cpu', 'gpu', 'tpu') of the current mesh's devices, else JAX's default backend. Kernels choose by
+    it, so a CPU host compiling for TPU devices (the compile-only planner) picks the TPU kernels."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jax.default_backend()
+    return mesh.abstract_device.platform
+
+
+def current_spec(names: Sequence[str | None]) -> PartitionSpec | None:
+    """The PartitionSpec of logical `names` under the current mesh and rules; None without both."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = flax_spmd.get_logical_axis_rules()
     if mesh.empty or not rules:
-        return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh.axis_names))
+        return None
+    return logical_to_spec(names, rules, mesh.axis_names)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """with_sharding_constraint by logical names under the current mesh and rules; identity without a mesh."""
+    spec = current_spec(names)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def variable_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:

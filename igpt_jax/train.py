@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from igpt_jax import (
+    attention,
     checkpoint,
     distributed,
     evaluate,
@@ -129,6 +130,7 @@ def loop(rt: runtime.Runtime) -> dict:
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
     )
+    kernel = attention.resolve(config.model.attention, mesh.devices.flat[0].platform)
 
     # --- loop
     stop_request = interrupts.StopRequest()
@@ -176,7 +178,7 @@ def loop(rt: runtime.Runtime) -> dict:
                 writer.write(last)
                 _check_finite(last["loss"], step)
                 if jax.process_index() == 0:
-                    print(metrics.progress_line(last, config.total_steps), flush=True)
+                    print(metrics.progress_line(last, config.total_steps, kernel), flush=True)
 
             if step % config.eval_every_steps == 0 or step == config.total_steps:
                 held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)

@@ -1,23 +1,16 @@
-"""Attention implementations behind one signature, chosen by name (`config.model.attention`).
-
-Every implementation takes q, k, v of shape [batch, length, heads, head_dim] and returns the same shape, scaling
-logits by 1/sqrt(head_dim) as OpenAI does. Softmax always runs in fp32. Backend-specific kernels (cuDNN flash on GPU,
-Pallas splash on TPU, blockwise on CPU, ring attention for long contexts) register here under their own names;
-`auto` picks the best one registered for the backend.
-"""
+"""The reference attention (`xla`): plain softmax(q k^T / sqrt(d)) v as XLA fuses it, and the decoding attention over
+a key/value cache. Every other implementation is tested against `xla_attention`."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-AttentionFn = Callable[..., jax.Array]
-
 # OpenAI masks with w*b - 1e10*(1-b); any value that underflows exp() in fp32 gives the same probabilities.
-_MASK_VALUE = -1e10
+MASK_VALUE = -1e10
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
@@ -27,7 +20,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> 
     if causal:
         q_len, k_len = scores.shape[-2:]
         allowed = jnp.tril(jnp.ones((q_len, k_len), dtype=bool), k=k_len - q_len)
-        scores = jnp.where(allowed, scores, _MASK_VALUE)
+        scores = jnp.where(allowed, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
@@ -48,40 +41,8 @@ def cached_attention(
     scores = jnp.concatenate(
         [jnp.einsum("bqhd,bhsd->bhqs", q, k, preferred_element_type=jnp.float32) for k in k_blocks], axis=-1
     )
-    scores = jnp.where(jnp.arange(scores.shape[-1]) < length, scores * scale, _MASK_VALUE)
+    scores = jnp.where(jnp.arange(scores.shape[-1]) < length, scores * scale, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_blocks[0].dtype)
     sizes = [v.shape[2] for v in v_blocks]
     parts = jnp.split(probs, list(itertools.accumulate(sizes))[:-1], axis=-1)
     return sum(jnp.einsum("bhqs,bhsd->bqhd", p, v) for p, v in zip(parts, v_blocks, strict=True))
-
-
-IMPLEMENTATIONS: dict[str, AttentionFn] = {
-    "xla": xla_attention,
-}
-
-# What `auto` means on each backend, best first; the first registered name wins.
-_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("xla",),
-    "gpu": ("xla",),
-    "tpu": ("xla",),
-}
-
-
-def allowed_names() -> list[str]:
-    return ["auto", *IMPLEMENTATIONS]
-
-
-def resolve(name: str, backend: str | None = None) -> str:
-    """The implementation's name: `name` itself, or for `auto` the best registered for `backend` (default: JAX's;
-    the compile-only planner passes its target's platform, not the host's)."""
-    if name == "auto":
-        backend = backend or jax.default_backend()
-        name = next((c for c in _AUTO_PREFERENCE.get(backend, ()) if c in IMPLEMENTATIONS), "xla")
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"config.model.attention={name!r} is unknown; allowed: {allowed_names()}")
-    return name
-
-
-def get(name: str, backend: str | None = None) -> AttentionFn:
-    """Returns the attention function called `name`; `auto` resolves by backend (see `resolve`)."""
-    return IMPLEMENTATIONS[resolve(name, backend)]
