@@ -76,6 +76,7 @@ def test_two_processes_match_one(tmp_path, reference):
     assert len(os.listdir(str(tmp_path / "two") + "_logs")) == 2  # one log per process
 
 
+@pytest.mark.slow  # 45 s; test_train's save-on-8-devices-resume-on-4 covers the mesh change in one process
 def test_checkpoint_moves_between_process_counts(tmp_path, reference):
     # written by 2 processes, resumed by 1
     assert _local_sh(2, 2, tmp_path / "a").returncode == 0
