@@ -57,11 +57,21 @@ def partial_attention(
 
 
 def merge(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The attention over the union of two disjoint key sets, from each set's (output, log-sum-exp): exact."""
+    """The attention over the union of two disjoint key sets, from each set's (output, log-sum-exp): exact. A side
+    that saw no key (log-sum-exp -inf) weighs nothing; if neither did, the result is (0, -inf)."""
     lse = jnp.logaddexp(lse1, lse2)
-    w1, w2 = jnp.exp(lse1 - lse)[..., None], jnp.exp(lse2 - lse)[..., None]
+    empty = jnp.isneginf(lse)
+    safe = jnp.where(empty, 0.0, lse)  # exp(-inf - -inf) would be nan
+    w1, w2 = jnp.exp(lse1 - safe)[..., None], jnp.exp(lse2 - safe)[..., None]
     o = o1.astype(jnp.float32) * w1 + o2.astype(jnp.float32) * w2
     return o.astype(o1.dtype), lse
+
+
+def heads_major(x: jax.Array, padded: int) -> jax.Array:
+    """[B, S, H, D] -> [B, H, padded, D], zero-padded along the positions: the layout the block kernels work in."""
+    x = jnp.swapaxes(x, 1, 2)
+    extra = padded - x.shape[2]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else x
 
 
 def _key_mask(i: int, size: int, keys: int, length: int, causal: bool) -> jax.Array | None:
@@ -146,9 +156,5 @@ def blockwise_attention(
     size = block_size(length, block)
     padded = -(-length // size) * size
 
-    def heads_major(x):
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, padded - length), (0, 0))) if padded > length else x
-
-    o = _attention(heads_major(q), heads_major(k), heads_major(v), causal, size, length)
+    o = _attention(heads_major(q, padded), heads_major(k, padded), heads_major(v, padded), causal, size, length)
     return jnp.swapaxes(o[:, :, :length], 1, 2)

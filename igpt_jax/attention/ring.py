@@ -73,16 +73,6 @@ def _attend(q, k, v, kind_code, scale):
     return jax.lax.switch(kind_code, (full, diagonal, skip), q, k, v)
 
 
-def _merge(acc, new):
-    """blockwise.merge that tolerates an empty side (log-sum-exp -inf): the other side is returned as it is."""
-    (o1, lse1), (o2, lse2) = acc, new
-    o, lse = blockwise.merge(
-        o1, jnp.where(jnp.isneginf(lse1), -1e30, lse1), o2, jnp.where(jnp.isneginf(lse2), -1e30, lse2)
-    )
-    empty = jnp.isneginf(lse1) & jnp.isneginf(lse2)
-    return jnp.where(empty[..., None], 0, o).astype(o1.dtype), jnp.where(empty, _EMPTY_LSE, lse)
-
-
 _CODES = {FULL: 0, DIAGONAL: 1, SKIP: 2}
 
 
@@ -100,7 +90,7 @@ def _local(q, k, v, *, n: int, causal: bool):
         for a in range(2):
             for b in range(2):
                 part = _attend(q_chunks[a], k_chunks[b], v_chunks[b], table[r, hop, 2 * a + b], scale)
-                acc[a] = _merge(acc[a], part)
+                acc[a] = blockwise.merge(*acc[a], *part)
         if hop < n - 1:
             shift = [(i, (i + 1) % n) for i in range(n)]
             k, v = jax.lax.ppermute(k, SEQUENCE_AXIS, shift), jax.lax.ppermute(v, SEQUENCE_AXIS, shift)
@@ -118,8 +108,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) ->
         raise ValueError(f"ring attention over sequence={n} needs the length a multiple of {2 * n}, got {length}")
     order = zigzag(length, n)
     inverse = jnp.argsort(order)
-    batch_spec = sharding.current_spec(("act_batch", "heads"))
-    batch_axes, head_axes = (batch_spec or (None, None))[0], (batch_spec or (None, None))[1]
+    batch_axes, head_axes = sharding.current_spec(("act_batch", "heads")) or (None, None)
     spec = jax.sharding.PartitionSpec(batch_axes, head_axes, SEQUENCE_AXIS, None)
 
     def heads_major(x):

@@ -59,14 +59,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) 
     interpret = sharding.mesh_platform() != "tpu"
     scale = 1.0 / float(q.shape[-1]) ** 0.5
 
-    def heads_major(x):  # [B, S, H, D] -> [B, H, padded, D]
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, padded - length), (0, 0))) if padded > length else x
-
     def local(q, k, v):
         return jax.vmap(_kernel(q.shape[1], padded, causal, interpret))(q, k, v)
 
-    args = (heads_major(q * jnp.asarray(scale, q.dtype)), heads_major(k), heads_major(v))
+    args = tuple(blockwise.heads_major(x, padded) for x in (q * jnp.asarray(scale, q.dtype), k, v))
     spec = sharding.current_spec(("act_batch", "heads", None, None))
     if spec is None:
         o = local(*args)
