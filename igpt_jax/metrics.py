@@ -8,10 +8,11 @@ Embedding lookups, norms and softmax are not counted. MFU = achieved FLOP/s per 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +155,34 @@ def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple
         storage.write_bytes(aside, previous + "".join(f"{line}\n" for line in superseded + broken).encode())
         storage.write_text(location, "".join(f"{line}\n" for line in kept))
     return len(superseded), len(broken)
+
+
+class StepClock:
+    """Training seconds per step between two progress lines. Time inside `paused()` (evaluators, probes, samples,
+    the first step's compilation) is left out, so tokens/s, MFU and the ETA describe training alone: an 8,000-step
+    GPU run otherwise reported 95k tokens/s and a 30-minute ETA after each probe, against 2.06M and 1.6 minutes."""
+
+    def __init__(self, step: int, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.start, self.step, self.excluded = self.clock(), step, 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = self.clock()
+        try:
+            yield
+        finally:
+            self.excluded += self.clock() - start
+
+    def lap(self, step: int) -> tuple[float, float]:
+        """(training seconds since the last lap, seconds per step over them); starts the next lap."""
+        seconds = max(self.clock() - self.start - self.excluded, 1e-9)
+        per_step = seconds / max(step - self.step, 1)
+        self.restart(step)
+        return seconds, per_step
 
 
 def progress_line(record: Mapping, total_steps: int, attention: str | None = None) -> str:

@@ -138,9 +138,9 @@ def loop(rt: runtime.Runtime) -> dict:
     step = first_step
     last = {}
     grids: list[str] = []  # the newest sample grids, printed last: the run's picture
-    run_start = last_time = time.perf_counter()
+    run_start = time.perf_counter()
+    step_clock = metrics.StepClock(step)
     data_wait = 0.0
-    last_step = step
     train_split, eval_split = splits(config)
     prefetch = pipeline.Prefetcher(
         lambda s: pipeline.global_batch(source, train_split, config, s, mesh), step, config.data.prefetch
@@ -160,16 +160,13 @@ def loop(rt: runtime.Runtime) -> dict:
 
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 values = jax.device_get(step_metrics)
-                now = time.perf_counter()
-                interval = now - last_time
-                sec_per_step = interval / max(step - last_step, 1)
-                last_time, last_step = now, step
+                interval, sec_per_step = step_clock.lap(step)
                 last = {
                     "step": step,
                     **{k: float(v) for k, v in values.items()},
                     "tokens_per_sec": tokens_per_step / sec_per_step,
                     "mfu": flops_per_step / sec_per_step / (peak * mesh.size),
-                    "seconds": now - run_start,
+                    "seconds": time.perf_counter() - run_start,
                     "eta_seconds": (config.total_steps - step) * sec_per_step,
                     # time the loop waited for the input pipeline, as a share of the interval's wall time
                     "data_wait_fraction": data_wait / max(interval, 1e-9),
@@ -178,34 +175,43 @@ def loop(rt: runtime.Runtime) -> dict:
                 writer.write(last)
                 _check_finite(last["loss"], step)
                 if jax.process_index() == 0:
-                    print(metrics.progress_line(last, config.total_steps, kernel), flush=True)
+                    print(metrics.progress_line(last, config.total_steps, attention.running(kernel)), flush=True)
 
-            if step % config.eval_every_steps == 0 or step == config.total_steps:
-                held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)
-                writer.write({"mode": "eval", "step": step, **held_out})
-                if jax.process_index() == 0:
-                    print(evaluate.summary(f"eval step {step}", held_out, eval_split), flush=True)
+            eval_due = step % config.eval_every_steps == 0 or step == config.total_steps
+            probe_due, sample_due = (
+                _due(config.probe, step, config.total_steps),
+                _due(config.sample, step, config.total_steps),
+            )
+            if eval_due or probe_due or sample_due:
+                jax.block_until_ready(state)  # steps dispatched so far are training time, not the evaluators'
+            with step_clock.paused():
+                if eval_due:
+                    held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)
+                    writer.write({"mode": "eval", "step": step, **held_out})
+                    if jax.process_index() == 0:
+                        print(evaluate.summary(f"eval step {step}", held_out, eval_split), flush=True)
 
-            if _due(config.probe, step, config.total_steps):
-                result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)
-                probe.write(directory, result)
-                writer.write(probe.metrics_row(result))
-                if jax.process_index() == 0:
-                    print(probe.summary(result), flush=True)
+                if probe_due:
+                    result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)
+                    probe.write(directory, result)
+                    writer.write(probe.metrics_row(result))
+                    if jax.process_index() == 0:
+                        print(probe.summary(result), flush=True)
 
-            if _due(config.sample, step, config.total_steps):
-                record = sampling.write_samples(
-                    config, setup, state["params"], clusters, lambda: source, directory, step
-                )
-                writer.write(record)
-                grids = record["files"]
-                if jax.process_index() == 0:
-                    print(sampling.summary(record), flush=True)
+                if sample_due:
+                    record = sampling.write_samples(
+                        config, setup, state["params"], clusters, lambda: source, directory, step
+                    )
+                    writer.write(record)
+                    grids = record["files"]
+                    if jax.process_index() == 0:
+                        print(sampling.summary(record), flush=True)
 
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
                 log.info("first step (with compilation) took %.1fs", time.perf_counter() - run_start)
-                last_time, last_step, data_wait = time.perf_counter(), step, 0.0
+                step_clock.restart(step)
+                data_wait = 0.0
 
             stop = stop_request.agreed()
             if step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps:

@@ -144,6 +144,8 @@ def test_cudnn_says_what_it_cannot_take_and_falls_back(caplog):
     with caplog.at_level(logging.WARNING, logger="igpt_jax.attention"):
         _check_equal(attention.IMPLEMENTATIONS["cudnn"], 64, True)  # on this CPU: xla, and the log says so
     assert any("'cudnn' cannot run here" in r.message and "'xla'" in r.message for r in caplog.records)
+    assert attention.running("cudnn") == "xla (in place of cudnn)"  # the progress line names what ran
+    assert attention.running("blockwise") == "blockwise"
 
 
 def test_mlp_backward_equals_autodiff():

@@ -48,3 +48,17 @@ def test_metrics_jsonl_records(tmp_path):
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"mode": "eval"' in lines[1]
+
+
+def test_step_clock_leaves_evaluator_time_out_of_the_step_rate():
+    """100 steps of 0.1 s with a 30 s probe in between: 0.1 s a step, not 0.4 (the ETA and tokens/s follow)."""
+    now = [0.0]
+    clock = metrics.StepClock(step=0, clock=lambda: now[0])
+    now[0] += 5.0  # steps 1..50
+    with clock.paused():
+        now[0] += 30.0  # a probe at step 50
+    now[0] += 5.0  # steps 51..100
+    seconds, per_step = clock.lap(100)
+    assert seconds == pytest.approx(10.0) and per_step == pytest.approx(0.1)
+    now[0] += 2.0  # the next lap starts clean: nothing paused carries over
+    assert clock.lap(110) == (pytest.approx(2.0), pytest.approx(0.2))

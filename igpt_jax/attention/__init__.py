@@ -25,10 +25,11 @@ import jax
 from igpt_jax import sharding
 from igpt_jax.attention.blockwise import blockwise_attention
 from igpt_jax.attention.cudnn import cudnn_attention
+from igpt_jax.attention.fallback import running
 from igpt_jax.attention.splash import splash_attention
 from igpt_jax.attention.xla import cached_attention, xla_attention
 
-__all__ = ["IMPLEMENTATIONS", "allowed_names", "cached_attention", "get", "resolve", "xla_attention"]
+__all__ = ["IMPLEMENTATIONS", "allowed_names", "cached_attention", "get", "resolve", "running", "xla_attention"]
 
 AttentionFn = Callable[..., jax.Array]
 

@@ -8,7 +8,18 @@ import logging
 
 log = logging.getLogger("igpt_jax.attention")
 
+# kernel -> the implementation that ran in its place, for the progress line (see running()).
+SUBSTITUTED: dict[str, str] = {}
+
 
 @functools.cache
 def note(kernel: str, reason: str, instead: str) -> None:
+    SUBSTITUTED[kernel] = instead
     log.warning("attention %r cannot run here (%s); using %r instead", kernel, reason, instead)
+
+
+def running(kernel: str) -> str:
+    """What the progress line calls the attention: `kernel`, or e.g. "xla (in place of cudnn)" once it fell back.
+    An fp32 run on an H200 said "attention cudnn" while every step ran xla."""
+    instead = SUBSTITUTED.get(kernel)
+    return kernel if instead is None else f"{instead} (in place of {kernel})"
