@@ -56,6 +56,31 @@ def partial_attention(
     return o.astype(q.dtype), (m + jnp.log(total))[..., 0]
 
 
+def partial_gradients(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    delta: jax.Array,
+    mask: jax.Array | None,
+    scale: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) fp32 of partial_attention's query block over these keys, given the queries' FINAL log-sum-exp
+    [B, H, Q] and delta = rowsum(dO * O) [B, H, Q] over all the keys they attend to (FlashAttention's backward: the
+    probabilities p = exp(s - lse) are recomputed here, never stored)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    p = jnp.exp(s - lse[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", ds, q, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
 def merge(o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The attention over the union of two disjoint key sets, from each set's (output, log-sum-exp): exact. A side
     that saw no key (log-sum-exp -inf) weighs nothing; if neither did, the result is (0, -inf)."""
@@ -113,18 +138,13 @@ def _backward(q, k, v, o, lse, do, causal: bool, size: int, length: int):
     for i in range(padded // size):
         rows = slice(i * size, (i + 1) * size)
         keys = _prefix(i, size, padded, causal)
-        kp, vp, qi, doi = k[:, :, :keys], v[:, :, :keys], q[:, :, rows], do[:, :, rows]
-        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kp, preferred_element_type=jnp.float32) * scale
-        p = jnp.exp(s - lse[:, :, rows, None])
         mask = _key_mask(i, size, keys, length, causal)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        dv_part = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), doi, preferred_element_type=jnp.float32)
+        qi, doi = q[:, :, rows], do[:, :, rows]
+        kp, vp = k[:, :, :keys], v[:, :, :keys]
+        dq_i, dk_part, dv_part = partial_gradients(qi, kp, vp, lse[:, :, rows], doi, delta[:, :, rows], mask, scale)
+        dq_blocks.append(dq_i)
+        dk = dk.at[:, :, :keys].add(dk_part)
         dv = dv.at[:, :, :keys].add(dv_part)
-        dp = jnp.einsum("bhqd,bhkd->bhqk", doi, vp, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[:, :, rows, None]) * scale).astype(q.dtype)
-        dq_blocks.append(jnp.einsum("bhqk,bhkd->bhqd", ds, kp, preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, :keys].add(jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=jnp.float32))
     dq = jnp.concatenate(dq_blocks, axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 

@@ -116,14 +116,9 @@ def _pair_backward(q, k, v, lse, do, delta, code, scale, size):
         def one(carry, args):
             dk, dv = carry
             qi, lse_i, do_i, delta_i, i = args
-            s = jnp.einsum("bhqd,bhkd->bhqk", qi, k, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(_mask(code, i * size, size, k.shape[2]), jnp.exp(s - lse_i[..., None]), 0.0)
-            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bhqd,bhkd->bhqk", do_i, v, preferred_element_type=jnp.float32)
-            ds = (p * (dp - delta_i[..., None]) * scale).astype(qi.dtype)
-            dq_i = jnp.einsum("bhqk,bhkd->bhqd", ds, k, preferred_element_type=jnp.float32)
-            dk = dk + jnp.einsum("bhqk,bhqd->bhkd", ds, qi, preferred_element_type=jnp.float32)
-            return (dk, dv), dq_i
+            mask = _mask(code, i * size, size, k.shape[2])
+            dq_i, dk_i, dv_i = blockwise.partial_gradients(qi, k, v, lse_i, do_i, delta_i, mask, scale)
+            return (dk + dk_i, dv + dv_i), dq_i
 
         zeros = jnp.zeros(k.shape, jnp.float32)
         blocks = (_blocks(q, size), _blocks(lse, size), _blocks(do, size), _blocks(delta, size))
