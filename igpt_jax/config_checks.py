@@ -199,7 +199,21 @@ def _mesh(c) -> list[str]:
             out.append(f"config.mesh.{part}={sizes}: sizes must be positive integers or -1, got {bad}")
         if list(sizes.values()).count(-1) > 1:
             out.append(f"config.mesh.{part}={sizes}: at most one axis may be -1")
-    return out
+    return out + _sequence_split(c)
+
+
+def _sequence_split(c) -> list[str]:
+    """Ring attention cuts each image's tokens into 2 x sequence zigzag chunks: they must come out whole."""
+    sizes = [int(dict(c.mesh[part]).get("sequence", 1)) for part in ("ici", "dcn")]
+    if -1 in sizes or c.model.attention not in ("auto", "ring"):
+        return []
+    shards, tokens = math.prod(sizes), model.tokens_per_image(c)
+    if tokens % (2 * shards):
+        return [
+            f"config.mesh ici.sequence x dcn.sequence = {shards}: ring attention cuts each image's {tokens} tokens "
+            f"into {2 * shards} equal chunks, so the token count must be a multiple of {2 * shards}"
+        ]
+    return []
 
 
 CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (

@@ -103,15 +103,17 @@ def make_config(
 
     # Mesh axis sizes; one -1 per dict takes what is left. ici: within a slice/host, dcn: across them.
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.ici = {"data": 1, "fsdp": -1, "tensor": 1}
-    c.mesh.dcn = {"data": -1, "fsdp": 1, "tensor": 1}
+    # `sequence` splits each image's tokens (context parallelism): ring attention passes keys and values around it,
+    # for images too long for one chip (192x192) or more chips than images.
+    c.mesh.ici = {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+    c.mesh.dcn = {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1}
     # Logical axis -> mesh axes (tuples are tried as a group). Parameters: embed/mlp/heads/kv/vocab/layers;
     # activations: act_batch/act_len/act_embed.
     c.logical_axis_rules = [
         ("act_batch", ("data", "fsdp")),
-        ("act_len", None),
+        ("act_len", "sequence"),
         ("act_embed", None),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "sequence")),  # the sequence axis's devices hold weight shards too, as MaxText's do
         ("mlp", "tensor"),
         ("heads", "tensor"),
         ("kv", None),

@@ -4,7 +4,8 @@ Every combination of config.compile.search_remat x search_microbatches x search_
 compiled for the topology like --mode=compile's step (memory only: one compile each). Candidates that fit are ranked
 by their compute-bound step time, analytic FLOPs with the policy's recomputation over the topology's peak (the
 microbatch loop and the mesh split change little of the FLOPs; memory is what they buy), then by memory. A mesh
-split `tensor=4` means mesh.ici {tensor: 4, fsdp: the rest}; `fsdp` is FSDP over every device.
+split `tensor=4` means mesh.ici {tensor: 4, fsdp: the rest} (`data=N` and `sequence=N` likewise); `fsdp` is FSDP over
+every device.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ def _items(text: str) -> list[str]:
 def _mesh(split: str) -> dict[str, int]:
     """'fsdp' -> {fsdp: -1}; 'data=2' -> {data: 2, fsdp: -1}."""
     if split == "fsdp":
-        return {"data": 1, "fsdp": -1, "tensor": 1}
+        return {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
     axis, _, size = split.partition("=")
-    if axis not in ("data", "tensor") or not size.isdigit():
-        raise ValueError(f"config.compile.search_meshes: {split!r} is not 'fsdp', 'data=N' or 'tensor=N'")
-    return {"data": 1, "tensor": 1, axis: int(size), "fsdp": -1}
+    if axis not in ("data", "sequence", "tensor") or not size.isdigit():
+        raise ValueError(f"config.compile.search_meshes: {split!r} is not 'fsdp', 'data=N', 'sequence=N' or 'tensor=N'")
+    return {"data": 1, "sequence": 1, "tensor": 1, axis: int(size), "fsdp": -1}
 
 
 def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:

@@ -123,7 +123,10 @@ def _divisible(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mes
     return PartitionSpec(*out)
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost to innermost: `tensor` gets the closest devices (the most traffic, every layer), then `sequence` (ring
+# attention's ppermute to the neighbour, every layer), then `fsdp` (all-gathers of weights), then `data` (gradients).
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+SEQUENCE_AXIS = "sequence"
 
 
 class MeshError(ValueError):
@@ -152,7 +155,7 @@ def _granules(devices: Sequence[jax.Device]) -> int:
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None, *, granules: int | None = None) -> jax.sharding.Mesh:
-    """The (data, fsdp, tensor) mesh of `config.mesh.ici` (within a slice/host) x `config.mesh.dcn` (across).
+    """The (data, fsdp, sequence, tensor) mesh of `config.mesh.ici` (within a slice/host) x `config.mesh.dcn` (across).
 
     `granules` (default: counted from the devices) is how many units `mesh.dcn` spans: a compile-only topology's
     abstract devices carry no slice index and one process index per host, so the planner says how many slices."""
@@ -172,6 +175,14 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None, *, granules: 
     else:
         array = mesh_utils.create_device_mesh([ici[a] for a in MESH_AXES], devices)
     return jax.sharding.Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def sequence_shards() -> int:
+    """How many devices the current mesh splits each image's sequence over (its `sequence` axis; 1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[SEQUENCE_AXIS]
 
 
 def batch_axes(config, mesh: jax.sharding.Mesh) -> tuple[str, ...]:

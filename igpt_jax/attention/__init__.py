@@ -9,8 +9,11 @@ logits by 1/sqrt(head_dim) as OpenAI does, with the softmax in fp32:
   S x S matrix, masked blocks skipped. Pure JAX, so any backend; the fastest on CPUs.
 - `cudnn` (cudnn.py): cuDNN's fused flash attention on NVIDIA GPUs (bf16/fp16).
 - `splash` (splash.py): Pallas's TPU splash attention, sharded with shard_map.
+- `ring` (ring.py): context parallelism over the mesh's `sequence` axis: keys and values passed around the ring,
+  zigzag chunks for causal balance, a custom VJP. `auto` takes it whenever the mesh splits the sequence.
 
-`auto` picks, at trace time, the first of _AUTO_PREFERENCE for the platform of the mesh's devices (not the host's:
+`auto` picks, at trace time, `ring` when the mesh has a `sequence` axis of more than one device, else the first of
+_AUTO_PREFERENCE for the platform of the mesh's devices (not the host's:
 a CPU compiling for a TPU topology gets splash). A kernel that cannot take a call (dtype, head size, length,
 platform) runs its fallback and logs why once. Decoding (sampling) uses `cached_attention`, which reads a key/value
 cache and needs none of this.
@@ -26,6 +29,7 @@ from igpt_jax import sharding
 from igpt_jax.attention.blockwise import blockwise_attention
 from igpt_jax.attention.cudnn import cudnn_attention
 from igpt_jax.attention.fallback import running
+from igpt_jax.attention.ring import ring_attention
 from igpt_jax.attention.splash import splash_attention
 from igpt_jax.attention.xla import cached_attention, xla_attention
 
@@ -38,6 +42,7 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "blockwise": blockwise_attention,
     "cudnn": cudnn_attention,
     "splash": splash_attention,
+    "ring": ring_attention,
 }
 
 # What `auto` means on each platform, best first; the first registered name wins. Measured on CPU: blockwise trains
@@ -57,6 +62,8 @@ def allowed_names() -> list[str]:
 def resolve(name: str, platform: str | None = None) -> str:
     """The implementation's name: `name` itself, or for `auto` the best registered for `platform` (default: the
     current mesh's, else JAX's backend; the compile-only planner passes its target's)."""
+    if name == "auto" and sharding.sequence_shards() > 1:
+        return "ring"  # any other kernel would see the whole sequence: XLA gathers it onto every device
     if name == "auto":
         platform = platform or sharding.mesh_platform()
         name = next((c for c in _AUTO_PREFERENCE.get(platform, ()) if c in IMPLEMENTATIONS), "xla")

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from igpt_jax import sharding
 from igpt_jax.attention import blockwise
 
-SEQUENCE_AXIS = "sequence"
+SEQUENCE_AXIS = sharding.SEQUENCE_AXIS
 FULL, DIAGONAL, SKIP = "full", "diagonal", "skip"
 
 
