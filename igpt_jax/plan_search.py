@@ -48,7 +48,7 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
         row = {"remat": remat, "microbatches": micro, "mesh": split}
         if config.batch_size % micro:
             continue
-        target = planner._target_config(config, devices[0].platform, **changes)
+        target = planner._target_config(config, devices, c.num_slices, **changes)
         try:
             _, mesh, parts, _ = planner.compile_memory(target, devices, c.num_slices)
         except sharding.MeshError as e:  # the split or the microbatch does not divide: not a candidate

@@ -39,16 +39,20 @@ class DoesNotFit(Exception):  # noqa: N818 - a verdict, reported with exit statu
     """The step needs more memory per device than the chip has; the message is the verdict with the numbers."""
 
 
-def _target_config(config: ml_collections.ConfigDict, platform: str, **changes) -> ml_collections.ConfigDict:
-    """The config as compiled for the target: `auto` attention resolved for its platform, not the host's."""
+def _target_config(
+    config: ml_collections.ConfigDict, devices: list, num_slices: int, **changes
+) -> ml_collections.ConfigDict:
+    """The config as compiled for the target, `changes` applied: `auto` attention resolved for the target's platform
+    (not the host's) and its mesh (ring where the mesh splits the sequence)."""
     c = config.copy_and_resolve_references()
-    c.model.attention = attention.resolve(c.model.attention, platform)
     for dotted, value in changes.items():
         node = c
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node[part]
         node[leaf] = value
+    mesh = sharding.make_mesh(c, devices, granules=num_slices)
+    c.model.attention = attention.resolve(c.model.attention, devices[0].platform, mesh.shape[sharding.SEQUENCE_AXIS])
     return c
 
 
@@ -99,10 +103,11 @@ def per_device_cost(config: ml_collections.ConfigDict, devices: list, num_slices
     """(FLOPs, bytes accessed) of one device's step, every layer and microbatch counted (module docstring)."""
     micro = config.microbatches
     one_micro = {"batch_size": config.batch_size // micro, "microbatches": 1, "model.scan_layers": False}
-    platform = devices[0].platform
     c1, c2 = (
         _cost(
-            _compile(_target_config(config, platform, **one_micro, **{"model.num_layers": n}), devices, num_slices)[0]
+            _compile(
+                _target_config(config, devices, num_slices, **one_micro, **{"model.num_layers": n}), devices, num_slices
+            )[0]
         )
         for n in (1, 2)
     )
@@ -118,7 +123,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
     c = config.compile
     chip, shape = hardware.topology_shape(c.topology)
     devices = hardware.topology_devices(c.topology, c.num_slices)
-    target = _target_config(config, devices[0].platform)
+    target = _target_config(config, devices, c.num_slices)
     chips = math.prod(shape) * c.num_slices
     per_chip = len(devices) // chips  # devices a chip shows (v4: 2 TensorCores)
     hbm = chip.hbm_bytes / per_chip

@@ -30,6 +30,7 @@ from igpt_jax import (
     run_lock,
     runtime,
     sampling,
+    sharding,
     steps,
     workdir,
 )
@@ -130,7 +131,9 @@ def loop(rt: runtime.Runtime) -> dict:
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
     )
-    kernel = attention.resolve(config.model.attention, mesh.devices.flat[0].platform)
+    kernel = attention.resolve(
+        config.model.attention, mesh.devices.flat[0].platform, mesh.shape.get(sharding.SEQUENCE_AXIS, 1)
+    )
 
     # --- loop
     stop_request = interrupts.StopRequest()

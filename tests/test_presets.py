@@ -45,3 +45,13 @@ def test_image_size_argument_sets_context(preset, arg):
 def test_unknown_config_argument_is_refused():
     with pytest.raises(ValueError, match=r"'foo' is unknown; allowed: \['image_size'\]"):
         igpt_s.get_config("foo=3")
+
+
+@pytest.mark.parametrize("side, sequence", [(96, 1), (128, 1), (192, 4)])
+def test_long_image_presets_split_the_sequence_where_one_chip_cannot_hold_it(side, sequence):
+    """`configs/igpt_l.py:192` is the README's 192x192 run: batch 64, bf16, full remat, sequence over 4 chips."""
+    config = igpt_l.get_config(str(side))
+    assert config.model.num_positions == side * side and config.batch_size == 64
+    assert (config.model.dtype, config.model.remat, config.mesh.ici.sequence) == ("bfloat16", "full", sequence)
+    config_checks.check(config)
+    assert igpt_l.get_config("64").mesh.ici.sequence == 1 and igpt_l.get_config("64").batch_size == 128

@@ -35,6 +35,9 @@ def test_auto_attention_is_ring_when_the_mesh_splits_the_sequence():
         assert attention.resolve("auto") == "ring"
     with jax.set_mesh(sharding.make_mesh(fashion_config())):
         assert attention.resolve("auto") == "blockwise"
+    assert attention.resolve("auto", "tpu", sequence=4) == "ring"  # the planner's call: a target's mesh, not set
+    assert attention.resolve("auto", "tpu", sequence=1) == "splash"
+    assert attention.resolve("xla", "tpu", sequence=4) == "xla"  # a named kernel is kept (XLA gathers the sequence)
 
 
 def test_weights_are_sharded_over_the_sequence_axis_too():

@@ -59,10 +59,12 @@ def allowed_names() -> list[str]:
     return ["auto", *IMPLEMENTATIONS]
 
 
-def resolve(name: str, platform: str | None = None) -> str:
-    """The implementation's name: `name` itself, or for `auto` the best registered for `platform` (default: the
-    current mesh's, else JAX's backend; the compile-only planner passes its target's)."""
-    if name == "auto" and sharding.sequence_shards() > 1:
+def resolve(name: str, platform: str | None = None, sequence: int | None = None) -> str:
+    """The implementation's name: `name` itself, or for `auto` `ring` when the mesh splits the sequence over
+    `sequence` > 1 devices, else the best registered for `platform`. Both default to the current mesh's (the platform
+    then to JAX's backend); the compile-only planner passes its target's."""
+    sequence = sharding.sequence_shards() if sequence is None else sequence
+    if name == "auto" and sequence > 1:
         return "ring"  # any other kernel would see the whole sequence: XLA gathers it onto every device
     if name == "auto":
         platform = platform or sharding.mesh_platform()

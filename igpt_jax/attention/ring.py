@@ -83,8 +83,14 @@ def _unblocks(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape(b, h, nb * size, *x.shape[4:])
 
 
-def _mask(code: jax.Array, first_row: jax.Array, size: int, keys: int) -> jax.Array:
-    """[size, keys]: everything for a full pair, key <= query for the diagonal pair (same chunk on both sides)."""
+def _mask(code: jax.Array, first_row: jax.Array, size: int, keys: int, q: jax.Array) -> jax.Array:
+    """[size, keys]: everything for a full pair, key <= query for the diagonal pair (same chunk on both sides).
+
+    The mask depends on the block index alone, so when the layer is differentiated inside a scan with remat, JAX's
+    partial evaluation would compute it ahead for every block and keep it broadcast to the scores' shape: 1.3 GiB per
+    pair for iGPT-L at 192x192, 63 GiB a chip in all. Tying it to the queries (optimization_barrier) keeps it in the
+    loop, where it fuses into the scores."""
+    first_row, code, _ = jax.lax.optimization_barrier((first_row, code, q))
     rows = first_row + jnp.arange(size)[:, None]
     return (jnp.arange(keys)[None, :] <= rows) | (code == _CODES[FULL])
 
@@ -96,7 +102,7 @@ def _pair_forward(q, k, v, code, scale, size):
     def compute(q, k, v):
         def one(args):
             qi, i = args
-            o, lse = blockwise.partial_attention(qi, k, v, _mask(code, i * size, size, k.shape[2]), scale)
+            o, lse = blockwise.partial_attention(qi, k, v, _mask(code, i * size, size, k.shape[2], qi), scale)
             return o.astype(jnp.float32), lse
 
         o, lse = jax.lax.map(one, (_blocks(q, size), jnp.arange(q.shape[2] // size)))
@@ -116,7 +122,7 @@ def _pair_backward(q, k, v, lse, do, delta, code, scale, size):
         def one(carry, args):
             dk, dv = carry
             qi, lse_i, do_i, delta_i, i = args
-            mask = _mask(code, i * size, size, k.shape[2])
+            mask = _mask(code, i * size, size, k.shape[2], qi)
             dq_i, dk_i, dv_i = blockwise.partial_gradients(qi, k, v, lse_i, do_i, delta_i, mask, scale)
             return (dk + dk_i, dv + dv_i), dq_i
 
