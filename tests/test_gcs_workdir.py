@@ -104,6 +104,7 @@ def _losses(text: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "mode" not in r}
 
 
+@pytest.mark.slow  # 50 s; CI runs the slow tests
 def test_a_gs_workdir_is_killed_resumed_and_matches_a_local_run(gcs, tmp_path):
     fs, env, bucket_folder = gcs
     local = tmp_path / "local"

@@ -166,6 +166,7 @@ def test_processes_running_different_programs_stop_with_a_message(tmp_path):
         assert "processes lowered different train steps (fingerprints by process:" in err
 
 
+@pytest.mark.slow  # 2.5 minutes: the default run's probe and samples on two processes (CI runs the slow tests)
 def test_local_sh_runs_the_default_config(tmp_path):
     env = _env() | {"DEVICES_PER_PROCESS": "1", "LOG_DIR": str(tmp_path / "logs"), "PYTHON": sys.executable}
     result = subprocess.run(

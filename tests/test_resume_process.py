@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = cli_flags(image_size=16, embed_dim=64, total_steps=40, eval_every=20, checkpoint_every=10, warmup=5)
 
 
-def _launch(workdir: Path) -> subprocess.Popen:
+def _launch(workdir: Path, *extra: str) -> subprocess.Popen:
     log = open(workdir.parent / f"{workdir.name}.log", "a")  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
-        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *FLAGS],
+        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *FLAGS, *extra],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -55,10 +55,10 @@ def reference(tmp_path_factory) -> Path:
     return workdir
 
 
-def _interrupted(tmp_path: Path, sig: int) -> tuple[Path, int]:
+def _interrupted(tmp_path: Path, sig: int, *extra: str) -> tuple[Path, int]:
     """A run that gets `sig` once its step-10 checkpoint exists; its exit status."""
     workdir = tmp_path / "interrupted"
-    proc = _launch(workdir)
+    proc = _launch(workdir, *extra)
     _wait_for_checkpoint(workdir, 10, proc)
     proc.send_signal(sig)
     return workdir, proc.wait(timeout=120)
@@ -92,3 +92,17 @@ def test_a_stop_signal_saves_exits_and_relaunch_resumes(tmp_path, reference, sig
     assert _launch(stopped).wait(timeout=600) == 0, _log(stopped)
     assert f"resumed from {stopped / 'checkpoints'}/{saved[-1]}" in _log(stopped)
     assert _losses(stopped) == _losses(reference)
+
+
+@pytest.mark.slow  # three runs of its own, about 2 minutes
+def test_kill_9_with_the_sequence_split_then_relaunch_gives_the_same_curve_bitwise(tmp_path):
+    """The same with each image's 256 tokens split over 4 of the 8 devices (ring attention, fsdp=2)."""
+    split = "--config.mesh.ici.sequence=4"
+    reference = tmp_path / "reference"
+    assert _launch(reference, split).wait(timeout=600) == 0, _log(reference)
+    assert "attention ring" in _log(reference)
+    killed, _ = _interrupted(tmp_path, signal.SIGKILL, split)
+    assert max(_losses(killed)) < 40, "the run finished before it could be killed"
+    assert _launch(killed, split).wait(timeout=600) == 0, _log(killed)
+    assert "resumed from" in _log(killed)
+    assert _losses(killed) == _losses(reference)
