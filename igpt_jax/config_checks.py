@@ -12,6 +12,7 @@ from collections.abc import Callable
 import ml_collections
 
 from igpt_jax import attention, model, objectives, optim, resume
+from igpt_jax.attention import ring
 from igpt_jax.sharding import MESH_AXES
 
 
@@ -207,13 +208,9 @@ def _sequence_split(c) -> list[str]:
     sizes = [int(dict(c.mesh[part]).get("sequence", 1)) for part in ("ici", "dcn")]
     if -1 in sizes or c.model.attention not in ("auto", "ring"):
         return []
-    shards, tokens = math.prod(sizes), model.tokens_per_image(c)
-    if tokens % (2 * shards):
-        return [
-            f"config.mesh ici.sequence x dcn.sequence = {shards}: ring attention cuts each image's {tokens} tokens "
-            f"into {2 * shards} equal chunks, so the token count must be a multiple of {2 * shards}"
-        ]
-    return []
+    shards = math.prod(sizes)
+    reason = ring.split_refusal(model.tokens_per_image(c), shards)
+    return [] if reason is None else [f"config.mesh ici.sequence x dcn.sequence = {shards}: {reason}"]
 
 
 CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (

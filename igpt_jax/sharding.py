@@ -177,9 +177,10 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None, *, granules: 
     return jax.sharding.Mesh(array, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def sequence_shards() -> int:
-    """How many devices the current mesh splits each image's sequence over (its `sequence` axis; 1 without one)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def sequence_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> int:
+    """How many devices `mesh` (default: the current one) splits each image's sequence over: its `sequence` axis,
+    1 without one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     if mesh.empty or SEQUENCE_AXIS not in mesh.axis_names:
         return 1
     return mesh.shape[SEQUENCE_AXIS]

@@ -131,9 +131,7 @@ def loop(rt: runtime.Runtime) -> dict:
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
     )
-    kernel = attention.resolve(
-        config.model.attention, mesh.devices.flat[0].platform, mesh.shape.get(sharding.SEQUENCE_AXIS, 1)
-    )
+    kernel = attention.resolve(config.model.attention, mesh.devices.flat[0].platform, sharding.sequence_shards(mesh))
 
     # --- loop
     stop_request = interrupts.StopRequest()

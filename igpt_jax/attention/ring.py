@@ -41,6 +41,17 @@ def zigzag(length: int, n: int) -> jax.Array:
     return jnp.concatenate([jnp.arange(c * chunk, (c + 1) * chunk) for c in order])
 
 
+def split_refusal(length: int, n: int) -> str | None:
+    """Why `length` tokens cannot be split over a ring of n devices (2n equal zigzag chunks), or None when they can.
+    Read by the kernel at trace time and by the config check before anything starts."""
+    if length % (2 * n):
+        return (
+            f"ring attention cuts each image's {length} tokens into {2 * n} equal chunks, so the token count must be "
+            f"a multiple of {2 * n}"
+        )
+    return None
+
+
 def pair_kind(query_chunk: int, key_chunk: int, causal: bool) -> str:
     if not causal or key_chunk < query_chunk:
         return FULL
@@ -221,15 +232,16 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) ->
         raise ValueError(f"ring attention needs a mesh with a {SEQUENCE_AXIS!r} axis (config.mesh.ici.sequence)")
     n = mesh.shape[SEQUENCE_AXIS]
     length = q.shape[1]
-    if length % (2 * n):
-        raise ValueError(f"ring attention over sequence={n} needs the length a multiple of {2 * n}, got {length}")
+    reason = split_refusal(length, n)
+    if reason is not None:
+        raise ValueError(f"sequence={n}: {reason}")
     order = zigzag(length, n)
     inverse = jnp.argsort(order)
     batch_axes, head_axes = sharding.current_spec(("act_batch", "heads")) or (None, None)
     spec = jax.sharding.PartitionSpec(batch_axes, head_axes, SEQUENCE_AXIS, None)
 
-    def heads_major(x):
-        return jnp.swapaxes(jnp.take(x, order, axis=1), 1, 2)
+    def heads_major(x):  # zigzag order, then the block kernels' [B, H, S, D] layout
+        return blockwise.heads_major(jnp.take(x, order, axis=1), length)
 
     size = query_block(length // (2 * n), QUERY_BLOCK)
 
