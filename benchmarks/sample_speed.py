@@ -7,7 +7,13 @@ sampling (temperature 1, no top-k) with a KV cache: ours one compiled loop (igpt
 the same machine; the first call of each (compilation, warm-up) is timed apart. Records the load average before and
 after: a busy machine slows PyTorch more than XLA and so flatters the ratio.
 
-Usage: python benchmarks/sample_speed.py [--rounds 5] [--batch 16] [--out results.json]
+Both sides use every core. PyTorch does so with its intra-op threads (one per core by default). XLA's CPU client
+shows one device, and its intra-op threads do not speed up decoding (the ops are small and bound by memory: one core
+runs this loop as fast as two). So ours runs one JAX CPU device per core (`jax_num_cpu_devices`, what the
+JAX_NUM_CPU_DEVICES variable sets) with the images split over them on the mesh's data axis, as on a multi-chip host.
+`--cpu-devices 1` times the single-device configuration.
+
+Usage: python benchmarks/sample_speed.py [--rounds 5] [--batch 16] [--cpu-devices N] [--out results.json]
 Prints one JSON object: per-round seconds for both, median images/s and ours / Hugging Face.
 """
 
@@ -54,8 +60,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--side", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument(
+        "--cpu-devices", type=int, default=os.cpu_count(), help="JAX CPU devices (default: a core each)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)  # before the first use of the backend
     load_before = os.getloadavg()
     n, batch = args.side**2, args.batch
 
@@ -63,7 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         hf.save_pretrained(folder)
         model, config = convert.from_huggingface(folder)
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    config.mesh.ici = {"data": -1, "fsdp": 1, "sequence": 1, "tensor": 1}  # images over the devices, weights whole
+    mesh = sharding.make_mesh(config, jax.devices())
     setup = steps.make_setup(config, mesh, train=False)
     params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), setup.state_shardings["params"])
     sampler = sampling.make_sampler(setup, batch, top_k=0, num_colours=args.vocab)
@@ -112,6 +123,8 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "cpu_count": os.cpu_count(),
+        "jax_devices": len(jax.devices()),
+        "mesh": dict(mesh.shape),
         "torch_threads": torch.get_num_threads(),
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

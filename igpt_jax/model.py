@@ -140,7 +140,9 @@ class Attention(nnx.Module):
         size = cache["k"][0].shape[2]
 
         def write(blocks: list[jax.Array], w: nnx.Param) -> list[jax.Array]:
-            new = self._project(x, w, "bhsk").astype(blocks[block].dtype)
+            # projected as [B, 1, heads, head_dim] and moved to heads-major by a bitcast (one position): an
+            # einsum straight to "bhsk" makes XLA transpose the weight matrix at every position
+            new = jnp.swapaxes(self._project(x, w), 1, 2).astype(blocks[block].dtype)
             updated = jax.lax.dynamic_update_slice(blocks[block], new, (0, 0, index - block * size, 0))
             return [*blocks[:block], constrain(updated, CACHE_NAMES), *blocks[block + 1 :]]
 

@@ -99,6 +99,26 @@ def test_colours_the_palette_lacks_are_never_drawn():
     assert tokens.max() < 8
 
 
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (0.5, 0), (2.0, 3)])
+def test_draws_follow_softmax_of_logits_over_temperature_within_the_top_k(temperature, top_k):
+    """40,000 draws from one row of logits: each colour's frequency is its probability under softmax(logits / T),
+    renormalised over the top_k and over the palette's colours (the last one is missing), within 5 standard errors;
+    colours outside either get none."""
+    logits = jnp.array([2.0, 0.5, -1.0, 1.5, 0.0, -3.0, 3.0], jnp.float32)
+    n, colours = 40_000, 6
+    keys = jax.random.split(jax.random.key(3), n)
+    tokens = sampling.choose(
+        jnp.broadcast_to(logits, (n, 7)), keys, jnp.float32(temperature), top_k=top_k, num_colours=colours
+    )
+    kept = np.asarray(logits[:colours])
+    if top_k:
+        kept = np.where(kept >= np.sort(kept)[-top_k], kept, -np.inf)
+    p = np.exp((kept - kept.max()) / temperature)
+    p = np.concatenate([p / p.sum(), [0.0]])
+    freq = np.bincount(np.asarray(tokens), minlength=7) / n
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / n)), (freq, p)
+
+
 def test_the_same_seed_gives_the_same_images_on_1_and_8_devices_with_params_sharded():
     config = tiny_config(image_size=6)
     one, *_ = _sample(config, jax.devices()[:1], seed=3)
