@@ -124,8 +124,8 @@ class Attention(nnx.Module):
         self.dtype = DTYPES[cfg.dtype]
         self.attend = attention_lib.get(cfg.attention)
 
-    def _project(self, x: jax.Array, w: nnx.Param, layout: str = "bshk") -> jax.Array:
-        return jnp.einsum(f"bsd,dhk->{layout}", x, w[...].astype(self.dtype))
+    def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+        return jnp.einsum("bsd,dhk->bshk", x, w[...].astype(self.dtype))
 
     def _output(self, o: jax.Array) -> jax.Array:
         return jnp.einsum("bshk,hkd->bsd", o, self.out[...].astype(self.dtype))
