@@ -32,9 +32,13 @@ def standardize(train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))
 def fit(
-    x: jax.Array, y: jax.Array, l2: jax.Array, *, num_classes: int, max_iter: int = 1000, tol: float = 1e-6
+    x: jax.Array, y: jax.Array, l2: jax.Array, *, num_classes: int, max_iter: int = 1000, tol: float = 1e-4
 ) -> tuple[jax.Array, jax.Array]:
-    """(W [d, C], b [C]) minimising mean cross-entropy + l2/2 |W|^2 on x [n, d], y [n]."""
+    """(W [d, C], b [C]) minimising mean cross-entropy + l2/2 |W|^2 on x [n, d], y [n]. Stops as scikit-learn's
+    lbfgs does: once the largest gradient entry is at most `tol` (its default, 1e-4), or after max_iter. A
+    gradient-norm tolerance of 1e-6 instead, often out of float32's reach on real features, ran fits to max_iter:
+    9 s a fit on 4,500 Fashion-MNIST pixel images, against 2 s for the same accuracy as scikit-learn's converged fit
+    (within 0.5 points)."""
 
     def loss(params):
         w, b = params
@@ -53,8 +57,8 @@ def fit(
     def going(carry):
         _, state = carry
         count = optax.tree.get(state, "count")
-        grad = optax.tree.get(state, "grad")
-        return (count == 0) | ((count < max_iter) & (optax.tree.norm(grad) >= tol))
+        largest = jnp.max(jnp.stack([jnp.max(jnp.abs(g)) for g in jax.tree.leaves(optax.tree.get(state, "grad"))]))
+        return (count == 0) | ((count < max_iter) & (largest > tol))
 
     params = (jnp.zeros((x.shape[-1], num_classes), x.dtype), jnp.zeros((num_classes,), x.dtype))
     params, _ = jax.lax.while_loop(going, step, (params, solver.init(params)))
