@@ -1,5 +1,5 @@
-"""Small PNGs drawn with Pillow (no plotting library needed on a TPU VM): probe accuracy against layer, and grids of
-sampled images."""
+"""PNGs: probe accuracy by layer and along training (matplotlib, no pyplot state: safe in any thread, no display),
+and grids of sampled images (Pillow: an image laid out pixel for pixel, not a plot)."""
 
 from __future__ import annotations
 
@@ -7,55 +7,79 @@ import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-WIDTH, HEIGHT = 720, 420
-LEFT, RIGHT, TOP, BOTTOM = 70, 180, 40, 50  # margins: axis labels left and below, the legend on the right
-POINT = (31, 119, 180)  # the layers' accuracies: one filled circle each, this colour nowhere else in the plot area
+BASELINE_STYLE = {"raw_pixels": ("tab:orange", "--"), "random_init": ("tab:gray", ":")}
+POINT = (31, 119, 180)  # the layers' markers (matplotlib's tab:blue), a colour nothing else in the plot has
 LINE = (174, 199, 232)  # what joins them
-BASELINE_COLOURS = ((255, 127, 14), (127, 127, 127), (44, 160, 44))
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.2, 4.2), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _png(figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _baseline(axes, name: str, value) -> None:
+    colour, style = BASELINE_STYLE.get(name, ("tab:green", "-."))
+    label = name.replace("_", " ")
+    if np.ndim(value) == 0:
+        axes.axhline(value, color=colour, linestyle=style, label=label)
+    else:
+        axes.plot(*value, color=colour, linestyle=style, marker=".", label=label)
 
 
 def accuracy_by_layer(
     title: str, layers: Sequence[int], accuracies: Sequence[float], baselines: Mapping[str, float]
 ) -> bytes:
-    """A PNG: one filled circle per layer at its test accuracy, each baseline a horizontal line, all in percent."""
-    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(image)
-    values = [*accuracies, *baselines.values()]
-    low, high = max(0.0, min(values) - 5), min(100.0, max(values) + 5)
-    x0, x1, y0, y1 = LEFT, WIDTH - RIGHT, TOP, HEIGHT - BOTTOM
-    span = max(len(layers) - 1, 1)
+    """Test accuracy (percent) against layer, one marker per layer; each baseline a horizontal line."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    point, line = (tuple(c / 255 for c in rgb) for rgb in (POINT, LINE))
+    axes.plot(range(len(layers)), accuracies, color=line, marker="o", mfc=point, mec=point, label="trained")
+    for name, value in baselines.items():
+        _baseline(axes, name, value)
+    axes.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set(title=title, xlabel="layer", ylabel="test accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: it never hides a point
+    return _png(figure)
 
-    def x(i: int) -> float:
-        return x0 + 20 + (x1 - x0 - 40) * i / span
 
-    def y(value: float) -> float:
-        return y1 - (y1 - y0) * (value - low) / max(high - low, 1e-9)
+def accuracy_curve(
+    title: str,
+    steps: Sequence[int],
+    layers: Mapping[str, Sequence[float]],
+    baselines: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+) -> bytes:
+    """Test accuracy (percent) against training step: a line per layer (the paper's Figure 3 shape) and a dashed
+    one per baseline (steps, accuracies)."""
+    figure = _figure()
+    axes = figure.add_subplot()
+    colours = _layer_colours(len(layers))
+    for colour, (layer, accuracies) in zip(colours, layers.items(), strict=True):
+        axes.plot(steps, accuracies, marker="o", markersize=3, color=colour, label=f"layer {layer}")
+    for name, points in baselines.items():
+        _baseline(axes, name, points)
+    axes.set(title=title, xlabel="training step", ylabel="test accuracy (%)")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", ncols=1 + len(layers) // 16)
+    return _png(figure)
 
-    draw.rectangle([x0, y0, x1, y1], outline="black")
-    for k in range(6):  # horizontal grid and accuracy ticks
-        value = low + (high - low) * k / 5
-        draw.line([x0, y(value), x1, y(value)], fill=(225, 225, 225))
-        draw.text((8, y(value) - 6), f"{value:5.1f}%", fill="black")
-    for i, layer in enumerate(layers):
-        draw.text((x(i) - 4, y1 + 6), str(layer), fill="black")
-    draw.text(((x0 + x1) / 2 - 15, y1 + 24), "layer", fill="black")
-    draw.text((x0, 12), title, fill="black")
-    for value, colour in zip(baselines.values(), BASELINE_COLOURS, strict=False):
-        draw.line([x0, y(value), x1, y(value)], fill=colour, width=2)
-    points = [(x(i), y(a)) for i, a in enumerate(accuracies)]
-    if len(points) > 1:
-        draw.line(points, fill=LINE, width=1)
-    for px, py in points:
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=POINT)
-    legend = [("trained", POINT), *zip(baselines, BASELINE_COLOURS, strict=False)]
-    for k, (name, colour) in enumerate(legend):
-        draw.rectangle([x1 + 15, y0 + 10 + 22 * k, x1 + 35, y0 + 20 + 22 * k], fill=colour)
-        draw.text((x1 + 42, y0 + 8 + 22 * k), name.replace("_", " "), fill="black")
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
+
+def _layer_colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
 
 
 GRID_GAP = 2  # pixels of white between images in a grid

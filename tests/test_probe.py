@@ -76,15 +76,16 @@ def test_features_are_the_same_on_1_and_8_devices():
 
 
 def _blobs(png: bytes, colour: tuple[int, int, int]) -> int:
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))[:, : plots.WIDTH - plots.RIGHT]  # the plot area
+    """Separate patches of exactly `colour` in a PNG read back with Pillow."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     _, count = ndimage.label(np.all(pixels == colour, axis=-1))
     return count
 
 
 def test_the_png_has_one_point_per_layer():
     png = plots.accuracy_by_layer("t", [0, 1, 2, 3, 4], [50, 62, 70, 66, 60], {"raw_pixels": 55, "random_init": 40})
-    assert Image.open(io.BytesIO(png)).size == (plots.WIDTH, plots.HEIGHT)
-    assert _blobs(png, plots.POINT) == 5
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert _blobs(png, plots.POINT) == 5 + 1  # and the legend's
 
 
 def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
@@ -124,7 +125,7 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     assert probe["best_accuracy"] == max(v["accuracy"] for v in probe["layers"].values())
     assert probe["baselines"]["raw_pixels"] > 30  # ten classes: chance is 10%
     assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
-    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2
+    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2 + 1  # and the legend's
     at_end_of_training, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]
     assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10
     assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers
