@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, model, objectives, optim, resume
+from igpt_jax import attention, evaluators, model, objectives, optim, resume
 from igpt_jax.attention import ring
 from igpt_jax.sharding import MESH_AXES
 
@@ -26,7 +26,6 @@ def _positive_ints(c) -> list[str]:
         "total_steps",
         "microbatches",
         "log_every_steps",
-        "eval_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
         "model.num_layers",
@@ -36,9 +35,7 @@ def _positive_ints(c) -> list[str]:
         "model.image_size",
         "model.num_positions",
         "model.vocab_size",
-        "sample.completions_per_image",
         "finetune.steps",
-        "probe.sgd_epochs",
         "finetune.eval_every_steps",
         "finetune.checkpoint_every_steps",
     ]
@@ -60,7 +57,6 @@ def _choices(c) -> list[str]:
         "restore": list(resume.RESTORE_MODES),
         "optimizer.schedule": list(optim.SCHEDULES),
         "finetune.schedule": list(optim.SCHEDULES),
-        "probe.solver": ["auto", "lbfgs", "sgd"],
     }
     return [
         f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
@@ -98,7 +94,6 @@ def _nonnegative_int(value) -> bool:
 # Numeric keys beyond the positive integers: (test on a finite number, what is allowed).
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
-    "eval_examples": (_nonnegative_int, "an integer >= 0 (0: the whole eval split)"),
     "checkpoint_step": (_nonnegative_int, "an integer >= 0 (0: the newest checkpoint)"),
     "watchdog_seconds": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
     "bert_mask_prob": (lambda v: 0.0 < v < 1.0, "0 < p < 1"),
@@ -110,23 +105,11 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
     "optimizer.grad_clip_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
     "optimizer.warmup_steps": (_nonnegative_int, "an integer >= 0"),
-    "probe.train_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
-    "probe.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
-    "probe.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
-    "probe.sgd_learning_rate": (lambda v: v > 0, "> 0"),
     "model.num_classes": (_nonnegative_int, "an integer >= 0 (0: no classification head)"),
     "finetune.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
     "finetune.learning_rate": (lambda v: v >= 0, ">= 0 (0: the pretraining learning rate / 10)"),
     "finetune.warmup_steps": (_nonnegative_int, "an integer >= 0"),
     "finetune.generative_weight": (lambda v: v >= 0, ">= 0 (0: the classification loss alone)"),
-    "sample.temperature": (lambda v: v >= 0, ">= 0 (0: greedy)"),
-    "sample.top_k": (_nonnegative_int, "an integer >= 0 (0 turns top-k off)"),
-    "sample.num_images": (_nonnegative_int, "an integer >= 0 (0: no unconditional samples)"),
-    "sample.completion_images": (_nonnegative_int, "an integer >= 0 (0: no completions)"),
-    "sample.completion": (lambda v: 0 <= v < 1, "0 <= fraction of rows given < 1"),
-    "sample.seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
-    "sample.batch_size": (_nonnegative_int, "an integer >= 0 (0: config.batch_size)"),
-    "sample.every_steps": (_nonnegative_int, "an integer >= 0 (0: never during training)"),
     "compile.num_slices": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
 }
 FLOAT32_MAX = 3.4028234663852886e38
@@ -150,37 +133,14 @@ def _training(c) -> list[str]:
     return out
 
 
-def _sampling(c) -> list[str]:
-    """Sampling during training needs a left-to-right model and something to draw."""
-    if not (c.sample.every_steps or c.sample.at_end):
-        return []
-    if c.objective != "ar":
-        return [
-            f"{_sampling_keys(c)} with config.objective={c.objective!r}: only 'ar' models can be sampled; turn "
-            "sampling off for BERT runs"
-        ]
-    if not (c.sample.num_images or c.sample.completion_images):
-        return ["config.sample.num_images and config.sample.completion_images are both 0: nothing to sample"]
-    return []
-
-
-def _sampling_keys(c) -> str:
-    keys = {"config.sample.every_steps": c.sample.every_steps, "config.sample.at_end": c.sample.at_end}
-    return " and ".join(f"{k}={v}" for k, v in keys.items() if v)
-
-
 def _data(c) -> list[str]:
     """The data set exists, and a 'heldout' eval split has a preset for it."""
     from igpt_jax.data import sources  # no TensorFlow import: the registry only names the builders
 
     if c.data.dataset not in sources.SOURCES:
         return [f"config.data.dataset={c.data.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
-    for key in ("probe.dataset", "finetune.dataset"):
-        if _get(c, key) not in sources.SOURCES:
-            return [f"config.{key}={_get(c, key)!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
-    bad_layers = [layer for layer in c.probe.layers if not 0 <= layer < c.model.num_layers]
-    if bad_layers:
-        return [f"config.probe.layers={tuple(c.probe.layers)}: {bad_layers} outside 0 .. {c.model.num_layers - 1}"]
+    if c.finetune.dataset not in sources.SOURCES:
+        return [f"config.finetune.dataset={c.finetune.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
     try:
         sources.splits(c)
     except ValueError as e:
@@ -219,15 +179,17 @@ CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
     _model_shape,
     _ranges,
     _training,
-    _sampling,
     _data,
     _mesh,
 )
 
 
-def check(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError listing every problem, one per line; returns None for a usable config."""
+def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+    """Raises ConfigError listing every problem, one per line; returns None for a usable config. The evaluators are
+    checked for what `mode` runs of them (evaluators.problems)."""
     problems = [p for fn in CHECKS for p in fn(config)]
+    if not problems:  # the evaluators' needs read the rest of the config
+        problems = evaluators.problems(config, mode)
     if problems:
         raise ConfigError("\n".join(problems))
 

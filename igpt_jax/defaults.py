@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from igpt_jax import evaluators
+
 # Keys accepted in the `:ARG` part of --config, with their types. The rest is set with --config.KEY=VALUE.
 ARG_KEYS = {"image_size": int}
 
@@ -48,8 +50,6 @@ def make_config(
     c.total_steps = 1_000_000
     c.microbatches = 1  # gradient accumulation: each step runs batch_size / microbatches at a time
     c.log_every_steps = 100
-    c.eval_every_steps = 5_000
-    c.eval_examples = 0  # images of the eval split each evaluation reads, in order; 0: all of them
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
@@ -121,23 +121,11 @@ def make_config(
         ("layers", None),
     ]
 
-    # Linear probe (--mode=probe, or during training): logistic regression on each layer's mean-pooled ln_1 output.
-    c.probe = ml_collections.ConfigDict()
-    c.probe.dataset = "cifar10"
-    c.probe.train_split = "train"
-    c.probe.test_split = "test"
-    c.probe.train_examples = 0  # the first n of each split; 0: all of it
-    c.probe.test_examples = 0
-    c.probe.layers = ()  # block indices 0 .. num_layers-1 whose input is probed; empty: every layer
-    c.probe.baselines = True  # also probe raw pixels and the run's own randomly initialised model
-    # 'lbfgs': full batch, every train feature held (CIFAR-sized sets); 'sgd': features streamed through minibatch SGD
-    # with momentum and a cosine learning rate, memory flat in the number of images (ImageNet-sized); 'auto': lbfgs
-    # while the train features take at most 2 GiB.
-    c.probe.solver = "auto"
-    c.probe.sgd_epochs = 10
-    c.probe.sgd_learning_rate = 0.1  # on standardised features
-    c.probe.every_steps = 0  # during training: probe every this many steps (0: never) ...
-    c.probe.at_end = False  # ... and/or once at the end
+    # What a run measures besides its training loss: name -> {kind, every_steps, at_end, ...the kind's settings}
+    # (igpt_jax/evaluators). Training runs those with a schedule after saving the step; --mode=eval, probe and sample
+    # run the ones of their kind on a checkpoint. `eval` is the held-out loss (the first `examples` images of
+    # data.eval_split, 0: all); `probe` the linear probe of every layer with its baselines; `samples` the sample grids.
+    c.evals = evaluators.defaults()
 
     # Fine-tuning (--mode=finetune): the workdir's checkpoint (or config.checkpoint_step) plus a classification head,
     # trained on generative + classification loss (the paper's 1:1) as its own resumable run in workdir/finetune/.
@@ -154,20 +142,6 @@ def make_config(
     c.finetune.generative_weight = 1.0  # loss = generative_weight * generative + classification; 0: the head alone
     c.finetune.eval_every_steps = 1_000
     c.finetune.checkpoint_every_steps = 1_000
-
-    # Sampling (--mode=sample, or during training): a grid of unconditional samples and one of completions, the
-    # paper's layout (the given top of a held-out image | completions | the original), in workdir/samples/.
-    c.sample = ml_collections.ConfigDict()
-    c.sample.num_images = 16  # unconditional samples; 0: none
-    c.sample.completion_images = 4  # held-out images (the eval split's first) whose bottom is sampled; 0: none
-    c.sample.completions_per_image = 4
-    c.sample.completion = 0.5  # the fraction of rows given (0.5: the top half)
-    c.sample.temperature = 1.0  # 0: greedy
-    c.sample.top_k = 0  # 0: no top-k (the paper samples from the full distribution)
-    c.sample.seed = 0  # image j of a seed is the same whatever the batch or the number of devices
-    c.sample.batch_size = 0  # images per sampling call (their KV cache is on the devices); 0: config.batch_size
-    c.sample.every_steps = 0  # during training: sample every this many steps (0: never) ...
-    c.sample.at_end = False  # ... and/or once at the end
 
     # --mode=compile: compile the train step for a TPU topology from any host (igpt_jax/planner.py).
     c.compile = ml_collections.ConfigDict()

@@ -14,20 +14,32 @@ from tqdm import tqdm
 
 from igpt_jax.data import pipeline
 from igpt_jax.data.sources import Source
+from igpt_jax.evaluators import base
 
 FEATURE_KEY = 0x66_65_61_74  # folded into the seed's key: BERT's probe masks, the same for every checkpoint
 
 
-def passes(config: ml_collections.ConfigDict, source: Source, split: str, n: int, feature_step, params, clusters, mesh):
+def passes(
+    config: ml_collections.ConfigDict,
+    source: Source,
+    split: str,
+    n: int,
+    feature_step,
+    params,
+    clusters,
+    mesh,
+    stop: base.StopCheck = base.never,
+):
     """A function that starts a pass over examples 0..n-1 of `split`, in order: it yields (features [L, B, d] on the
     device, labels [B], example index [B], -1 for the rows that pad the last batch). Batch i's randomness (BERT's
-    masks) is the same in every pass."""
+    masks) is the same in every pass. `stop` is asked before every batch (base.Abandoned)."""
     key = jax.random.fold_in(jax.random.key(config.seed), FEATURE_KEY)
     batch_size = config.batch_size
     labels = source.labels(split, np.arange(n))
 
     def one_pass() -> Iterator[tuple[jax.Array, np.ndarray, np.ndarray]]:
         for i in tqdm(range(math.ceil(n / batch_size)), desc=f"features: {split}", disable=jax.process_index() != 0):
+            base.check(stop)
             batch = pipeline.eval_batch(source, split, config, i, n, mesh)
             index = _batch_index(i, batch_size, n)
             yield feature_step(params, batch, clusters, jax.random.fold_in(key, i)), labels[index % n], index
@@ -67,13 +79,16 @@ def _scaled(images: np.ndarray) -> np.ndarray:
     return (images.reshape(1, len(images), -1).astype(np.float32) / 127.5 - 1.0).astype(np.float32)
 
 
-def pixel_passes(config: ml_collections.ConfigDict, source: Source, split: str, n: int):
+def pixel_passes(
+    config: ml_collections.ConfigDict, source: Source, split: str, n: int, stop: base.StopCheck = base.never
+):
     """`passes` for the raw-pixel baseline: [1, B, H*W*3] per batch, read from the source batch by batch."""
     batch_size = config.batch_size
     labels = source.labels(split, np.arange(n))
 
     def one_pass() -> Iterator[tuple[jax.Array, np.ndarray, np.ndarray]]:
         for i in tqdm(range(math.ceil(n / batch_size)), desc=f"pixels: {split}", disable=jax.process_index() != 0):
+            base.check(stop)
             index = _batch_index(i, batch_size, n)
             yield jax.numpy.asarray(_scaled(source.get(split, index % n, None))), labels[index % n], index
 

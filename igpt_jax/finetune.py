@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, metrics, runtime, steps, storage, train
+from igpt_jax import checkpoint, evaluators, metrics, runtime, steps, storage, train
 from igpt_jax.data import get_source
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ FINETUNE_JSON = "finetune.json"
 
 def run_config(pretrained: ml_collections.ConfigDict, num_classes: int) -> ml_collections.ConfigDict:
     """The fine-tuning run's config: the pretrained recipe (model, objective, seed, batch size) with a head of
-    `num_classes`, config.finetune's data set, steps and optimizer, and no probe or samples."""
+    `num_classes`, config.finetune's data set, steps and optimizer, and the test split's loss and accuracy as its only
+    evaluator."""
     c = pretrained.copy_and_resolve_references()
     f = c.finetune
     c.model.num_classes = num_classes
@@ -42,18 +43,16 @@ def run_config(pretrained: ml_collections.ConfigDict, num_classes: int) -> ml_co
     c.data.train_split = f.train_split
     c.data.eval_split = f.test_split
     c.data.palette = ""  # the pretrained palette comes with the pretrained parameters
-    c.eval_examples = f.test_examples
     c.total_steps = f.steps
-    c.eval_every_steps = f.eval_every_steps
     c.checkpoint_every_steps = f.checkpoint_every_steps
     c.checkpoint_step = 0
     c.optimizer.learning_rate = f.learning_rate or pretrained.optimizer.learning_rate / 10
     c.optimizer.warmup_steps = f.warmup_steps
     c.optimizer.schedule = f.schedule
-    c.probe.every_steps = 0
-    c.probe.at_end = False
-    c.sample.every_steps = 0
-    c.sample.at_end = False
+    # one evaluator: the head's accuracy (and the losses) on the test split
+    c.evals = ml_collections.ConfigDict(
+        {"eval": evaluators.loss(every_steps=f.eval_every_steps, at_end=True, examples=f.test_examples)}
+    )
     return c
 
 

@@ -21,11 +21,21 @@ log = logging.getLogger(__name__)
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}  # 130: the shell's convention for Ctrl-C, after the save
 
 
+class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked for
+    """The run stopped on request (after saving, when training); `code` is the exit status, the message says how to
+    continue."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 class StopRequest:
     """Remembers SIGTERM and SIGINT while installed (between `__init__` and `restore`)."""
 
     def __init__(self):
         self.signal: signal.Signals | None = None
+        self.stopping = False  # every process agreed to stop (set by `agreed`)
         self.saving = False  # set by the loop while the final save runs: a second Ctrl-C then aborts it
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -46,10 +56,14 @@ class StopRequest:
         return self.signal is not None
 
     def agreed(self) -> bool:
-        """True on every process once any process has been asked to stop."""
-        if jax.process_count() == 1:
-            return self.received
-        return bool(multihost_utils.process_allgather(np.int32(self.received)).max())
+        """True on every process once any process has been asked to stop (a collective: every process asks at the
+        same point of the run); `stopping` remembers the answer."""
+        if not self.stopping:
+            if jax.process_count() == 1:
+                self.stopping = self.received
+            else:
+                self.stopping = bool(multihost_utils.process_allgather(np.int32(self.received)).max())
+        return self.stopping
 
     def exit_code(self) -> int:
         """0 after SIGTERM (or a stop another process received), 130 after Ctrl-C."""

@@ -20,6 +20,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from igpt_jax.evaluators import base
+
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -87,17 +89,21 @@ def sweep(
     heldout_fraction: float,
     l2_grid: tuple[float, ...] = L2_GRID,
     progress: bool = True,
+    stop: base.StopCheck = base.never,
 ) -> list[dict]:
-    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}. x arrays [L, n, d]."""
+    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}. x arrays [L, n, d]. `stop` is asked before
+    every fit (base.Abandoned)."""
     train_x, test_x = standardize(train_x, test_x)
     n_fit = int(round(train_x.shape[1] * (1 - heldout_fraction)))
     layers = train_x.shape[0]
     scores = []
     for l2 in tqdm(l2_grid, desc="probe: L2 sweep", disable=not progress):
+        base.check(stop)
         w, b = _fit_layers(train_x[:, :n_fit], train_y[:n_fit], jnp.full((layers,), l2, jnp.float32), num_classes)
         scores.append(np.asarray(accuracy(w, b, train_x[:, n_fit:], train_y[n_fit:])))
     scores = np.stack(scores)  # [grid, L]
     best = [l2_grid[k] for k in np.argmax(scores, axis=0)]  # ties: the smallest L2 of the grid
+    base.check(stop)
     w, b = _fit_layers(train_x, train_y, jnp.asarray(best, jnp.float32), num_classes)
     test = np.asarray(accuracy(w, b, test_x, test_y))
     return [

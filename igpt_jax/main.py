@@ -1,8 +1,8 @@
 """Command-line entry point: `python -m igpt_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR --mode=MODE`.
 
 Also installed as the console script `igpt`. The config is checked before anything is built or compiled; a bad
-key or value exits with status 2 and one message naming it. Modes are a registry (name -> function of config and
-workdir) that grows as they land.
+key or value exits with status 2 and one message naming it. Modes are a registry (MODES: name -> the function of
+config and workdir that runs it).
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from ml_collections import config_flags
 
 from igpt_jax import config_checks
 
-# Every mode (README: Command line): name -> the module whose `run(config, workdir)` is the mode. Modules are imported
-# when their mode runs: config errors come before JAX loads.
+# Every mode (README: Command line): name -> "module:function", the function of (config, workdir) that is the mode.
+# Modules are imported when their mode runs: config errors come before JAX loads. eval, probe and sample run the
+# config's evaluators of their kind (igpt_jax/evaluators/).
 MODES: dict[str, str] = {
-    "train": "igpt_jax.train",
-    "eval": "igpt_jax.evaluate",
-    "probe": "igpt_jax.probe",
-    "finetune": "igpt_jax.finetune",
-    "sample": "igpt_jax.sampling",
-    "compile": "igpt_jax.planner",
+    "train": "igpt_jax.train:run",
+    "eval": "igpt_jax.evaluators.runner:eval_mode",
+    "probe": "igpt_jax.evaluators.runner:probe_mode",
+    "finetune": "igpt_jax.finetune:run",
+    "sample": "igpt_jax.evaluators.runner:sample_mode",
+    "compile": "igpt_jax.planner:run",
 }
 ALL_MODES = tuple(MODES)
 
@@ -40,7 +41,7 @@ MODE_ENVIRONMENT: dict[str, dict[str, str]] = {
 def known_errors() -> dict[type[BaseException], int]:
     """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
     reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
-    from igpt_jax import checkpoint, distributed, hardware, planner, resume, run_lock, runtime, sampling, sharding
+    from igpt_jax import checkpoint, distributed, hardware, planner, resume, run_lock, runtime, sharding
     from igpt_jax.data import preprocess
 
     usage = (
@@ -52,7 +53,6 @@ def known_errors() -> dict[type[BaseException], int]:
         run_lock.WorkdirLockedError,
         runtime.PaletteMismatchError,
         runtime.NoCheckpointError,
-        sampling.SamplingError,
         hardware.TopologyError,
     )
     failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
@@ -62,16 +62,19 @@ def known_errors() -> dict[type[BaseException], int]:
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs a mode; every known way for it to stop becomes one line and an exit status."""
-    module = importlib.import_module(MODES[mode])
-    from igpt_jax import train
+    module_name, _, function = MODES[mode].partition(":")
+    mode_fn = getattr(importlib.import_module(module_name), function)
+    from igpt_jax import interrupts
 
     known = known_errors()
     try:
-        module.run(config, workdir)
-    except train.Stopped as e:
+        mode_fn(config, workdir)
+    except interrupts.Stopped as e:
         _exit(str(e), e.code)
     except KeyboardInterrupt:
         _exit("interrupted: stopped without saving; the newest checkpoint in the workdir is intact", 130)
+    except config_checks.ConfigError as e:  # found once the checkpoint's recipe is known (a BERT one to sample)
+        _exit("bad config: " + str(e).replace("\n", "; "), 2)
     except tuple(known) as e:
         _exit(str(e), next(code for error, code in known.items() if isinstance(e, error)))
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
@@ -127,9 +130,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _explain_flag_error(argv: list[str], error: Exception) -> str:
+    from igpt_jax import evaluators
+
     for arg in argv[1:]:
         if arg.startswith("--config.") and "=" in arg:
             key = arg[len("--config.") :].split("=", 1)[0]
+            new_key = evaluators.renamed(key)
+            if new_key is not None:
+                return f"config.{key} is now config.{new_key}: evaluators are listed under config.evals"
             missing = _missing_part(argv, key)
             if missing is not None:
                 parent, keys = missing
@@ -202,11 +210,11 @@ def main(argv: list[str]) -> None:
         _fail("--config is required, e.g. --config=configs/fashion_mnist.py")
     if not _WORKDIR.value:
         _fail("--workdir is required: where checkpoints, metrics and samples go")
+    mode = check_mode(_MODE.value)
     try:
-        config_checks.check(config)
+        config_checks.check(config, mode)
     except config_checks.ConfigError as e:
         _fail("bad config: " + str(e).replace("\n", "; "))
-    mode = check_mode(_MODE.value)
     for name, value in MODE_ENVIRONMENT.get(mode, {}).items():
         os.environ.setdefault(name, value)
     from igpt_jax import distributed  # JAX loads here, after every check that needs no backend

@@ -87,10 +87,15 @@ class MetricsWriter:
             return
         record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
         self._jsonl.append((json.dumps(record) + "\n").encode())
-        prefix = record.get("mode", "train")
+        prefix = record.get("evaluator") or record.get("mode", "train")
         scalars = {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         self._tb.scalars(record["step"], scalars)
         self.flush()
+
+    def images(self, step: int, pngs: Mapping[str, bytes]) -> None:
+        """PNGs to TensorBoard under their tags (process 0)."""
+        if self.enabled:
+            self._tb.images(step, dict(pngs))
 
     def flush(self, *, force: bool = False) -> None:
         if self.enabled:

@@ -33,6 +33,7 @@ class Objective:
     # (logits [B, N, V], tokens [B, N], noise) -> per-example metrics; the model's inputs come from `noise` (BERT's
     # mask), so one forward pass serves the loss and whatever else reads the same pass (a classification head).
     per_example: Callable[[jax.Array, jax.Array, Noise], Metrics]
+    samples: bool  # draws images token by token (left to right); a bidirectional model cannot
 
 
 def _no_noise(key: jax.Array, shape: tuple[int, ...], config) -> Noise:
@@ -60,8 +61,8 @@ def _masked_tokens(logits: jax.Array, tokens: jax.Array, noise: Noise) -> Metric
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "ar": Objective(_no_noise, _next_token),
-    "bert": Objective(_bert_mask, _masked_tokens),
+    "ar": Objective(_no_noise, _next_token, samples=True),
+    "bert": Objective(_bert_mask, _masked_tokens, samples=False),
 }
 
 

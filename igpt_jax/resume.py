@@ -26,8 +26,7 @@ import ml_collections
 ACCEPTED_CHANGES = (
     "total_steps",
     "log_every_steps",
-    "eval_every_steps",
-    "eval_examples",
+    "evals",  # what a run measures, and when
     "checkpoint_every_steps",
     "keep_checkpoints",
     "watchdog_seconds",
@@ -46,9 +45,7 @@ ACCEPTED_CHANGES = (
     "data.eval_split",
     "data.prefetch",
     "data.palette",  # compared by content, not by path: see runtime.load_or_fit_palette
-    "probe",
     "finetune",  # a fine-tuning run's own recipe is compared through the keys it sets (data set, optimizer, ...)
-    "sample",
     "compile",
 )
 

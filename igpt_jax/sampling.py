@@ -10,9 +10,7 @@ unconditional sample. No Python runs per token, and nothing is recompiled per po
 Randomness is per image: image j draws from fold_in(fold_in(key(seed), j), position), so an image depends on the
 seed and its index alone, not on the batch it was drawn in, the padding, or the number of devices.
 
-`write_samples` is what --mode=sample and the train loop's sample evaluator run: PNG grids in workdir/samples/ named
-by checkpoint step (unconditional: a grid of config.sample.num_images; completions: one row per held-out image with
-the given part, several completions and the original) and a {"mode": "sample", ...} row in metrics.jsonl.
+The sample evaluator (evaluators/sample.py) draws its grids with `generate`, `render` and the grid layouts here.
 """
 
 from __future__ import annotations
@@ -31,24 +29,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from igpt_jax import model as model_lib
-from igpt_jax import palette, plots, sharding, steps, storage
+from igpt_jax import palette, plots, sharding, steps
 from igpt_jax.data import splits
 from igpt_jax.data.sources import Source
+from igpt_jax.evaluators import base
 
-SAMPLES_DIR = "samples"
 SAMPLE_KEY = 0x73_61_6D_70  # folded into sample.seed's key: no training or evaluation key is the same
-
-
-class SamplingError(ValueError):
-    """The checkpoint or config cannot be sampled (e.g. a BERT model); the message says why and what to do."""
-
-
-def check_samplable(config: ml_collections.ConfigDict) -> None:
-    if config.objective != "ar":
-        raise SamplingError(
-            f"the checkpoint's objective is {config.objective!r}: only 'ar' (left-to-right) models can be sampled "
-            "pixel by pixel; probe or fine-tune a BERT checkpoint instead"
-        )
 
 
 def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, *, top_k: int, num_colours: int) -> jax.Array:
@@ -176,12 +162,11 @@ def make_sampler(
     return Sampler(fn, batch, length, rows)
 
 
-def batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, wanted: int) -> int:
-    """Images per sampling call: `wanted` (at most config.sample.batch_size, 0: config.batch_size), rounded up to a
-    multiple of the mesh's batch shards."""
+def batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, wanted: int, cap: int = 0) -> int:
+    """Images per sampling call: `wanted` (at most `cap`, 0: config.batch_size), rounded up to a multiple of the
+    mesh's batch shards."""
     shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(config, mesh))
-    cap = config.sample.batch_size or config.batch_size
-    return -(-min(wanted, cap) // shards) * shards
+    return -(-min(wanted, cap or config.batch_size) // shards) * shards
 
 
 class Progress:
@@ -216,11 +201,14 @@ def generate(
     seed: int,
     temperature: float,
     progress: Progress | None = None,
+    stop: base.StopCheck = base.never,
 ) -> np.ndarray:
     """Tokens [n, N] on the host for n prompts (rows of int32 [n, N], read before `given`), in batches of the
-    sampler's size (the last padded); image_ids [n] pick each image's random stream."""
+    sampler's size (the last padded); image_ids [n] pick each image's random stream. `stop` is asked before every
+    batch (base.Abandoned)."""
     out = []
     for start in range(0, len(prompts), sampler.batch):
+        base.check(stop)
         chunk, ids = prompts[start : start + sampler.batch], image_ids[start : start + sampler.batch]
         pad = sampler.batch - len(chunk)
         tokens = sampler(
@@ -285,89 +273,3 @@ def completion_grid(originals: np.ndarray, completions: np.ndarray, given_rows: 
         [shown[:, None], completions.reshape(len(originals), per, *originals.shape[1:]), originals[:, None]], axis=1
     )
     return plots.image_grid(grid, scale=_scale(originals.shape[1]))
-
-
-def write_samples(
-    config: ml_collections.ConfigDict,
-    setup: steps.Setup,
-    params,
-    clusters: np.ndarray | None,
-    source: Callable[[], Source],
-    directory,
-    step: int,
-) -> dict:
-    """Samples config.sample's images from `params`, writes the grids to directory/samples/ (process 0) and returns
-    the {"mode": "sample", ...} metrics row, with the grids' paths in 'files'. `source()` opens the data set, only
-    for completions."""
-    check_samplable(config)
-    s = config.sample
-    side, length = config.model.image_size, model_lib.tokens_per_image(config)
-    given_rows = round(s.completion * side)
-    n_free = s.num_images
-    n_completed = s.completion_images * s.completions_per_image
-    batch = batch_size(config, setup.mesh, max(n_free, n_completed))
-    calls = math.ceil(n_free / batch) + math.ceil(n_completed / batch)
-    progress = Progress(calls, length, f"sample step {step}")
-    num_colours = config.model.vocab_size if clusters is None else len(clusters)
-    sampler = make_sampler(setup, batch, top_k=s.top_k, num_colours=num_colours, progress=progress.position)
-    folder = storage.path(directory) / SAMPLES_DIR
-    files = []
-
-    def save(name: str, png: bytes) -> None:
-        files.append(str(folder / name))
-        if jax.process_index() == 0:
-            storage.write_bytes(folder / name, png)
-
-    start = time.perf_counter()
-    if n_free:
-        prompts = np.zeros((n_free, length), np.int32)
-        tokens = generate(sampler, params, prompts, 0, np.arange(n_free), s.seed, s.temperature, progress)
-        save(f"step_{step:08d}.png", unconditional_grid(render(tokens, clusters, config.model.vocab_size)))
-    if n_completed:
-        originals = held_out_tokens(config, source(), clusters, s.completion_images)
-        prompts = np.repeat(originals, s.completions_per_image, axis=0)
-        ids = COMPLETION_IDS + np.arange(len(prompts))
-        tokens = generate(sampler, params, prompts, given_rows * side, ids, s.seed, s.temperature, progress)
-        pictures = render(np.concatenate([originals, tokens]), clusters, config.model.vocab_size)
-        save(
-            f"step_{step:08d}_completions.png",
-            completion_grid(pictures[: len(originals)], pictures[len(originals) :], given_rows),
-        )
-    progress.close()
-    seconds = time.perf_counter() - start - sampler.compile_seconds
-    images = n_free + (len(prompts) if n_completed else 0)
-    return {
-        "mode": "sample",
-        "step": step,
-        "images": images,
-        "images_per_sec": images / max(seconds, 1e-9),
-        "seconds": seconds,
-        "compile_seconds": sampler.compile_seconds,
-        "batch": batch,
-        "temperature": s.temperature,
-        "top_k": s.top_k,
-        "seed": s.seed,
-        "completion": s.completion if n_completed else 0.0,
-        "files": files,
-    }
-
-
-def summary(record: dict) -> str:
-    return (
-        f"samples step {record['step']}: {record['images']} images at {record['images_per_sec']:.2f} images/s -> "
-        + ", ".join(record["files"])
-    )
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """--mode=sample on the newest checkpoint (or config.checkpoint_step): grids in workdir/samples/, a row in
-    metrics.jsonl, and the grids' paths printed."""
-    from igpt_jax import metrics, runtime
-
-    with runtime.for_checkpoint(config, workdir) as rt:
-        check_samplable(rt.config)  # before the palette or data set is touched
-        record = write_samples(rt.config, rt.setup, rt.params, rt.clusters, lambda: rt.source, rt.directory, rt.step)
-        metrics.append_row(rt.directory, record)
-        if jax.process_index() == 0:
-            print(summary(record), flush=True)
-        return record

@@ -1,4 +1,4 @@
-"""TensorBoard scalars written through the workdir's file layer, so they reach gs:// like everything else.
+"""TensorBoard scalars and images written through the workdir's file layer, so they reach gs:// like everything else.
 
 An event file is a sequence of TFRecords (length, masked CRC32C of the length, an `Event` protobuf, masked CRC32C of
 it); the protobufs and the CRC come from tensorboardX, the framing is done here so the bytes can go through
@@ -10,12 +10,14 @@ points at or after s + 1 that the interrupted run had written, so the curve show
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import struct
 import time
 
 from etils import epath
+from PIL import Image
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2, summary_pb2
 
@@ -51,6 +53,21 @@ class EventWriter:
         value = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
         summary = summary_pb2.Summary(value=value)
         self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def images(self, step: int, pngs: dict[str, bytes]) -> None:
+        """PNG images, each under its tag, at `step` (TensorBoard's Images tab)."""
+        if not pngs:
+            return
+        value = []
+        for tag, png in pngs.items():
+            with Image.open(io.BytesIO(png)) as image:
+                width, height = image.size
+                channels = len(image.getbands())
+            encoded = summary_pb2.Summary.Image(
+                height=height, width=width, colorspace=channels, encoded_image_string=png
+            )
+            value.append(summary_pb2.Summary.Value(tag=tag, image=encoded))
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=value)))
 
     def flush(self, *, force: bool = False) -> None:
         self._file.flush(force=force)

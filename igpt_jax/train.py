@@ -10,6 +10,7 @@ a checkpoint of the bad state can be written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -22,29 +23,19 @@ from igpt_jax import (
     attention,
     checkpoint,
     distributed,
-    evaluate,
     interrupts,
     metrics,
     model,
-    probe,
     run_lock,
     runtime,
-    sampling,
     sharding,
     steps,
     workdir,
 )
 from igpt_jax.data import pipeline, splits
+from igpt_jax.evaluators import base, runner
 
 log = logging.getLogger(__name__)
-
-
-class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked for
-    """The run stopped on request after saving; `code` is the exit status, the message says how to continue."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 _REMEDY = (
@@ -90,10 +81,15 @@ run = train_and_evaluate  # the mode's entry point (main.MODES)
 
 
 def loop(rt: runtime.Runtime) -> dict:
-    """Trains rt's state to rt.config.total_steps: the loop every training mode runs (train, finetune)."""
+    """Trains rt's state to rt.config.total_steps: the loop every training mode runs (train, finetune).
+
+    Each step: train, log, save when due (or asked to stop), then the evaluators due at that step, on a step that is
+    already on disk. A stop request during an evaluator abandons it at its next batch boundary and saves the step
+    if it was not saved yet; the relaunch runs it again (runner.pending)."""
     config, directory, mesh, setup, ckpt, state = rt.config, rt.directory, rt.mesh, rt.setup, rt.checkpointer, rt.state
     first_step = rt.step
-    if first_step >= config.total_steps:
+    chosen = runner.for_training(rt)  # what they need is checked before anything is written
+    if first_step >= config.total_steps and not runner.pending(chosen, directory, first_step, config.total_steps):
         if jax.process_index() == 0:
             print(
                 f"igpt: {ckpt.directory} holds step {first_step} >= config.total_steps={config.total_steps}: "
@@ -109,7 +105,6 @@ def loop(rt: runtime.Runtime) -> dict:
 
     # --- steps, and the same program on every process (checked before the first collective can hang on it)
     train_step = steps.make_train_step(setup)
-    eval_step = steps.make_eval_step(setup)
     lowered = train_step.lower(setup.abstract_state, pipeline.abstract_batch(source.kind, config, mesh), clusters)
     distributed.check_same_program(distributed.fingerprint(lowered))
 
@@ -138,17 +133,25 @@ def loop(rt: runtime.Runtime) -> dict:
     watchdog = distributed.Watchdog(config.watchdog_seconds)
     step = first_step
     last = {}
-    grids: list[str] = []  # the newest sample grids, printed last: the run's picture
+    shown: list[str] = []  # the newest sample grids, printed last: the run's picture
     run_start = time.perf_counter()
     step_clock = metrics.StepClock(step)
     data_wait = 0.0
-    train_split, eval_split = splits(config)
+    train_split = splits(config)[0]
     prefetch = pipeline.Prefetcher(
         lambda s: pipeline.global_batch(source, train_split, config, s, mesh), step, config.data.prefetch
     )
     close_checkpoints = True  # false once closed, or when Orbax's threads hold a failure or an abandoned save
     try:
-        while step < config.total_steps:
+        # evaluators due at the resumed step that never finished (a stop or a crash during them) run first
+        left = runner.pending(chosen, directory, first_step, config.total_steps)
+        with contextlib.suppress(base.Abandoned):  # the resumed step is on disk already
+            shown = _evaluate(left, state, first_step, directory, writer, stop_request) or shown
+        if stop_request.stopping:
+            _stop(ckpt, stop_request, step)
+        run_start = time.perf_counter()  # the first step's timing, without those evaluators
+        step_clock.restart(step)
+        while step < config.total_steps and not stop_request.stopping:
             wait_start = time.perf_counter()
             batch = prefetch.get(step)
             data_wait += time.perf_counter() - wait_start
@@ -178,36 +181,6 @@ def loop(rt: runtime.Runtime) -> dict:
                 if jax.process_index() == 0:
                     print(metrics.progress_line(last, config.total_steps, attention.running(kernel)), flush=True)
 
-            eval_due = step % config.eval_every_steps == 0 or step == config.total_steps
-            probe_due, sample_due = (
-                _due(config.probe, step, config.total_steps),
-                _due(config.sample, step, config.total_steps),
-            )
-            if eval_due or probe_due or sample_due:
-                jax.block_until_ready(state)  # steps dispatched so far are training time, not the evaluators'
-            with step_clock.paused():
-                if eval_due:
-                    held_out = evaluate.held_out_loss(config, source, eval_step, state["params"], clusters_device, mesh)
-                    writer.write({"mode": "eval", "step": step, **held_out})
-                    if jax.process_index() == 0:
-                        print(evaluate.summary(f"eval step {step}", held_out, eval_split), flush=True)
-
-                if probe_due:
-                    result = probe.linear_probes(config, setup, state["params"], clusters_device, mesh, step)
-                    probe.write(directory, result)
-                    writer.write(probe.metrics_row(result))
-                    if jax.process_index() == 0:
-                        print(probe.summary(result), flush=True)
-
-                if sample_due:
-                    record = sampling.write_samples(
-                        config, setup, state["params"], clusters, lambda: source, directory, step
-                    )
-                    writer.write(record)
-                    grids = record["files"]
-                    if jax.process_index() == 0:
-                        print(sampling.summary(record), flush=True)
-
             if step == first_step + 1:  # the first step compiled: time the rest without it
                 jax.block_until_ready(state)
                 log.info("first step (with compilation) took %.1fs", time.perf_counter() - run_start)
@@ -215,18 +188,22 @@ def loop(rt: runtime.Runtime) -> dict:
                 data_wait = 0.0
 
             stop = stop_request.agreed()
-            if step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps:
-                _check_saveable(step_metrics, state, step)
-                writer.flush(force=True)  # every row up to this step is durable before the step is
-                ckpt.save(step, state, clusters)
-            if stop:
-                ckpt.check_saves(block=True)
-                code = stop_request.exit_code()
-                message = f"stopped on request: saved step {step}; relaunch the same command to continue"
-                if code:
-                    raise Stopped(message, code)
-                log.warning(message)
-                break
+            saved = step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps
+            if saved:
+                _save(ckpt, writer, step_metrics, state, step, clusters)
+            due = runner.due(chosen, step, config.total_steps)
+            if due and not stop:
+                jax.block_until_ready(state)  # steps dispatched so far are training time, not the evaluators'
+                with step_clock.paused():
+                    if saved:
+                        ckpt.check_saves(block=True)  # the step is on disk before any evaluator can be interrupted
+                    try:
+                        shown = _evaluate(due, state, step, directory, writer, stop_request) or shown
+                    except base.Abandoned:
+                        if not saved:
+                            _save(ckpt, writer, step_metrics, state, step, clusters)
+            if stop_request.stopping:
+                _stop(ckpt, stop_request, step)
         close_checkpoints = False
         ckpt.close()
     except (checkpoint.CheckpointSaveError, KeyboardInterrupt):
@@ -241,15 +218,34 @@ def loop(rt: runtime.Runtime) -> dict:
         stop_request.restore()
     if jax.process_index() == 0:
         print(workdir.summary(directory), flush=True)
-        if grids:
-            print(f"igpt: samples: {', '.join(grids)}", flush=True)
+        if shown:
+            print(f"igpt: samples: {', '.join(shown)}", flush=True)
     return last
 
 
-def _due(evaluator: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
-    """Whether an evaluator with `every_steps` (0: never) and `at_end` keys (config.probe, config.sample) runs now."""
-    every = evaluator.every_steps
-    return bool(every and step % every == 0) or (evaluator.at_end and step == total_steps)
+def _save(ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter, step_metrics, state, step: int, clusters):
+    """Starts saving `step` (Orbax, async) once the state is known to be healthy and every row up to it is durable."""
+    _check_saveable(step_metrics, state, step)
+    writer.flush(force=True)
+    ckpt.save(step, state, clusters)
+
+
+def _evaluate(chosen, state, step: int, directory, writer, stop_request: interrupts.StopRequest) -> list[str]:
+    """Runs evaluators on the state's parameters; returns the files they name as the run's picture. A stop request
+    at one of their batch boundaries raises base.Abandoned (the evaluator wrote nothing)."""
+    results = runner.run(chosen, state["params"], step, directory, writer, stop_request.agreed)
+    return [path for result in results for path in result.shown]
+
+
+def _stop(ckpt: checkpoint.Checkpointer, stop_request: interrupts.StopRequest, step: int) -> None:
+    """After a stop request: waits for the step's save, then raises interrupts.Stopped (Ctrl-C: 130) or returns
+    (SIGTERM: exit 0)."""
+    ckpt.check_saves(block=True)
+    message = f"stopped on request: saved step {step}; relaunch the same command to continue"
+    code = stop_request.exit_code()
+    if code:
+        raise interrupts.Stopped(message, code)
+    log.warning(message)
 
 
 def _close_quietly(ckpt: checkpoint.Checkpointer) -> None:

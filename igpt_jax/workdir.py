@@ -19,6 +19,23 @@ from igpt_jax import resume, storage
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY = "config_history"
 
+# The stems of the workdir's own files and folders (config.json, checkpoints/, lock.json, ...). An evaluator's files
+# are named after it (<name>/, <name>.json, <name>.png), so no evaluator may take one of these names.
+RESERVED_NAMES = frozenset(
+    {
+        "checkpoints",
+        "unreadable_checkpoints",
+        "config",
+        CONFIG_HISTORY,
+        "metrics",
+        "palette",
+        "lock",
+        "tensorboard",
+        "finetune",
+        "compile",
+    }
+)
+
 
 def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
     """Writes config.json (process 0), keeping a differing previous one as config_history/<time>-step<step>.json."""
@@ -37,7 +54,5 @@ def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: i
 
 def summary(workdir: epath.Path) -> str:
     """'igpt: workdir W: checkpoints/, metrics.jsonl, ...' listing what the workdir holds now."""
-    names = ("checkpoints/", "metrics.jsonl", CONFIG_FILE, "palette.npy", "tensorboard/", "samples/", "probe.json")
-    names += ("probe.png",)
-    present = [n for n in names if (workdir / n.rstrip("/")).exists()]
-    return f"igpt: workdir {workdir}: {', '.join(present)}"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if p.name != "lock.json")
+    return f"igpt: workdir {workdir}: {', '.join(names)}"

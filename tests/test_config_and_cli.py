@@ -47,17 +47,39 @@ def _check(**overrides):
         ({"optimizer__learning_rate": 1e39}, r"config\.optimizer\.learning_rate=1e\+39: allowed: > 0"),  # float32 inf
         ({"bert_mask_prob": float("nan")}, r"config\.bert_mask_prob=nan: allowed: 0 < p < 1"),
         ({"model__norm_eps": 0.0}, r"config\.model\.norm_eps=0\.0: allowed: > 0"),
-        ({"eval_examples": -5}, r"config\.eval_examples=-5: allowed: an integer >= 0"),
+        ({"evals__eval__examples": -5}, r"config\.evals\.eval\.examples=-5: allowed: an integer >= 0"),
         ({"data__prefetch": -1}, r"config\.data\.prefetch=-1: allowed: an integer >= 0"),
-        ({"sample__temperature": float("nan")}, r"config\.sample\.temperature=nan: allowed: >= 0 \(0: greedy\)"),
-        ({"sample__completion": 1.0}, r"config\.sample\.completion=1\.0: allowed: 0 <= fraction of rows given < 1"),
         (
-            {"sample__at_end": True, "objective": "bert"},
-            r"config\.sample\.at_end=True with config\.objective='bert': only 'ar' models can be sampled",
+            {"evals__samples__temperature": float("nan")},
+            r"config\.evals\.samples\.temperature=nan: allowed: >= 0 \(0: greedy\)",
         ),
         (
-            {"sample__every_steps": 10, "sample__num_images": 0, "sample__completion_images": 0},
-            r"config\.sample\.num_images and config\.sample\.completion_images are both 0",
+            {"evals__samples__completion": 1.0},
+            r"config\.evals\.samples\.completion=1\.0: allowed: 0 <= fraction of rows given < 1",
+        ),
+        (
+            {"evals__samples__at_end": True, "objective": "bert"},
+            r"config\.evals\.samples \(samples\) needs a left-to-right model, and config\.objective='bert'",
+        ),
+        (
+            {
+                "evals__samples__every_steps": 10,
+                "evals__samples__num_images": 0,
+                "evals__samples__completion_images": 0,
+            },
+            r"config\.evals\.samples\.num_images and config\.evals\.samples\.completion_images are both 0",
+        ),
+        (
+            {"evals__probe__layers": (0, 24), "evals__probe__at_end": True},
+            r"config\.evals\.probe\.layers=\(0, 24\): \[24\]",
+        ),
+        (
+            {"evals__probe__dataset": "downsampled_imagenet/32x32", "evals__probe__every_steps": 5},
+            r"config\.evals\.probe \(a linear probe\) needs labels, and .* has none",
+        ),
+        (
+            {"evals__eval__kind": "fid"},
+            r"config\.evals\.eval\.kind='fid' is unknown; allowed: \['loss', 'probe', 'sample'\]",
         ),
         ({"data__dataset": "imagenet"}, r"config\.data\.dataset='imagenet' is unknown; allowed: \[.*'imagenet2012'"),
         ({"restore": "opt"}, r"config\.restore='opt' is unknown; allowed: \['all', 'params'\]"),
@@ -104,6 +126,17 @@ def _one_line_error(result: subprocess.CompletedProcess) -> str:
         (["--config.model.num_layers=-2"], "bad config: config.model.num_layers=-2: must be a positive integer"),
         (["--config.model.embed_dim=100"], "embed_dim=100 must be a multiple of config.model.num_heads=8"),
         (["--config.model.image_size=64"], "image_size=64 needs 4096 positions but config.model.num_positions=1024"),
+        (["--config.probe.dataset=cifar10"], "config.probe.dataset is now config.evals.probe.dataset"),
+        (["--config.sample.top_k=5"], "config.sample.top_k is now config.evals.samples.top_k"),
+        (["--config.eval_every_steps=5"], "config.eval_every_steps is now config.evals.eval.every_steps"),
+        (
+            ["--config.evals.probe.datset=x"],
+            "unknown config key config.evals.probe.datset; keys under config.evals.probe",
+        ),
+        (
+            ["--mode=sample", "--config.objective=bert"],
+            "bad config: config.evals.samples (samples) needs a left-to-right",
+        ),
     ],
 )
 def test_cli_refuses_with_one_line(args, message):
@@ -119,6 +152,8 @@ def test_cli_refuses_with_one_line(args, message):
         ("--config.optimizer.weight_decay=nan", "config.optimizer.weight_decay=nan: allowed: >= 0"),
         ("--config.optimizer.grad_clip_norm=nan", "config.optimizer.grad_clip_norm=nan: allowed: >= 0"),
         ("--config.data.dataset=imagenet", "config.data.dataset='imagenet' is unknown; allowed: ["),
+        # the default config's probe at the end cannot quantize Fashion-MNIST without a palette: refused before step 1
+        ("--config.data.dataset=synthetic", "config.evals.probe (a linear probe) needs a palette to turn the images"),
     ],
 )
 def test_bad_values_stop_before_anything_is_written(tmp_path, flag, message):

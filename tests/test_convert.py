@@ -252,12 +252,12 @@ def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_pat
 
     common = ["--config=configs/fashion_mnist.py:8", f"--workdir={workdir}", f"--config.data.data_dir={TFDS_TEST_DIR}"]
     modes = {
-        "eval": ["--config.eval_examples=32"],
-        "sample": ["--config.sample.num_images=4", "--config.sample.completion_images=1"],
+        "eval": ["--config.evals.eval.examples=32"],
+        "sample": ["--config.evals.samples.num_images=4", "--config.evals.samples.completion_images=1"],
         "probe": [
-            "--config.probe.train_examples=100",
-            "--config.probe.test_examples=50",
-            "--config.probe.baselines=False",
+            "--config.evals.probe.train_examples=100",
+            "--config.evals.probe.test_examples=50",
+            "--config.evals.probe.baselines=False",
         ],
     }
     for mode, flags in modes.items():

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics, run_main
 
-from igpt_jax import config_checks, evaluate, palette, sharding, steps
+from igpt_jax import config_checks, palette, sharding, steps
 from igpt_jax.data import get_source, splits
 from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
+from igpt_jax.evaluators.kinds import loss
 
 
 def _setup_with_random_head(config):
@@ -25,12 +26,13 @@ def _setup_with_random_head(config):
 
 
 def test_the_mean_is_over_exactly_the_chosen_images():
-    config = fashion_config(image_size=8, batch_size=16, eval_examples=50)  # 4 batches, the last one 2/16 real
+    config = fashion_config(image_size=8, batch_size=16)
     setup, mesh, params = _setup_with_random_head(config)
     source = get_source(config)
     clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
-    with jax.set_mesh(mesh):
-        result = evaluate.held_out_loss(config, source, steps.make_eval_step(setup), params, clusters, mesh)
+    eval_step = steps.make_eval_step(setup)
+    with jax.set_mesh(mesh):  # 50 images: 4 batches, the last one 2/16 real
+        result = loss.held_out_loss(config, source, "test", 50, eval_step, params, clusters, mesh)
     assert result["examples"] == 50
 
     images = source.get(config.data.eval_split, np.arange(50), None)
@@ -58,7 +60,7 @@ class _OneImageSource:
 
 @pytest.mark.parametrize("objective", ["ar", "bert"])
 def test_each_batch_draws_its_own_randomness(objective):
-    config = fashion_config(image_size=8, batch_size=16, objective=objective, eval_examples=64)
+    config = fashion_config(image_size=8, batch_size=16, objective=objective)
     setup, mesh, params = _setup_with_random_head(config)
     eval_step = steps.make_eval_step(setup)
     losses = []
@@ -68,7 +70,7 @@ def test_each_batch_draws_its_own_randomness(objective):
         losses.append(float(sums["loss"]))
         return sums
 
-    evaluate.held_out_loss(config, _OneImageSource(config), recording_step, params, None, mesh)
+    loss.held_out_loss(config, _OneImageSource(config), "test", 64, recording_step, params, None, mesh)
     assert len(losses) == 4
     if objective == "ar":  # no randomness: identical batches give identical sums
         assert len(set(losses)) == 1
@@ -117,12 +119,12 @@ def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
         f"--workdir={workdir}",
         "--mode=eval",
         "--config=configs/fashion_mnist.py:8",
-        "--config.eval_examples=64",
+        "--config.evals.eval.examples=64",
         f"--config.data.data_dir={TFDS_TEST_DIR}",
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "using checkpoint 10's recipe: model.embed_dim 128 -> 32" in evaluated.stderr
-    assert f"eval checkpoint 10: {last_eval['loss']:.4f} nats" in evaluated.stdout
+    assert f"eval step 10: {last_eval['loss']:.4f} nats" in evaluated.stdout
     records = [r for r in read_metrics(workdir) if r.get("mode") == "eval"]
     assert len(records) == 2 and records[1]["step"] == 10 and records[1]["examples"] == 64
     assert records[1]["loss"] == pytest.approx(last_eval["loss"], rel=1e-6)

@@ -178,12 +178,12 @@ def test_local_sh_runs_the_default_config(tmp_path):
             f"--workdir={tmp_path / 'w'}",
             "--config.total_steps=2",
             "--config.log_every_steps=1",
-            "--config.eval_examples=64",
-            "--config.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
-            "--config.probe.test_examples=32",
-            "--config.sample.num_images=2",  # and its samples at the end, gathered from both processes
-            "--config.sample.completion_images=1",
-            "--config.sample.completions_per_image=2",
+            "--config.evals.eval.examples=64",
+            "--config.evals.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
+            "--config.evals.probe.test_examples=32",
+            "--config.evals.samples.num_images=2",  # and its samples at the end, gathered from both processes
+            "--config.evals.samples.completion_images=1",
+            "--config.evals.samples.completions_per_image=2",
             f"--config.data.data_dir={TFDS_TEST_DIR}",
         ],
         cwd=ROOT,

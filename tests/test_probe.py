@@ -91,8 +91,15 @@ def test_the_png_has_one_point_per_layer():
 def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)
-    sizes = ["--config.probe.train_examples=300", "--config.probe.test_examples=100"]
-    trained = [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *flags, "--config.probe.at_end=True"]
+    sizes = ["--config.evals.probe.train_examples=300", "--config.evals.probe.test_examples=100"]
+    trained = [
+        sys.executable,
+        "-m",
+        "igpt_jax.main",
+        f"--workdir={workdir}",
+        *flags,
+        "--config.evals.probe.at_end=True",
+    ]
     subprocess.run([*trained, *sizes], cwd=ROOT, check=True)  # the train loop probes at its end
     result = subprocess.run(
         [
@@ -125,7 +132,9 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     assert probe["best_accuracy"] == max(v["accuracy"] for v in probe["layers"].values())
     assert probe["baselines"]["raw_pixels"] > 30  # ten classes: chance is 10%
     assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
-    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2 + 1  # and the legend's
+    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2 + 1
+    assert json.loads((workdir / "probe" / "step_00000010.json").read_text()) == probe  # the history's record
     at_end_of_training, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]
-    assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10
+    assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10 and row["evaluator"] == "probe"
+    assert [row[f"layer_{layer}"] for layer in "01"] == [probe["layers"][layer]["accuracy"] for layer in "01"]
     assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -106,3 +107,62 @@ def test_kill_9_with_the_sequence_split_then_relaunch_gives_the_same_curve_bitwi
     assert _launch(killed, split).wait(timeout=600) == 0, _log(killed)
     assert "resumed from" in _log(killed)
     assert _losses(killed) == _losses(reference)
+
+
+# --- stop signals and kills while evaluators run: the step is saved before any evaluator starts
+
+# long enough to be stopped in the middle (a pass over the train images is over 100 batches), short enough for a test
+PROBE = [
+    "--config.evals.probe.train_examples=1600",
+    "--config.evals.probe.test_examples=400",
+    "--config.evals.probe.baselines=False",
+]
+
+
+def _wait_for_log(workdir: Path, text: str, proc: subprocess.Popen, after: str = "", timeout: float = 300) -> None:
+    """Until `text` appears in the run's log (after `after`, when given)."""
+    deadline = time.time() + timeout
+    while text not in (_log(workdir).partition(after)[2] if after else _log(workdir)):
+        assert proc.poll() is None, f"run ended (rc={proc.returncode}) before {text!r}: {_log(workdir)[-3000:]}"
+        assert time.time() < deadline, f"no {text!r} after {timeout}s"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_an_in_training_probe_saves_its_step_and_the_relaunch_probes_then_continues(tmp_path, reference):
+    """Step 20 is no checkpoint step (every 15): the stop must save it. The relaunch probes step 20 first."""
+    extra = [*PROBE, "--config.evals.probe.every_steps=20", "--config.checkpoint_every_steps=15"]
+    workdir = tmp_path / "run"
+    proc = _launch(workdir, *extra)
+    _wait_for_log(workdir, "features: ", proc)  # the probe of step 20 has started
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, _log(workdir)
+    assert time.time() - sent < 30, f"took {time.time() - sent:.0f}s to stop"
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == [15, 20]
+    assert max(_losses(workdir)) == 20
+    assert not (workdir / "probe").exists() and not (workdir / "probe.json").exists()  # nothing half-written
+    assert not [r for r in read_metrics(workdir) if r.get("evaluator") == "probe"]
+
+    assert _launch(workdir, *extra).wait(timeout=600) == 0, _log(workdir)
+    assert f"resumed from {workdir / 'checkpoints'}/20" in _log(workdir)
+    probes = [r["step"] for r in read_metrics(workdir) if r.get("evaluator") == "probe"]
+    assert probes == [20, 40]  # the abandoned probe ran again first
+    assert sorted(p.name for p in (workdir / "probe").glob("*.json")) == ["step_00000020.json", "step_00000040.json"]
+    assert _losses(workdir) == _losses(reference)  # the same curve, bit for bit
+
+
+def test_sigkill_during_the_probe_at_the_end_loses_no_step(tmp_path, reference):
+    """The last step is no checkpoint step (every 15): it is saved because it is the last, before the probe."""
+    extra = [*PROBE, "--config.evals.probe.at_end=True", "--config.checkpoint_every_steps=15"]
+    workdir = tmp_path / "run"
+    proc = _launch(workdir, *extra)
+    _wait_for_log(workdir, "features: ", proc, after="step 40/40")
+    proc.kill()
+    proc.wait(timeout=60)
+    assert 40 in [int(s) for s in os.listdir(workdir / "checkpoints")]  # finalized: only those get their step name
+
+    assert _launch(workdir, *extra).wait(timeout=600) == 0, _log(workdir)
+    assert f"resumed from {workdir / 'checkpoints'}/40" in _log(workdir)
+    assert json.loads((workdir / "probe.json").read_text())["checkpoint_step"] == 40
+    assert [r["step"] for r in read_metrics(workdir) if "mode" not in r] == list(range(1, 41))  # no step redone
+    assert _losses(workdir) == _losses(reference)

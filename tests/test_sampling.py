@@ -179,8 +179,8 @@ def test_completion_grid_layout():
 def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=6, eval_every=6, checkpoint_every=6, warmup=2)
-    sample = ["--config.sample.num_images=6", "--config.sample.completion_images=2"]
-    trained = run_main(f"--workdir={workdir}", *flags, *sample, "--config.sample.at_end=True")
+    sample = ["--config.evals.samples.num_images=6", "--config.evals.samples.completion_images=2"]
+    trained = run_main(f"--workdir={workdir}", *flags, *sample, "--config.evals.samples.at_end=True")
     assert trained.returncode == 0, trained.stderr[-3000:]
     grids = ["step_00000006.png", "step_00000006_completions.png"]
     assert trained.stdout.splitlines()[-1] == f"igpt: samples: {', '.join(str(workdir / 'samples' / g) for g in grids)}"
@@ -213,4 +213,5 @@ def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
     result = run_main(f"--workdir={workdir}", "--mode=sample", "--config=configs/fashion_mnist.py:8")
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("igpt: the checkpoint's objective is 'bert': only 'ar'"), last
+    assert last.startswith("igpt: bad config: config.evals.samples (samples) needs a left-to-right model, and "), last
+    assert "config.objective='bert': only 'ar' models can be sampled" in last  # the checkpoint's, not the file's

@@ -1,5 +1,5 @@
 """The streamed SGD probe: it agrees with the full-batch L-BFGS probe, separates signal from noise, keeps memory flat in
-the number of examples, and `probe.solver` picks it for feature sets too large to hold."""
+the number of examples, and a probe's `solver` setting picks it for feature sets too large to hold."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import fashion_config
 
-from igpt_jax import linear_probe, probe, sharding, steps, streamed_probe
+from igpt_jax import linear_probe, sharding, steps, streamed_probe
+from igpt_jax.evaluators.kinds import probe
 
 
 def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):
@@ -79,23 +80,24 @@ def test_streamed_memory_is_flat_in_the_number_of_examples():
 
 
 def test_auto_streams_feature_sets_too_large_to_hold():
-    config = fashion_config()
-    assert probe.solver(config, 50_000, 4, 128) == "lbfgs"
-    assert probe.solver(config, 1_281_167, 48, 1536) == "sgd"  # ImageNet through every iGPT-L layer
-    config.probe.solver = "sgd"
-    assert probe.solver(config, 100, 1, 8) == "sgd"
+    entry = fashion_config().evals.probe
+    assert probe.solver(entry, 50_000, 4, 128) == "lbfgs"
+    assert probe.solver(entry, 1_281_167, 48, 1536) == "sgd"  # ImageNet through every iGPT-L layer
+    entry.solver = "sgd"
+    assert probe.solver(entry, 100, 1, 8) == "sgd"
 
 
 def test_the_probe_runs_streamed_end_to_end(tmp_path):
-    config = fashion_config(probe__solver="sgd", probe__sgd_epochs=3, probe__train_examples=400)
-    config.probe.test_examples = 100
+    config = fashion_config(evals__probe__solver="sgd", evals__probe__sgd_epochs=3, evals__probe__train_examples=400)
+    config.evals.probe.test_examples = 100
     setup = steps.make_setup(config, sharding.make_mesh(config), train=False)
     from igpt_jax import runtime
     from igpt_jax.data import get_source
 
     source = get_source(config)
     clusters = runtime.load_or_fit_palette(config, lambda: source, runtime.storage.path(tmp_path))
-    result = probe.linear_probes(config, setup, steps.init_params(setup), jnp.asarray(clusters), setup.mesh, 0)
+    params = steps.init_params(setup)
+    result = probe.linear_probes(config, config.evals.probe, setup, params, jnp.asarray(clusters), setup.mesh, 0)
     assert result["solver"] == "sgd" and sorted(result["layers"]) == ["0", "1"]
     assert result["baselines"]["raw_pixels"] > 40  # ten classes: chance is 10%
     json.dumps(result)  # probe.json can hold it

@@ -175,7 +175,7 @@ def test_synthetic_data_trains_without_a_palette(tmp_path, capsys, caplog):
     assert last["step"] == 3 and math.isfinite(last["loss"])
     assert not os.path.exists(tmp_path / "palette.npy")
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1] == f"igpt: workdir {tmp_path}: checkpoints/, metrics.jsonl, config.json, tensorboard/"
+    assert printed[-1] == f"igpt: workdir {tmp_path}: checkpoints/, config.json, metrics.jsonl, tensorboard/"
     # the progress line names the attention kernel `auto` chose for these (CPU) devices
     assert any(line.startswith("step 3/3 ") and line.endswith("attention blockwise") for line in printed), printed
     (took,) = [r.args[0] for r in caplog.records if r.getMessage().startswith("first step (with compilation)")]

@@ -46,6 +46,7 @@ class Synthetic:
     """Random tokens, a pure function of (seed, split, example index): for speed runs and tests, no palette."""
 
     kind = "tokens"
+    labelled = True  # ten classes the tokens do not predict: a probe on them scores chance
 
     def num_classes(self) -> int:
         return 10
@@ -72,6 +73,7 @@ class Synthetic:
 class TfdsSpec:
     name: str  # TFDS name, with its config: 'imagenet_resized/32x32'
     family: str  # key of preprocess.FAMILIES
+    labelled: bool = True  # has class labels (probes and fine-tuning need them)
     manual_files: tuple[str, ...] = ()  # at least one must be in manual_dir (manual-download datasets)
     offline_prepare: Callable[[str, dict], None] | None = None  # (manual_dir, url_infos) -> files TFDS will accept
 
@@ -187,8 +189,8 @@ TFDS_DATASETS = [
     TfdsSpec("imagenet2012", "imagenet", manual_files=("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")),
     TfdsSpec("imagenet_resized/32x32", "low_resolution"),
     TfdsSpec("imagenet_resized/64x64", "low_resolution"),
-    TfdsSpec("downsampled_imagenet/32x32", "low_resolution"),
-    TfdsSpec("downsampled_imagenet/64x64", "low_resolution"),
+    TfdsSpec("downsampled_imagenet/32x32", "low_resolution", labelled=False),
+    TfdsSpec("downsampled_imagenet/64x64", "low_resolution", labelled=False),
     TfdsSpec("cifar10", "low_resolution"),
     TfdsSpec("cifar100", "low_resolution"),
     TfdsSpec("stl10", "low_resolution"),
@@ -236,6 +238,12 @@ def kind(dataset: str) -> str:
     return getattr(factory, "kind", None) or factory.func.kind
 
 
+def labelled(dataset: str) -> bool:
+    """Whether a data set has class labels, without opening it (the evaluators' checks before training)."""
+    factory = SOURCES[dataset]
+    return factory.keywords["spec"].labelled if isinstance(factory, partial) else factory.labelled
+
+
 def get_source(config: ml_collections.ConfigDict) -> Source:
     name = config.data.dataset
     if name not in SOURCES:
@@ -243,4 +251,14 @@ def get_source(config: ml_collections.ConfigDict) -> Source:
     return SOURCES[name](config)
 
 
-__all__ = ["HELDOUT", "HELDOUT_PERCENT", "SOURCES", "Source", "TfdsSpec", "get_source", "kind", "splits"]
+__all__ = [
+    "HELDOUT",
+    "HELDOUT_PERCENT",
+    "SOURCES",
+    "Source",
+    "TfdsSpec",
+    "get_source",
+    "kind",
+    "labelled",
+    "splits",
+]
