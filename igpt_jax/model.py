@@ -264,6 +264,23 @@ class IGPT(nnx.Module):
             pooled.append(p)
         return h, jnp.stack(pooled)
 
+    def normed_tokens(self, tokens: jax.Array, layer: int, *, mask: jax.Array | None = None) -> jax.Array:
+        """n^layer at every position, fp32 [B, N, d] (the attentive probe's input): block `layer`'s ln_1 output, or
+        ln_f's for layer = num_layers. Only the blocks before it run."""
+        causal = self.objective == "ar"
+        h = self.embed(tokens, mask)
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(h, layer_params):
+            h, _ = nnx.merge(graphdef, layer_params)(h, causal=causal)
+            return constrain(h, ACTIVATION_NAMES), None
+
+        if layer:
+            h, _ = jax.lax.scan(body, h, jax.tree.map(lambda x: x[:layer], stacked))
+        if layer == self.num_layers:
+            return self.ln_f(h).astype(jnp.float32)
+        return nnx.merge(graphdef, jax.tree.map(lambda x: x[layer], stacked)).ln_1(h).astype(jnp.float32)
+
     def __call__(self, tokens: jax.Array, *, mask: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(logits [B, N, vocab] fp32, named intermediates): see the module docstring.
 

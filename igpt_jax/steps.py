@@ -215,9 +215,10 @@ def make_eval_step(setup: Setup):
 
 
 def make_feature_step(setup: Setup, layers: tuple[int, ...]):
-    """jit(params, batch, clusters, key) -> float32 [len(layers), B, d]: the mean over positions of block l's ln_1
-    output (the paper's probe features), for the chosen layers, from one forward pass. BERT models see masked inputs
-    (their pretraining protocol), the mask drawn from `key`."""
+    """jit(params, batch, clusters, key) -> float32 [len(layers), B, d]: the paper's probe features f^l, the mean over
+    positions of n^l, for the chosen layers l in 0 .. L, from one forward pass: n^l is block l's ln_1 output for
+    l < L, and ln_f's output for l = L (num_layers). BERT models see masked inputs (their pretraining protocol), the
+    mask drawn from `key`."""
     config = setup.config
     objective = objectives.get(config.objective)
     chosen = jnp.asarray(layers, jnp.int32)
@@ -228,10 +229,52 @@ def make_feature_step(setup: Setup, layers: tuple[int, ...]):
         model = nnx.merge(setup.graphdef, nnx.State(params))
         with sharding.axis_rules(config.logical_axis_rules):
             _, out = model(tokens, mask=mask)
-        return out["probe_features"][chosen]
+        every = jnp.concatenate([out["probe_features"], out["pre_logits"][None]])  # [L + 1, B, d]
+        return every[chosen]
 
     return jax.jit(
         feature_step,
+        in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
+        out_shardings=setup.replicated,
+    )
+
+
+def make_predict_step(setup: Setup):
+    """jit(params, batch, clusters, key) -> int32 [B]: the classification head's predicted class per image, from one
+    forward pass (BERT models see masked inputs, the mask drawn from `key`): what an ensemble over masks votes on."""
+    config = setup.config
+    objective = objectives.get(config.objective)
+
+    def predict_step(params, batch, clusters, key):
+        tokens = _tokens(batch, clusters)
+        mask = objective.noise(key, tokens.shape, config).get("mask")
+        model = nnx.merge(setup.graphdef, nnx.State(params))
+        with sharding.axis_rules(config.logical_axis_rules):
+            _, out = model(tokens, mask=mask)
+        return jnp.argmax(out["class_logits"], axis=-1).astype(jnp.int32)
+
+    return jax.jit(
+        predict_step,
+        in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
+        out_shardings=setup.replicated,
+    )
+
+
+def make_token_step(setup: Setup, layer: int):
+    """jit(params, batch, clusters, key) -> float32 [B, N, d]: layer `layer`'s normed input at every position
+    (IGPT.normed_tokens; BERT models see masked inputs, the mask drawn from `key`): the attentive probe's features."""
+    config = setup.config
+    objective = objectives.get(config.objective)
+
+    def token_step(params, batch, clusters, key):
+        tokens = _tokens(batch, clusters)
+        mask = objective.noise(key, tokens.shape, config).get("mask")
+        model = nnx.merge(setup.graphdef, nnx.State(params))
+        with sharding.axis_rules(config.logical_axis_rules):
+            return model.normed_tokens(tokens, layer, mask=mask)
+
+    return jax.jit(
+        token_step,
         in_shardings=(setup.state_shardings["params"], None, setup.replicated, setup.replicated),
         out_shardings=setup.replicated,
     )

@@ -93,6 +93,19 @@ def storage_failure(error: BaseException | None) -> OSError | None:
     return None
 
 
+def kvstore(location: epath.Path) -> dict:
+    """A tensorstore key-value store for `location` (arrays too large for whole-file writes: probe features). Local
+    paths are files; gs:// goes through tensorstore's own GCS client, which an emulator reaches through
+    TENSORSTORE_GCS_HTTP_URL, as Orbax's checkpoint arrays do."""
+    text = os.fspath(location)
+    if not is_remote(text):
+        return {"driver": "file", "path": text}
+    parsed = urllib.parse.urlparse(text)
+    if parsed.scheme not in ("gs", "gcs"):
+        raise NotImplementedError(f"{location}: arrays are stored on local paths and gs:// only")
+    return {"driver": "gcs", "bucket": parsed.netloc, "path": parsed.path.lstrip("/")}
+
+
 def write_text(location: epath.Path, text: str) -> None:
     write_bytes(location, text.encode())
 

@@ -70,12 +70,16 @@ def _check(**overrides):
             r"config\.evals\.samples\.num_images and config\.evals\.samples\.completion_images are both 0",
         ),
         (
-            {"evals__probe__layers": (0, 24), "evals__probe__at_end": True},
-            r"config\.evals\.probe\.layers=\(0, 24\): \[24\]",
+            {"evals__probe__layers": (0, 25), "evals__probe__at_end": True},
+            r"config\.evals\.probe\.layers=\(0, 25\): \[25\] outside 0 \.\. 24 \(ln_f is 24\)",
         ),
         (
             {"evals__probe__dataset": "downsampled_imagenet/32x32", "evals__probe__every_steps": 5},
             r"config\.evals\.probe \(a linear probe\) needs labels, and .* has none",
+        ),
+        (
+            {"evals__probe__masks": 5, "evals__probe__at_end": True},
+            r"config\.evals\.probe\.masks=5: an ensemble of masks needs a BERT model",
         ),
         (
             {"evals__eval__kind": "fid"},

@@ -162,10 +162,11 @@ def test_every_evaluator_loop_asks_to_stop_before_each_batch():
     import jax
     import numpy as np
 
-    from igpt_jax import features, linear_probe, palette, sampling, sharding, steps
+    from igpt_jax import palette, sampling, sharding, steps
     from igpt_jax.data import get_source
     from igpt_jax.evaluators import base
     from igpt_jax.evaluators.kinds import loss
+    from igpt_jax.probe import features, linear
 
     config = fashion_config(image_size=8, batch_size=16)
     mesh = sharding.make_mesh(config)
@@ -176,9 +177,11 @@ def test_every_evaluator_loop_asks_to_stop_before_each_batch():
     with jax.set_mesh(mesh):
         done = []
         feature_step = steps.make_feature_step(setup, (0,))
-        passes = features.passes(config, source, "test", 64, feature_step, params, clusters, mesh, _StopAfter(3))
+        batches = features.model_batches(
+            config, source, "test", 64, feature_step, params, clusters, mesh, stop=_StopAfter(3)
+        )
         with pytest.raises(base.Abandoned):
-            done.extend(passes())
+            done.extend(batches)
         assert len(done) == 2  # four batches of 16: stopped before the third
 
         counting = _StopAfter(3)
@@ -191,7 +194,7 @@ def test_every_evaluator_loop_asks_to_stop_before_each_batch():
         x = np.random.default_rng(0).normal(size=(1, 80, 4)).astype(np.float32)
         y = np.arange(80) % 2
         with pytest.raises(base.Abandoned):
-            linear_probe.sweep(x, y, x, y, 2, heldout_fraction=0.1, progress=False, stop=counting)
+            linear.sweep(x, y, x, y, 2, heldout_fraction=0.1, progress=False, stop=counting)
         assert counting.asked == 2  # one fit of the L2 sweep, then the stop
 
         counting = _StopAfter(2)

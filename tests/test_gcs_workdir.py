@@ -144,3 +144,47 @@ def test_a_gs_workdir_is_killed_resumed_and_matches_a_local_run(gcs, tmp_path):
     local_losses = _losses((local / "metrics.jsonl").read_text())
     assert sorted(gs_losses) == list(range(1, 41))  # every row survived, each step once
     assert gs_losses == local_losses  # bitwise
+
+
+@pytest.mark.slow  # two runs on the emulator, about 2 minutes
+def test_the_imagenet_probe_keeps_its_features_in_a_gs_workdir_and_reuses_them(gcs, tmp_path):
+    """The SGD probe of the (offline, real-photo) ILSVRC layout: features computed once into the bucket through
+    tensorstore, read back by every epoch, and by a second probe of the same checkpoint with no forward pass."""
+    from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
+
+    fs, env, bucket_folder = gcs
+    make_ilsvrc_manual_dir(tmp_path / "manual", per_class=8, num_val=20)
+    workdir = f"gs://{BUCKET}/probe_run"
+    imagenet = [
+        "--config.data.dataset=imagenet2012",
+        "--config.data.eval_split=validation",
+        f"--config.data.manual_dir={tmp_path / 'manual'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.total_steps=4",
+        "--config.evals.eval.every_steps=4",
+        "--config.evals.eval.examples=16",
+        "--config.evals.probe.dataset=imagenet2012",
+        "--config.evals.probe.test_split=validation",
+        "--config.evals.probe.solver=sgd",
+        "--config.evals.probe.sgd_epochs=3",
+    ]
+    flags = [f for f in FLAGS if not f.startswith(("--config.total_steps", "--config.data.data_dir"))]
+    trained = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", *flags, *imagenet,
+         "--config.evals.probe.at_end=True"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads(fs.cat(f"{BUCKET}/probe_run/probe.json"))
+    assert (record["solver"], record["train_examples"], record["test_examples"]) == ("sgd", 40, 20)
+    assert record["forward_passes"] == 4  # train and test, of the trained and of the step-0 model
+    specs = {str(p.relative_to(bucket_folder)) for p in bucket_folder.rglob("spec.json")}
+    assert len(specs) == 6 and all(s.startswith("probe_run/probe_features/probe/") for s in specs)  # + raw pixels
+
+    again = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", f"--workdir={workdir}", "--mode=probe", *flags, *imagenet],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(fs.cat(f"{BUCKET}/probe_run/probe.json"))
+    assert second["forward_passes"] == 0 and second["layers"] == record["layers"]

@@ -16,8 +16,9 @@ from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics
 from PIL import Image
 from scipy import ndimage
 
-from igpt_jax import features, linear_probe, palette, plots, sharding, steps
+from igpt_jax import palette, plots, sharding, steps
 from igpt_jax.data import get_source
+from igpt_jax.probe import features, linear
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,24 +35,24 @@ def test_lbfgs_probe_matches_scikit_learn(l2):
     from sklearn.linear_model import LogisticRegression
 
     x, y = _clustered(1500)
-    train_x, test_x = linear_probe.standardize(x[:1000], x[1000:])
+    train_x, test_x = linear.standardize(x[:1000], x[1000:])
     # scikit-learn minimises C * sum(cross-entropy) + |W|^2 / 2, the same as ours with C = 1 / (l2 * n)
     reference = LogisticRegression(C=1 / (l2 * 1000), max_iter=10_000, tol=1e-8).fit(train_x, y[:1000])
     # run close to the minimum, the same minimum: every weight agrees
-    w, b = linear_probe.fit(train_x, y[:1000], l2, num_classes=10, tol=1e-7)
+    w, b = linear.fit(train_x, y[:1000], l2, num_classes=10, tol=1e-7)
     np.testing.assert_allclose(np.asarray(w), reference.coef_.T, atol=5e-3)
     # stopped where scikit-learn's own rule stops (largest gradient entry 1e-4), the probe's accuracy agrees
-    w, b = linear_probe.fit(train_x, y[:1000], l2, num_classes=10)
-    ours = float(linear_probe.accuracy(w[None], b[None], test_x[None], y[1000:])[0])
+    w, b = linear.fit(train_x, y[:1000], l2, num_classes=10)
+    ours = float(linear.accuracy(w[None], b[None], test_x[None], y[1000:])[0])
     assert abs(ours - 100 * reference.score(test_x, y[1000:])) <= 0.5
 
 
 def test_the_sweep_picks_a_strength_on_held_out_train_images():
     x, y = _clustered(1200, seed=1)
     layers = np.stack([x, np.random.default_rng(2).normal(size=x.shape).astype(np.float32)])  # signal, noise
-    result = linear_probe.sweep(layers[:, :1000], y[:1000], layers[:, 1000:], y[1000:], 10, heldout_fraction=0.1)
+    result = linear.sweep(layers[:, :1000], y[:1000], layers[:, 1000:], y[1000:], 10, heldout_fraction=0.1)
     assert result[0]["accuracy"] > 60 > 25 > result[1]["accuracy"]  # chance is 10%
-    assert all(r["l2"] in linear_probe.L2_GRID for r in result)
+    assert all(r["l2"] in linear.L2_GRID for r in result)
 
 
 def test_features_are_the_same_on_1_and_8_devices():
@@ -68,9 +69,10 @@ def test_features_are_the_same_on_1_and_8_devices():
         clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
         step = steps.make_feature_step(setup, (0, 1))
         with jax.set_mesh(mesh):
-            outputs.append(features.extract(config, source, "test", 40, step, params, clusters, mesh))
+            batches = features.model_batches(config, source, "test", 40, step, params, clusters, mesh)
+            outputs.append(features.gather(batches, 40))
     (one, labels_one), (eight, labels_eight) = outputs
-    assert one.shape == (2, 40, 32)
+    assert one.shape == (1, 2, 40, 32)
     np.testing.assert_allclose(one, eight, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(labels_one, labels_eight)
 
@@ -127,14 +129,15 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
         300,
         100,
     )
-    assert sorted(probe["layers"]) == ["0", "1"]  # the checkpoint's 2 layers, whatever the config file says
-    assert all(0 <= v["accuracy"] <= 100 and v["l2"] in linear_probe.L2_GRID for v in probe["layers"].values())
+    assert sorted(probe["layers"]) == ["0", "1", "2"]  # the checkpoint's 2 blocks and ln_f, whatever the config says
+    assert probe["forward_passes"] == 0  # the features of checkpoint 10 (and the step-0 model) the training run kept
+    assert all(0 <= v["accuracy"] <= 100 and v["l2"] in linear.L2_GRID for v in probe["layers"].values())
     assert probe["best_accuracy"] == max(v["accuracy"] for v in probe["layers"].values())
     assert probe["baselines"]["raw_pixels"] > 30  # ten classes: chance is 10%
     assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
-    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 2 + 1
+    assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 3 + 1
     assert json.loads((workdir / "probe" / "step_00000010.json").read_text()) == probe  # the history's record
     at_end_of_training, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]
     assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10 and row["evaluator"] == "probe"
-    assert [row[f"layer_{layer}"] for layer in "01"] == [probe["layers"][layer]["accuracy"] for layer in "01"]
+    assert [row[f"layer_{layer}"] for layer in "012"] == [probe["layers"][layer]["accuracy"] for layer in "012"]
     assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers

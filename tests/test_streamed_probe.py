@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from helpers import fashion_config
 
-from igpt_jax import linear_probe, sharding, steps, streamed_probe
-from igpt_jax.evaluators.kinds import probe
+from igpt_jax import sharding, steps, storage
+from igpt_jax.probe import linear, protocol, streamed
 
 
 def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):
@@ -21,14 +21,14 @@ def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):
 
 
 def _passes(x: np.ndarray, y: np.ndarray, batch: int):
-    """features.passes over arrays held here: x [L, n, d]."""
+    """A pass over arrays held here, as the feature cache streams them: x [L, n, d] -> batches [1, L, B, d]."""
     n = x.shape[1]
 
     def one_pass():
         for start in range(0, n, batch):
             index = start + np.arange(batch)
             index[index >= n] = -1
-            yield jnp.asarray(x[:, index % n]), y[index % n], index
+            yield jnp.asarray(x[None, :, index % n]), y[index % n], index
 
     return one_pass
 
@@ -38,13 +38,13 @@ def test_sgd_agrees_with_lbfgs_and_separates_signal_from_noise():
     layers = np.stack([x, np.random.default_rng(4).normal(size=x.shape).astype(np.float32)])  # signal, noise
     layers = 4 * layers + np.linspace(-3, 3, 64, dtype=np.float32)  # off-centre, wide: standardising matters
     train, test = (layers[:, :2000], y[:2000]), (layers[:, 2000:], y[2000:])
-    full = linear_probe.sweep(*train, *test, 10, heldout_fraction=0.1, progress=False)
-    streamed = streamed_probe.sweep(
+    full = linear.sweep(*train, *test, 10, heldout_fraction=0.1, progress=False)
+    sgd = streamed.sweep(
         _passes(*train, 64), 2000, _passes(*test, 64), 10, layers=2, dim=64, batch_size=64, heldout_fraction=0.1
     )
-    assert abs(streamed[0]["accuracy"] - full[0]["accuracy"]) <= 2.0, (streamed, full)
-    assert streamed[0]["accuracy"] > 60 > 25 > streamed[1]["accuracy"]  # chance is 10%
-    assert all(r["l2"] in linear_probe.L2_GRID for r in streamed)
+    assert abs(sgd[0]["accuracy"] - full[0]["accuracy"]) <= 2.0, (sgd, full)
+    assert sgd[0]["accuracy"] > 60 > 25 > sgd[1]["accuracy"]  # chance is 10%
+    assert all(r["l2"] in linear.L2_GRID for r in sgd)
 
 
 def _peak_rss_growth(n: int, layers: int = 4, dim: int = 256, batch: int = 256) -> float:
@@ -56,16 +56,16 @@ def _peak_rss_growth(n: int, layers: int = 4, dim: int = 256, batch: int = 256) 
         for start in range(0, n, batch):
             index = start + np.arange(batch)
             labels = (index % 10).astype(np.int32)
-            x = centres[labels] + rng.normal(size=(layers, batch, dim)).astype(np.float32)
+            x = centres[labels] + rng.normal(size=(1, layers, batch, dim)).astype(np.float32)
             yield jnp.asarray(x), labels, index
 
-    settings = streamed_probe.Settings(epochs=1)
+    settings = streamed.Settings(epochs=1)
     args = dict(layers=layers, dim=dim, batch_size=batch, heldout_fraction=0.1, settings=settings)
-    streamed_probe.sweep(one_pass, batch * 4, one_pass, 10, **args)  # compiled, warm
+    streamed.sweep(one_pass, batch * 4, one_pass, 10, **args)  # compiled, warm
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak (VmHWM) to the current resident size
     before = _status("VmRSS")
-    streamed_probe.sweep(one_pass, n, one_pass, 10, **args)
+    streamed.sweep(one_pass, n, one_pass, 10, **args)
     return (_status("VmHWM") - before) / 1024
 
 
@@ -81,10 +81,10 @@ def test_streamed_memory_is_flat_in_the_number_of_examples():
 
 def test_auto_streams_feature_sets_too_large_to_hold():
     entry = fashion_config().evals.probe
-    assert probe.solver(entry, 50_000, 4, 128) == "lbfgs"
-    assert probe.solver(entry, 1_281_167, 48, 1536) == "sgd"  # ImageNet through every iGPT-L layer
+    assert protocol.solver(entry, 50_000, 4, 128) == "lbfgs"
+    assert protocol.solver(entry, 1_281_167, 48, 1536) == "sgd"  # ImageNet through every iGPT-L layer
     entry.solver = "sgd"
-    assert probe.solver(entry, 100, 1, 8) == "sgd"
+    assert protocol.solver(entry, 100, 1, 8) == "sgd"
 
 
 def test_the_probe_runs_streamed_end_to_end(tmp_path):
@@ -97,7 +97,10 @@ def test_the_probe_runs_streamed_end_to_end(tmp_path):
     source = get_source(config)
     clusters = runtime.load_or_fit_palette(config, lambda: source, runtime.storage.path(tmp_path))
     params = steps.init_params(setup)
-    result = probe.linear_probes(config, config.evals.probe, setup, params, jnp.asarray(clusters), setup.mesh, 0)
-    assert result["solver"] == "sgd" and sorted(result["layers"]) == ["0", "1"]
+    probe = protocol.LinearProbe(
+        config, config.evals.probe, setup, jnp.asarray(clusters), setup.mesh, storage.path(tmp_path), "probe"
+    )
+    result = probe(params, 0)
+    assert result["solver"] == "sgd" and sorted(result["layers"]) == ["0", "1", "2"]  # 2: ln_f's output
     assert result["baselines"]["raw_pixels"] > 40  # ten classes: chance is 10%
     json.dumps(result)  # probe.json can hold it

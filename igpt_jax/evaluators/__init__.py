@@ -47,6 +47,14 @@ def _real(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 3.4e38  # float32's range
 
 
+def _layer_list(value) -> bool:
+    return isinstance(value, tuple | list) and all(_nonnegative_int(v) for v in value)
+
+
+def _counts(value) -> bool:
+    return isinstance(value, tuple | list) and all(_nonnegative_int(v) and v > 0 for v in value)
+
+
 def _seed(value) -> bool:
     return _nonnegative_int(value) and value < 2**31
 
@@ -84,10 +92,13 @@ def _probe_needs(config, name, entry) -> list[str]:
             f"tokens, and config.data.dataset={config.data.dataset!r} has none: set --config.data.palette=PATH, "
             f"or turn the probe off (--config.evals.{name}.every_steps=0 --config.evals.{name}.at_end=False)"
         )
-    layers = config.model.num_layers
-    outside = [layer for layer in entry.layers if not (isinstance(layer, int) and 0 <= layer < layers)]
-    if outside:
-        out.append(f"{where}.layers={tuple(entry.layers)}: {outside} outside 0 .. {layers - 1}")
+    depth = config.model.num_layers
+    for key in ("layers", "concat", "attentive_layers"):
+        outside = [layer for layer in entry[key] if not 0 <= layer <= depth]
+        if outside:
+            out.append(f"{where}.{key}={tuple(entry[key])}: {outside} outside 0 .. {depth} (ln_f is {depth})")
+    if entry.masks > 1 and config.objective != "bert":
+        out.append(f"{where}.masks={entry.masks}: an ensemble of masks needs a BERT model (config.objective='bert')")
     return out
 
 
@@ -111,6 +122,10 @@ KINDS: dict[str, Kind] = {
         settings={
             "examples": _count("the whole split"),  # the first n images of the split, in order
             "split": Setting("", _text, "a split name or slice ('': config.data.eval_split)"),
+            # BERT with a classification head: the accuracy of the modal prediction over this many masks
+            "masks": Setting(1, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
+            # fine-tuning's model selection: keep the parameters of the best accuracy so far in <name>_best/
+            "keep_best": Setting(False, lambda v: isinstance(v, bool), "True or False"),
         },
         needs=_loss_needs,
         summary="held-out loss (nats and bits per token; the head's accuracy when fine-tuning)",
@@ -123,8 +138,19 @@ KINDS: dict[str, Kind] = {
             "test_split": Setting("test", _text, "a split name or slice"),
             "train_examples": _count("the whole split"),  # the first n of each split
             "test_examples": _count("the whole split"),
-            "layers": Setting((), lambda v: isinstance(v, tuple | list), "block indices (empty: every layer)"),
+            # l < num_layers: block l's normed input; l = num_layers: ln_f's output
+            "layers": Setting((), _layer_list, "layer indices 0 .. num_layers (empty: every one)"),
+            "concat": Setting((), _layer_list, "layer indices probed side by side too (empty: none)"),
+            "labels_per_class": Setting((), _counts, "positive integers: low-data probes (empty: none)"),
+            "draws": Setting(5, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
+            "masks": Setting(1, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1 (BERT: the test ensemble)"),
             "baselines": Setting(True, lambda v: isinstance(v, bool), "True or False"),
+            "keep_features": Setting(True, lambda v: isinstance(v, bool), "True or False"),
+            # AIM's attentive probe (beyond the paper) of these layers' token features, beside the linear one
+            "attentive_layers": Setting((), _layer_list, "layer indices (empty: none)"),
+            "attentive_epochs": Setting(10, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
+            "attentive_learning_rate": Setting(1e-3, lambda v: _real(v) and v > 0, "> 0"),
+            "features_dtype": Setting("float32", lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
             "solver": Setting("auto", lambda v: v in ("auto", "lbfgs", "sgd"), "'auto', 'lbfgs' or 'sgd'"),
             "sgd_epochs": Setting(10, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
             "sgd_learning_rate": Setting(0.1, lambda v: _real(v) and v > 0, "> 0"),

@@ -5,7 +5,7 @@ pass over the split (`Passes`: each call starts a new pass and yields device arr
 streamed from a first pass, and update one classifier per (L2 strength, layer) at once: W [G, L, d, C]. Nothing
 proportional to the number of examples is ever held, so memory stays flat however large the split.
 
-The protocol is the full-batch path's (linear_probe.sweep): the classifiers train on the first (1 - held-out) part of
+The protocol is the full-batch path's (linear.sweep): the classifiers train on the first (1 - held-out) part of
 train, the L2 strength is chosen per layer on the held-out end, a classifier per layer is trained again on all of
 train with it and scored on test. Objective: mean cross-entropy + l2/2 |W|^2, the bias not penalised.
 """
@@ -23,9 +23,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from igpt_jax.linear_probe import L2_GRID
+from igpt_jax.probe import linear
+from igpt_jax.probe.linear import L2_GRID
 
-# One pass over a split: (features [L, B, d], labels [B], example index [B]; -1 marks rows padding the last batch).
+# One pass over a split: (features [masks, L, B, d], labels [B], example index [B]; -1 marks rows padding the last
+# batch). Train passes have one mask; test passes may have several (the modal prediction is scored).
 Passes = Callable[[], Iterator[tuple[jax.Array, np.ndarray, np.ndarray]]]
 
 
@@ -42,6 +44,7 @@ def moments(passes: Passes, layers: int, dim: int) -> tuple[jax.Array, jax.Array
     squares = jnp.zeros((layers, dim), jnp.float32)
     count = 0
     for x, _, index in passes():
+        x = x[0]
         rows = jnp.asarray(index >= 0, jnp.float32)[None, :, None]
         total, squares = total + jnp.sum(x * rows, axis=1), squares + jnp.sum(x * x * rows, axis=1)
         count += int((index >= 0).sum())
@@ -68,10 +71,13 @@ def _update(params, opt_state, x, y, used, mean, std, l2, tx):
 
 @jax.jit
 def _correct(params, x, y, used, mean, std):
-    """Correct predictions among the used rows, per classifier [G, L]."""
+    """Correct predictions among the used rows, per classifier [G, L]; x [M, L, B, d] (M masks: the modal
+    prediction counts)."""
     w, b = params
-    logits = jnp.einsum("lbd,gldc->glbc", (x - mean[:, None]) / std[:, None], w) + b[:, :, None]
-    return jnp.sum((jnp.argmax(logits, axis=-1) == y[None, None]) * used, axis=-1)
+    logits = jnp.einsum("mlbd,gldc->mglbc", (x - mean[:, None]) / std[:, None], w) + b[None, :, :, None]
+    predicted = jnp.argmax(logits, axis=-1)  # [M, G, L, B]
+    voted = linear.modal(predicted, w.shape[-1], jax.random.key(linear.VOTE_KEY))  # one mask: its prediction
+    return jnp.sum((voted == y[None, None]) * used, axis=-1)
 
 
 def fit(
@@ -98,7 +104,7 @@ def fit(
             used = in_fit(index)
             if used.any():
                 used = jnp.asarray(used, jnp.float32)
-                params, opt_state = _update(params, opt_state, x, jnp.asarray(y), used, mean, std, l2, tx)
+                params, opt_state = _update(params, opt_state, x[0], jnp.asarray(y), used, mean, std, l2, tx)
     return params
 
 
@@ -126,7 +132,7 @@ def sweep(
     settings: Settings = Settings(),
     l2_grid: tuple[float, ...] = L2_GRID,
 ) -> list[dict]:
-    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}, as linear_probe.sweep returns them."""
+    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}, as linear.sweep returns them."""
     n_fit = int(round(n_train * (1 - heldout_fraction)))
     batches = math.ceil(n_train / batch_size)
     mean, std = moments(train, layers, dim)
