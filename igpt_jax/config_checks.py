@@ -13,6 +13,7 @@ import ml_collections
 
 from igpt_jax import attention, evaluators, model, objectives, optim, resume
 from igpt_jax.attention import ring
+from igpt_jax.data import preprocess
 from igpt_jax.sharding import MESH_AXES
 
 
@@ -38,6 +39,7 @@ def _positive_ints(c) -> list[str]:
         "finetune.steps",
         "finetune.eval_every_steps",
         "finetune.checkpoint_every_steps",
+        "finetune.masks",
     ]
     out = []
     for key in keys:
@@ -57,6 +59,8 @@ def _choices(c) -> list[str]:
         "restore": list(resume.RESTORE_MODES),
         "optimizer.schedule": list(optim.SCHEDULES),
         "finetune.schedule": list(optim.SCHEDULES),
+        "data.augment": list(preprocess.AUGMENTATIONS),
+        "finetune.augment": list(preprocess.AUGMENTATIONS),
     }
     return [
         f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
@@ -107,6 +111,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "optimizer.warmup_steps": (_nonnegative_int, "an integer >= 0"),
     "model.num_classes": (_nonnegative_int, "an integer >= 0 (0: no classification head)"),
     "finetune.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
+    "finetune.heldout_examples": (_nonnegative_int, "an integer >= 0 (0: the whole held-out end)"),
     "finetune.learning_rate": (lambda v: v >= 0, ">= 0 (0: the pretraining learning rate / 10)"),
     "finetune.warmup_steps": (_nonnegative_int, "an integer >= 0"),
     "finetune.generative_weight": (lambda v: v >= 0, ">= 0 (0: the classification loss alone)"),

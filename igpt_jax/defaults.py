@@ -89,6 +89,9 @@ def make_config(
     # 'heldout': the paper's held-out end of train_split (ImageNet 4%, CIFAR and STL-10 10%), kept out of training
     c.data.eval_split = "validation"
     c.data.flip = False  # random horizontal flips in training (the paper mentions none for pretraining)
+    # training images' augmentation after the crops (igpt_jax.data.preprocess.AUGMENTATIONS): 'none', or 'cifar' (the
+    # paper's fine-tuning recipe: reflect-pad 4, random crop back, random flip)
+    c.data.augment = "none"
     c.data.prefetch = 2  # batches prepared ahead of the device by a background thread
     c.data.palette = ""  # path to a (K, 3) kmeans_centers.npy; empty: fit k-means on the train split
 
@@ -134,7 +137,13 @@ def make_config(
     c.finetune.dataset = "cifar10"
     c.finetune.train_split = "train"
     c.finetune.test_split = "test"
-    c.finetune.test_examples = 0  # the first n test images each evaluation reads; 0: all of them
+    # The paper's protocol: the model trains on the train split less its held-out end (the dataset's preset, else
+    # 10%), the held-out end chooses the best step by accuracy (its first `heldout_examples`, 0: all, every
+    # eval_every_steps and at the end), and the test split is scored once, with that step's parameters.
+    c.finetune.heldout_examples = 0
+    c.finetune.test_examples = 0  # the first n test images of the one test evaluation; 0: all of them
+    c.finetune.augment = "none"  # training images' augmentation: 'cifar' is the paper's CIFAR recipe
+    c.finetune.masks = 1  # BERT: each evaluation's prediction is the modal one over this many masks (the paper: 5)
     c.finetune.steps = 10_000
     c.finetune.learning_rate = 0.0  # 0: the pretraining learning rate / 10
     c.finetune.warmup_steps = 100

@@ -81,6 +81,7 @@ def _check(**overrides):
             {"evals__probe__masks": 5, "evals__probe__at_end": True},
             r"config\.evals\.probe\.masks=5: an ensemble of masks needs a BERT model",
         ),
+        ({"finetune__augment": "mixup"}, r"config\.finetune\.augment='mixup' is unknown; allowed: \['none', 'cifar'\]"),
         (
             {"evals__eval__kind": "fid"},
             r"config\.evals\.eval\.kind='fid' is unknown; allowed: \['loss', 'probe', 'sample'\]",

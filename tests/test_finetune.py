@@ -31,7 +31,8 @@ def _config(**overrides):
     config.finetune.steps = 40
     config.finetune.eval_every_steps = 20
     config.finetune.checkpoint_every_steps = 20
-    config.finetune.test_examples = 64
+    config.finetune.heldout_examples = 64
+    config.finetune.test_examples = 80
     config.finetune.warmup_steps = 2
     config.finetune.learning_rate = 1e-2
     for key, value in overrides.items():
@@ -104,11 +105,14 @@ def test_finetune_learns_the_classes_leaves_the_pretrained_run_alone_and_resumes
     assert rows[1]["classification_loss"] == pytest.approx(math.log(10), rel=1e-4)  # the zero head: uniform
     assert rows[1]["generative_loss"] < math.log(16) - 0.2  # a fresh model's zero head would give log(16)
     assert np.mean([rows[s]["classification_loss"] for s in (38, 39, 40)]) < math.log(10) - 0.5
-    evals = [r for r in read_metrics(full / "finetune") if r.get("mode") == "eval"]
-    assert [r["step"] for r in evals] == [20, 40] and evals[-1]["examples"] == 64
-    assert result["test_accuracy"] == pytest.approx(100 * evals[-1]["accuracy"], abs=1e-3)
-    assert evals[-1]["classification_loss"] < math.log(10) - 0.5  # on test images: the head generalises
-    assert result["test_accuracy"] > 20  # ten classes: chance is 10%
+    heldout = [r for r in read_metrics(full / "finetune") if r.get("evaluator") == "heldout"]
+    assert [r["step"] for r in heldout] == [20, 40] and heldout[-1]["examples"] == 64
+    assert heldout[-1]["classification_loss"] < math.log(10) - 0.5  # on held-out images: the head generalises
+    (test,) = [r for r in read_metrics(full / "finetune") if r.get("evaluator") == "test"]  # scored once
+    best = max(heldout, key=lambda r: r["accuracy"])  # ties: the earlier step
+    assert test["step"] == result["step"] == best["step"] and test["heldout_accuracy"] == best["accuracy"]
+    assert result["test_accuracy"] == pytest.approx(100 * test["accuracy"], abs=1e-3)
+    assert test["examples"] == 80 and result["test_accuracy"] > 20  # ten classes: chance is 10%
     assert (full / "finetune" / "finetune.json").exists() and (full / "finetune" / "palette.npy").exists()
     after = {p.relative_to(full): p.read_bytes() for p in full.rglob("*") if p.is_file() and "finetune" not in p.parts}
     assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)  # only read
@@ -120,6 +124,8 @@ def test_finetune_learns_the_classes_leaves_the_pretrained_run_alone_and_resumes
     again = _rows(resumed / "finetune")
     assert sorted(again) == list(range(1, 41))
     assert all(again[s]["loss"] == rows[s]["loss"] for s in range(21, 41))  # bitwise: the same float32 steps
+    finetune.run(_config(), str(resumed))  # finished: nothing trains, and the test is not scored again
+    assert len([r for r in read_metrics(resumed / "finetune") if r.get("evaluator") == "test"]) == 1
 
 
 def test_mode_finetune_without_a_checkpoint_is_one_line(tmp_path):
@@ -141,3 +147,108 @@ def test_a_head_is_part_of_the_parameters_only_when_asked():
     model = model_lib.build(tiny_config(num_classes=7))
     logits, out = model(jnp.zeros((2, 16), jnp.int32))
     assert out["class_logits"].shape == (2, 7) and logits.shape == (2, 16, 16)
+
+
+def test_the_cifar_augmentation_is_a_reflect_padded_crop_back_to_size_and_a_flip():
+    from igpt_jax.data import preprocess
+
+    side = 8
+    image = np.arange(side * side * 3, dtype=np.uint8).reshape(side, side, 3)  # every pixel different
+
+    def window(top: int, left: int, flip: bool) -> np.ndarray:
+        """Written out pixel by pixel: rows and columns 4 beyond the edge mirror back without repeating it."""
+
+        def mirror(i: int) -> int:
+            i -= 4
+            return -i if i < 0 else 2 * (side - 1) - i if i >= side else i
+
+        out = np.empty_like(image)
+        for y in range(side):
+            for x in range(side):
+                source_x = left + (side - 1 - x if flip else x)
+                out[y, x] = image[mirror(top + y), mirror(source_x)]
+        return out
+
+    # 162 (offset, flip) draws; mirrored edges make some of them the same picture (a flipped window at the left edge
+    # is the unflipped one a column in), 128 different ones
+    windows = {w.tobytes() for w in (window(t, left, f) for t in range(9) for left in range(9) for f in (0, 1))}
+    seen = [preprocess.cifar_augment(image, np.random.default_rng(seed)).tobytes() for seed in range(2000)]
+    assert set(seen) <= windows  # every output is one of the windows, pixel for pixel
+    assert len(set(seen)) == len(windows)  # and every window is drawn
+
+
+def test_training_images_are_augmented_and_evaluation_images_are_not():
+    from igpt_jax.data import get_source
+
+    plain = get_source(fashion_config(image_size=16))
+    augmented = get_source(fashion_config(image_size=16, data__augment="cifar"))
+    index = np.arange(8)
+
+    def rngs():
+        return [np.random.default_rng([0, i]) for i in index]
+
+    assert not np.array_equal(plain.get("train", index, rngs()), augmented.get("train", index, rngs()))
+    np.testing.assert_array_equal(plain.get("test", index, None), augmented.get("test", index, None))
+
+
+def test_a_bert_fine_tune_scores_the_modal_prediction_over_its_masks():
+    from igpt_jax.data import get_source
+    from igpt_jax.evaluators.kinds import loss
+    from igpt_jax.probe import linear
+
+    config = fashion_config(image_size=8, batch_size=16, objective="bert", model__num_classes=10)
+    mesh = sharding.make_mesh(config)
+    setup = steps.make_setup(config, mesh, train=False)
+    params = steps.init_params(setup, seed=1)
+    params["classifier"] = jax.device_put(
+        jax.random.normal(jax.random.key(2), params["classifier"].shape), params["classifier"].sharding
+    )
+    source = get_source(config)
+    clusters = palette.fit(source.get("train", np.arange(256), None), k=16, seed=0)
+    eval_step, predict_step = steps.make_eval_step(setup), steps.make_predict_step(setup)
+    with jax.set_mesh(mesh):
+        result = loss.held_out_loss(
+            config, source, "test", 192, eval_step, params, clusters, mesh, predict_step=predict_step, masks=5
+        )
+        single = loss.held_out_loss(config, source, "test", 192, eval_step, params, clusters, mesh)
+        key = jax.random.fold_in(jax.random.key(config.seed), loss.EVAL_KEY)
+        from igpt_jax.data import pipeline
+
+        correct, differ = 0, 0
+        for i in range(12):
+            batch = pipeline.eval_batch(source, "test", config, i, 192, mesh)
+            k = jax.random.fold_in(key, i)
+            votes = jnp.stack(
+                [
+                    predict_step(params, batch, clusters, m)
+                    for m in [k] + [jax.random.fold_in(k, j) for j in range(1, 5)]
+                ]
+            )
+            differ += int(jnp.sum(jnp.any(votes != votes[0], axis=0)))
+            voted = linear.modal(votes, 10, jax.random.fold_in(k, linear.VOTE_KEY))
+            correct += int(jnp.sum(voted == batch["labels"]))
+    assert differ > 0  # the masks change some predictions
+    assert result["accuracy"] == pytest.approx(correct / 192, abs=1e-6)
+    assert result["accuracy_one_mask"] == pytest.approx(single["accuracy"], abs=1e-6)
+    assert result["accuracy"] != pytest.approx(single["accuracy"], abs=1e-6)  # the ensemble is what is scored
+    assert result["loss"] == pytest.approx(single["loss"], rel=1e-6)  # the losses stay mask 0's
+
+
+def test_the_best_parameters_are_kept_by_held_out_accuracy(tmp_path):
+    from igpt_jax.evaluators.kinds import loss
+
+    best = loss.BestParams(storage.path(tmp_path) / "heldout_best")
+
+    def params(value: float) -> dict:
+        return {"w": jnp.full((3,), value)}
+
+    assert best.offer(10, 0.50, params(1.0))
+    assert not best.offer(20, 0.40, params(2.0))  # worse: the step-10 parameters stay
+    assert not best.offer(25, 0.50, params(2.5))  # a tie keeps the earlier step
+    assert best.offer(30, 0.60, params(3.0))
+    step, accuracy, kept = best.restore({"w": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert (step, accuracy) == (30, 0.60) and np.asarray(kept["w"]).tolist() == [3.0] * 3
+    best.close()
+    reopened = loss.BestParams(storage.path(tmp_path) / "heldout_best")  # a relaunch knows the best so far
+    assert reopened.accuracy() == 0.60 and not reopened.offer(40, 0.55, params(4.0))
+    assert sorted(p.name for p in (tmp_path / "heldout_best").iterdir() if p.name.isdigit()) == ["30"]

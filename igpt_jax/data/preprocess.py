@@ -103,6 +103,27 @@ def resize_only(image: Image.Image, name: str, size: int, rng: np.random.Generat
 
 Preprocess = Callable[[Image.Image, str, int, "np.random.Generator | None", bool], np.ndarray]
 
+
+def cifar_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The paper's CIFAR fine-tuning augmentation (section 3.4): reflect-pad 4 pixels on each side, a random crop back
+    to the image's size, a random horizontal flip."""
+    size = image.shape[0]
+    padded = np.pad(image, ((CIFAR_PAD, CIFAR_PAD), (CIFAR_PAD, CIFAR_PAD), (0, 0)), mode="reflect")
+    top, left = (int(v) for v in rng.integers(0, 2 * CIFAR_PAD + 1, size=2))
+    out = padded[top : top + size, left : left + size]
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+CIFAR_PAD = 4
+
+# data.augment: what training images go through after their family's preprocessing (evaluation never augments).
+AUGMENTATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "none": lambda image, rng: image,
+    "cifar": cifar_augment,
+}
+
 # (train, eval) preprocessing per family of datasets.
 FAMILIES: dict[str, tuple[Preprocess, Preprocess]] = {
     "imagenet": (imagenet_train, imagenet_eval),

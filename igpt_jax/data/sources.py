@@ -100,6 +100,7 @@ class TfdsSource:
         self.manual_dir = config.data.manual_dir or os.path.join(root, "downloads", "manual")
         _prepare_once(self)
         self.train_fn, self.eval_fn = preprocess.FAMILIES[spec.family]
+        self.augment = preprocess.AUGMENTATIONS[config.data.augment]
         self._sources: dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="decode")
 
@@ -158,6 +159,8 @@ class TfdsSource:
         image = preprocess.open_image(record["image"], name)
         fn = self.eval_fn if rng is None else self.train_fn
         array = fn(image, name, self.size, rng, self.flip and rng is not None)
+        if rng is not None:
+            array = self.augment(array, rng)
         if array.shape != (self.size, self.size, 3) or array.dtype != np.uint8:
             raise ValueError(
                 f"{name}: preprocessing gave {array.dtype} {array.shape}, expected uint8 ({self.size}, {self.size}, 3)"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from igpt_jax import objectives, runtime, steps
 from igpt_jax.data import pipeline, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
+from igpt_jax.probe import linear
 
 EVAL_KEY = 0x65_76_61_6C  # folded into the seed's key: no training step's key is the same
 
@@ -43,16 +45,28 @@ def held_out_loss(
     clusters,
     mesh,
     stop: base.StopCheck = base.never,
+    *,
+    predict_step=None,
+    masks: int = 1,
 ) -> dict:
     """{'loss', 'bits_per_token', ..., 'examples'}: means over the first `examples` images of `split` (0: all).
-    eval_step comes from steps.make_eval_step."""
+    eval_step comes from steps.make_eval_step. With `masks` > 1 and a predict_step (steps.make_predict_step) a
+    classifying BERT model's 'accuracy' is the paper's ensemble: the modal prediction over that many masks per image
+    (mask 0 is the one the losses use; its accuracy alone stays as 'accuracy_one_mask')."""
     n = num_examples(source, split, examples)
     key = jax.random.fold_in(jax.random.key(config.seed), EVAL_KEY)
     totals: dict[str, float] = {}
     for i in range(math.ceil(n / config.batch_size)):
         base.check(stop)
         batch = pipeline.eval_batch(source, split, config, i, n, mesh)
-        sums = jax.device_get(eval_step(params, batch, clusters, jax.random.fold_in(key, i)))
+        batch_key = jax.random.fold_in(key, i)
+        sums = dict(jax.device_get(eval_step(params, batch, clusters, batch_key)))
+        if masks > 1 and predict_step is not None:
+            keys = [batch_key] + [jax.random.fold_in(batch_key, m) for m in range(1, masks)]
+            votes = jnp.stack([predict_step(params, batch, clusters, k) for k in keys])
+            voted = linear.modal(votes, config.model.num_classes, jax.random.fold_in(batch_key, linear.VOTE_KEY))
+            sums["accuracy_one_mask"] = sums["accuracy"]
+            sums["accuracy"] = jax.device_get(jnp.sum((voted == batch["labels"]) * batch["weights"]))
         for name, value in sums.items():
             totals[name] = totals.get(name, 0.0) + float(value)
     weight = totals.pop("weight")
@@ -72,18 +86,65 @@ def summary(what: str, result: dict, split: str) -> str:
 
 
 class Evaluator:
-    """config.evals.<name> of kind 'loss'."""
+    """config.evals.<name> of kind 'loss'. With `keep_best` (fine-tuning's selection on the held-out end), the
+    parameters of the step with the best accuracy so far are kept in `<name>_best/` (BestParams)."""
 
     def __init__(self, name: str, entry: ml_collections.ConfigDict, rt: runtime.Runtime):
         self.name, self.entry, self.rt = name, entry, rt
         self.split = split_of(rt.config, entry)
         self.eval_step = steps.make_eval_step(rt.setup)
+        classifies = bool(rt.config.model.num_classes)
+        self.predict_step = steps.make_predict_step(rt.setup) if classifies and entry.masks > 1 else None
+        self.best = BestParams(rt.directory / f"{name}_best") if entry.keep_best else None
 
     def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
         rt = self.rt
         result = held_out_loss(
             rt.config, rt.source, self.split, self.entry.examples, self.eval_step, params, rt.clusters_device,
-            rt.mesh, stop,
+            rt.mesh, stop, predict_step=self.predict_step, masks=self.entry.masks,
         )  # fmt: skip
+        if self.best is not None and "accuracy" in result:
+            self.best.offer(step, result["accuracy"], params)
         row = {"mode": "eval", "evaluator": self.name, "step": step, **result}
         return base.Result(row, summary(f"{self.name} step {step}", result, self.split))
+
+
+class BestParams:
+    """The parameters of the best step so far by accuracy, kept whole in one Orbax step folder under `directory`
+    (the previous best is deleted only once the new one is saved), with the accuracy in Orbax's metrics."""
+
+    def __init__(self, directory):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m["accuracy"], best_mode="max", enable_async_checkpointing=False
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def accuracy(self) -> float | None:
+        step = self.manager.best_step()
+        return None if step is None else float(self.manager.metrics(step)["accuracy"])
+
+    def offer(self, step: int, accuracy: float, params) -> bool:
+        """Keeps `params` if `accuracy` beats the kept one (ties keep the earlier step); True if it did."""
+        import orbax.checkpoint as ocp
+
+        kept = self.accuracy()
+        if kept is not None and accuracy <= kept:
+            return False
+        self.manager.save(step, args=ocp.args.StandardSave(params), metrics={"accuracy": accuracy}, force=True)
+        self.manager.wait_until_finished()
+        return True
+
+    def restore(self, abstract_params) -> tuple[int, float, dict]:
+        """(step, accuracy, parameters placed like `abstract_params`) of the best step."""
+        import orbax.checkpoint as ocp
+
+        step = self.manager.best_step()
+        if step is None:
+            raise FileNotFoundError(f"{self.manager.directory} holds no parameters: no evaluation has run")
+        params = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_params))
+        return step, self.accuracy(), params
+
+    def close(self) -> None:
+        self.manager.close()
