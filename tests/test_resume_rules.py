@@ -104,4 +104,5 @@ def test_every_key_of_the_base_config_is_classified_on_purpose():
         "data.dataset",
         "data.train_split",
         "data.flip",
+        "data.augment",
     }
