@@ -222,11 +222,9 @@ def test_a_bert_ensemble_sees_other_masks_and_scores_the_modal_prediction(tmp_pa
     assert record["layers"]["1"]["accuracy"] != pytest.approx(one_mask, abs=1e-6)  # the ensemble is scored
 
 
-def test_the_attentive_probe_reads_the_one_token_that_mean_pooling_drowns(tmp_path):
-    """Each image's class sits in one token at a random position (flagged in dimension 0) among 64 tokens of noise:
-    the mean over positions keeps 1/64 of it, the learned query finds it."""
-    from igpt_jax.probe import attentive
-
+def _one_token_carries_the_class(tmp_path):
+    """(train cache, test cache, x, labels): each image's class sits in one token at a random position (flagged in
+    dimension 0) among 64 tokens of noise; 600 train and 200 test images."""
     rng = np.random.default_rng(0)
     n, tokens, dim, classes = 800, 64, 16, 3
     labels = rng.integers(0, classes, n).astype(np.int32)
@@ -248,14 +246,37 @@ def test_the_attentive_probe_reads_the_one_token_that_mean_pooling_drowns(tmp_pa
         c.fill(batches(), 50)
         return c
 
-    train, test = cached("train", np.arange(600)), cached("test", np.arange(600, 800))
-    settings = attentive.Settings(epochs=20, learning_rate=1e-2, heads=2)
-    result = attentive.probe(
-        train.passes(50), 600, test.passes(50), classes, dim=dim, batch_size=50, heldout_fraction=0.1,
-        settings=settings,
-    )  # fmt: skip
+    return cached("train", np.arange(600)), cached("test", np.arange(600, 800)), x, labels
+
+
+def _attentive(train, test, epochs: int = 20):
+    from igpt_jax.probe import attentive
+
+    settings = attentive.Settings(epochs=epochs, learning_rate=1e-2, heads=2)
+    return attentive.probe(
+        train.passes(50), 600, test.passes(50), 3, dim=16, batch_size=50, heldout_fraction=0.1, settings=settings
+    )
+
+
+def test_the_attentive_probe_reads_the_one_token_that_mean_pooling_drowns(tmp_path):
+    """The mean over positions keeps 1/64 of the class token; the learned query finds it."""
+    from igpt_jax.probe import attentive
+
+    train, test, x, labels = _one_token_carries_the_class(tmp_path)
+    result = _attentive(train, test)
     pooled = x.mean(axis=1)[None]
-    (linear_result,) = linear.sweep(pooled[:, :600], labels[:600], pooled[:, 600:], labels[600:], classes,
+    (linear_result,) = linear.sweep(pooled[:, :600], labels[:600], pooled[:, 600:], labels[600:], 3,
                                     heldout_fraction=0.1, progress=False)  # fmt: skip
     assert result["accuracy"] > 90 and result["weight_decay"] in attentive.WEIGHT_DECAYS
     assert result["accuracy"] > linear_result["accuracy"] + 20, (result, linear_result)
+
+
+def test_each_attentive_head_trains_with_its_own_weight_decay_and_the_held_out_best_is_scored(tmp_path, monkeypatch):
+    """Heads of every weight decay train side by side; one whose decay crushes its weights scores chance on the
+    held-out end and must not be the one scored on test, even listed first."""
+    from igpt_jax.probe import attentive
+
+    monkeypatch.setattr(attentive, "WEIGHT_DECAYS", (30.0, 1e-4))
+    train, test, _, _ = _one_token_carries_the_class(tmp_path)
+    result = _attentive(train, test)
+    assert result["weight_decay"] == 1e-4 and result["accuracy"] > 90, result

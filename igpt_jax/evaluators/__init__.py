@@ -148,8 +148,9 @@ KINDS: dict[str, Kind] = {
             "keep_features": Setting(True, lambda v: isinstance(v, bool), "True or False"),
             # AIM's attentive probe (beyond the paper) of these layers' token features, beside the linear one
             "attentive_layers": Setting((), _layer_list, "layer indices (empty: none)"),
-            "attentive_epochs": Setting(10, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
-            "attentive_learning_rate": Setting(1e-3, lambda v: _real(v) and v > 0, "> 0"),
+            # on the README default's layer 0: 10 epochs at 1e-3 gave 59.7%, at 1e-2 66.9%; 30 at 1e-2 75.1%
+            "attentive_epochs": Setting(30, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
+            "attentive_learning_rate": Setting(1e-2, lambda v: _real(v) and v > 0, "> 0"),
             "features_dtype": Setting("float32", lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'"),
             "solver": Setting("auto", lambda v: v in ("auto", "lbfgs", "sgd"), "'auto', 'lbfgs' or 'sgd'"),
             "sgd_epochs": Setting(10, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),

@@ -4,8 +4,9 @@ mean pooling, the probe chooses which positions to read.
 
 The head: per-token normalisation (no gain), multi-head cross-attention from a learned query (keys, values and output
 projections learned), normalisation, a linear classifier. Trained with AdamW and a cosine learning rate on the first
-(1 - held-out) part of train, streamed from the feature cache (token features: [1, 1, n, N*d]); the weight decay is
-chosen on the held-out end from WEIGHT_DECAYS, and that run's head is scored on test.
+(1 - held-out) part of train, streamed from the feature cache (token features: [1, 1, n, N*d]), one head per
+weight decay of WEIGHT_DECAYS trained side by side on each batch (the cache is read once an epoch for all of them);
+the head that scores best on the held-out end is scored on test.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from igpt_jax.evaluators import base
 
@@ -26,9 +28,12 @@ WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    heads: int = 8
+    """The probe entry's attentive_epochs and attentive_learning_rate (their defaults: igpt_jax.evaluators), and
+    the model's head count."""
+
+    epochs: int
+    learning_rate: float
+    heads: int
 
 
 def _normalise(x: jax.Array) -> jax.Array:
@@ -61,19 +66,31 @@ def logits(params: dict, x: jax.Array, heads: int) -> jax.Array:
     return _normalise(gathered) @ params["w"] + params["b"]
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "tx"), donate_argnums=(0, 1))
-def _update(params, opt_state, x, y, used, heads: int, tx):
-    def loss(params):
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits(params, x, heads), y)
-        return jnp.sum(ce * used) / jnp.maximum(jnp.sum(used), 1.0)
+def _optimizer(learning_rate, weight_decay) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
 
-    updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+
+@functools.partial(jax.jit, static_argnames=("heads",), donate_argnums=(0, 1))
+def _update(params, opt_state, x, y, used, learning_rate, decays, heads: int):
+    """One AdamW step of every head (one per weight decay: params and opt_state stacked on axis 0) on the same batch."""
+
+    def one(params, opt_state, decay):
+        def loss(params):
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits(params, x, heads), y)
+            return jnp.sum(ce * used) / jnp.maximum(jnp.sum(used), 1.0)
+
+        tx = _optimizer(learning_rate, decay)
+        updates, opt_state = tx.update(jax.grad(loss)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.vmap(one)(params, opt_state, decays)
 
 
 @functools.partial(jax.jit, static_argnames=("heads",))
 def _correct(params, x, y, used, heads: int):
-    return jnp.sum((jnp.argmax(logits(params, x, heads), axis=-1) == y) * used)
+    """Correct predictions among the used rows, per head (params stacked on axis 0)."""
+    hits = jax.vmap(lambda p: jnp.argmax(logits(p, x, heads), axis=-1) == y)(params)
+    return jnp.sum(hits * used, axis=-1)
 
 
 def _tokens(x: jax.Array, dim: int) -> jax.Array:
@@ -81,12 +98,15 @@ def _tokens(x: jax.Array, dim: int) -> jax.Array:
     return x[0, 0].reshape(x.shape[2], -1, dim)
 
 
-def fit(train, n_fit: int, batches: int, dim: int, num_classes: int, weight_decay: float, settings: Settings, stop):
-    """A head trained on the rows before n_fit of `train` (a cache's passes)."""
-    params = init(jax.random.key(0), dim, num_classes)
+def fit(train, n_fit: int, batches: int, dim: int, num_classes: int, settings: Settings, stop, progress: bool = True):
+    """One head per WEIGHT_DECAYS, trained together on the rows before n_fit of `train` (a cache's passes): each
+    epoch reads the cache once for all of them. Returns the heads' parameters stacked on axis 0."""
+    decays = jnp.asarray(WEIGHT_DECAYS, jnp.float32)
+    params = jax.vmap(lambda _: init(jax.random.key(0), dim, num_classes))(decays)
     schedule = optax.cosine_decay_schedule(settings.learning_rate, max(settings.epochs * batches, 1))
-    tx = optax.adamw(schedule, weight_decay=weight_decay)
-    opt_state = tx.init(params)
+    opt_state = jax.vmap(lambda p: _optimizer(0.0, 0.0).init(p))(params)  # AdamW's state does not depend on either
+    updates = 0
+    bar = tqdm(total=settings.epochs * batches, desc="attentive probe", unit="batch", disable=not progress)
     for _ in range(settings.epochs):
         for x, y, index in train():
             base.check(stop)
@@ -94,20 +114,24 @@ def fit(train, n_fit: int, batches: int, dim: int, num_classes: int, weight_deca
             if used.any():
                 params, opt_state = _update(
                     params, opt_state, _tokens(x, dim), jnp.asarray(y), jnp.asarray(used, jnp.float32),
-                    settings.heads, tx,
+                    schedule(updates), decays, settings.heads,
                 )  # fmt: skip
+                updates += 1
+            bar.update()
+    bar.close()
     return params
 
 
-def score(passes, params, dim: int, keep, heads: int) -> float:
-    """Accuracy in percent over the rows where keep(index) holds."""
+def score(passes, params, dim: int, keep, heads: int) -> np.ndarray:
+    """Accuracy in percent of each head over the rows where keep(index) holds."""
     correct, count = 0.0, 0
     for x, y, index in passes():
         used = keep(index)
         if used.any():
-            correct += float(_correct(params, _tokens(x, dim), jnp.asarray(y), jnp.asarray(used, jnp.float32), heads))
+            hits = _correct(params, _tokens(x, dim), jnp.asarray(y), jnp.asarray(used, jnp.float32), heads)
+            correct = correct + np.asarray(hits, np.float64)
             count += int(used.sum())
-    return 100.0 * correct / max(count, 1)
+    return 100.0 * np.asarray(correct) / max(count, 1)
 
 
 def probe(
@@ -118,14 +142,13 @@ def probe(
     held-out end's best one scored on test."""
     n_fit = int(round(n_train * (1 - heldout_fraction)))
     batches = math.ceil(n_train / batch_size)
-    runs = []
-    for decay in WEIGHT_DECAYS:
-        params = fit(train, n_fit, batches, dim, num_classes, decay, settings, stop)
-        runs.append((score(train, params, dim, lambda i: i >= n_fit, settings.heads), decay, params))
-    heldout, decay, params = max(runs, key=lambda r: r[0])  # ties: the smaller decay, listed first
-    test_accuracy = score(test, params, dim, lambda i: i >= 0, settings.heads)
+    params = fit(train, n_fit, batches, dim, num_classes, settings, stop)
+    heldout = score(train, params, dim, lambda i: i >= n_fit, settings.heads)
+    best = int(np.argmax(heldout))  # ties: the smaller decay, listed first
+    chosen = jax.tree.map(lambda p: p[best : best + 1], params)
+    (test_accuracy,) = score(test, chosen, dim, lambda i: i >= 0, settings.heads)
     return {
-        "accuracy": round(test_accuracy, 3),
-        "weight_decay": decay,
-        "heldout_accuracy": round(float(np.round(heldout, 3)), 3),
+        "accuracy": round(float(test_accuracy), 3),
+        "weight_decay": WEIGHT_DECAYS[best],
+        "heldout_accuracy": round(float(heldout[best]), 3),
     }
