@@ -111,6 +111,7 @@ def test_an_evaluator_may_not_take_a_name_its_files_cannot_have(name):
         config_checks.check(config)
 
 
+@pytest.mark.slow  # 40 s: a resume and a probe of the fixture workdir
 def test_a_workdir_written_before_evaluators_resumes_and_probes(tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(FIXTURE, workdir)

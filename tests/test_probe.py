@@ -90,6 +90,7 @@ def test_the_png_has_one_point_per_layer():
     assert _blobs(png, plots.POINT) == 5 + 1  # and the legend's
 
 
+@pytest.mark.slow  # a minute: training, then the mode in its own process
 def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)

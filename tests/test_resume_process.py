@@ -151,6 +151,7 @@ def test_sigterm_during_an_in_training_probe_saves_its_step_and_the_relaunch_pro
     assert _losses(workdir) == _losses(reference)  # the same curve, bit for bit
 
 
+@pytest.mark.slow  # a minute: a run killed in its probe, then relaunched
 def test_sigkill_during_the_probe_at_the_end_loses_no_step(tmp_path, reference):
     """The last step is no checkpoint step (every 15): it is saved because it is the last, before the probe."""
     extra = [*PROBE, "--config.evals.probe.at_end=True", "--config.checkpoint_every_steps=15"]
