@@ -164,6 +164,63 @@ def test_a_shape_that_does_not_fit_its_name_stops_in_one_line(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def _good_openai(folder) -> str:
+    _save_tf1(folder / "model.ckpt-1", _openai_variables(np.random.default_rng(3), bert=False))
+    np.save(folder / "kmeans_centers.npy", np.linspace(-1, 1, VOCAB * 3, dtype=np.float32).reshape(VOCAB, 3))
+    return str(folder / "model.ckpt-1")
+
+
+def _cut_in_half(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garbage(path) -> None:
+    path.write_bytes(b"\xff\xfe" + np.random.default_rng(0).bytes(max(path.stat().st_size, 64)))  # not UTF-8
+
+
+OPENAI_DAMAGES = {
+    "data file truncated": (
+        lambda d: _cut_in_half(next(d.glob("model.ckpt-1.data-*"))),
+        r"variable \S+ cannot be read",
+    ),
+    "index file garbage": (lambda d: _garbage(d / "model.ckpt-1.index"), r"not a readable TensorFlow checkpoint"),
+    "clusters not an npy": (lambda d: (d / "kmeans_centers.npy").write_text("{}"), r"--clusters: palette .*\.npy"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(OPENAI_DAMAGES))
+def test_a_damaged_openai_input_is_named_and_nothing_is_written(tmp_path, damage):
+    from igpt_jax.convert import __main__ as command
+
+    src = _good_openai(tmp_path)
+    breaks, message = OPENAI_DAMAGES[damage]
+    breaks(tmp_path)
+    args = command.parse(["--from=openai", f"--src={src}", f"--clusters={tmp_path / 'kmeans_centers.npy'}",
+                          f"--workdir={tmp_path / 'w'}"])  # fmt: skip
+    with pytest.raises(convert.ConversionError, match=message):
+        command.run(args)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_truncated_openai_checkpoint_is_one_line_and_exit_2(tmp_path):
+    src = _good_openai(tmp_path)
+    _cut_in_half(next(tmp_path.glob("model.ckpt-1.data-*")))
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.convert", "--from=openai", f"--src={src}", f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"igpt: {src}: variable ") and line.endswith(
+        "the checkpoint's .data file is damaged or truncated"
+    )
+    assert not (tmp_path / "w").exists()
+
+
 # --- Hugging Face
 
 
@@ -279,3 +336,34 @@ def test_an_import_never_writes_into_a_workdir_that_holds_checkpoints(tmp_path):
         convert.write_workdir(model, config, clusters[::-1].copy(), str(tmp_path / "w"))
     after = {p: p.read_bytes() for p in (tmp_path / "w").rglob("*") if p.is_file() and "lock" not in p.name}
     assert after == before
+
+
+HF_DAMAGES = {
+    "config.json not JSON": (
+        lambda d: (d / "config.json").write_text('{"n_embd": 32,'),
+        r"config.json: not a JSON file",
+    ),
+    "config.json binary": (lambda d: _garbage(d / "config.json"), r"config.json: not a JSON file \(UnicodeDecodeError"),
+    "safetensors garbage": (lambda d: _garbage(d / "model.safetensors"), r"not a readable safetensors file"),
+    "safetensors truncated": (lambda d: _cut_in_half(d / "model.safetensors"), r"not a readable safetensors file"),
+    "preprocessor not JSON": (
+        lambda d: _cut_in_half(d / "preprocessor_config.json"),
+        r"preprocessor_config.json: not a JSON file",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(HF_DAMAGES))
+def test_a_damaged_huggingface_folder_is_named_and_nothing_is_written(tmp_path, damage):
+    from igpt_jax.convert import __main__ as command
+
+    hf = _random_hf()
+    hf.save_pretrained(tmp_path / "hf")
+    clusters = np.linspace(-1, 1, VOCAB * 3, dtype=np.float32).reshape(VOCAB, 3)
+    ImageGPTImageProcessor(clusters=clusters, size={"height": SIDE, "width": SIDE}).save_pretrained(tmp_path / "hf")
+    breaks, message = HF_DAMAGES[damage]
+    breaks(tmp_path / "hf")
+    args = command.parse(["--from=huggingface", f"--src={tmp_path / 'hf'}", f"--workdir={tmp_path / 'w'}"])
+    with pytest.raises(convert.ConversionError, match=message):
+        command.run(args)
+    assert not (tmp_path / "w").exists()

@@ -40,7 +40,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> str:
     """Does what the flags say; returns the line to print."""
-    from igpt_jax import config_checks, convert, palette
+    from igpt_jax import config_checks, convert
+    from igpt_jax.convert.common import load_clusters
 
     if args.target:
         return f"igpt: wrote {convert.to_huggingface(args.workdir, args.out)}"
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> str:
         model, config, clusters = convert.from_openai(args.src, args.clusters, objective=args.objective)
     else:
         model, config = convert.from_huggingface(args.src)
-        clusters = palette.load(args.clusters) if args.clusters else convert.clusters_from_huggingface(args.src)
+        clusters = load_clusters(args.clusters) if args.clusters else convert.clusters_from_huggingface(args.src)
     if args.dataset:
         config.data.dataset = args.dataset
     config_checks.check(config)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
 from igpt_jax import model as model_lib
+from igpt_jax import palette
 
 
 class ConversionError(ValueError):
     """The weights cannot be represented exactly by this model; the message names the tensor and why."""
+
+
+def load_clusters(path) -> np.ndarray:
+    """A clusters file (OpenAI's kmeans_centers.npy): one that is not a (K, 3) .npy in [-1, 1] is named."""
+    try:
+        return palette.load(path)
+    except ValueError as e:
+        raise ConversionError(f"--clusters: {e}") from None
+
+
+def read_json(path) -> dict:
+    """A JSON file of a weights folder; one that is not JSON is named with where parsing failed."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError
+        raise ConversionError(f"{path}: not a JSON file ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def build(config: ml_collections.ConfigDict, params: dict) -> model_lib.IGPT:

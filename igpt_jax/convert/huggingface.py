@@ -8,7 +8,6 @@ this bias-free model, so they are refused by name rather than dropped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from igpt_jax import defaults
 from igpt_jax import model as model_lib
-from igpt_jax.convert.common import ConversionError, build
+from igpt_jax.convert.common import ConversionError, build, read_json
 
 _BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
 
@@ -56,7 +55,7 @@ def read_huggingface_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (path / index_name).exists():
-            files = sorted(set(json.loads((path / index_name).read_text())["weight_map"].values()))
+            files = sorted(set(read_json(path / index_name)["weight_map"].values()))
         elif (path / single).exists():
             files = [single]
         else:
@@ -70,17 +69,25 @@ def read_huggingface_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def _read_file(file: Path) -> dict[str, np.ndarray]:
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(file), framework="flax") as f:  # jax arrays: bf16/fp16 read fine
-            return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+        try:
+            with safe_open(str(file), framework="flax") as f:  # jax arrays: bf16/fp16 read fine
+                return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConversionError(f"{file}: not a readable safetensors file ({str(e)[:200]})") from None
     try:
         import torch
     except ImportError as e:
         raise ConversionError(
             f"{file}: reading .bin checkpoints needs torch (pip install torch), or save with safe_serialization=True"
         ) from e
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch reports a damaged pickle or zip in many types
+        raise ConversionError(
+            f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     return {k: v.float().numpy() for k, v in state.items()}
 
 
@@ -147,7 +154,7 @@ def params_from_huggingface(w: dict[str, np.ndarray], config: ml_collections.Con
 
 def from_huggingface(path: str | os.PathLike) -> tuple[model_lib.IGPT, ml_collections.ConfigDict]:
     """(model, config) from a Hugging Face ImageGPT save_pretrained folder; nothing is downloaded."""
-    hf = json.loads((Path(path) / "config.json").read_text())
+    hf = read_json(Path(path) / "config.json")
     config = config_from_huggingface(hf)
     return build(config, params_from_huggingface(read_huggingface_weights(path), config)), config
 
@@ -161,7 +168,7 @@ def clusters_from_huggingface(path: str | os.PathLike) -> np.ndarray | None:
     file = Path(path) / PREPROCESSOR_FILE
     if not file.exists():
         return None
-    clusters = json.loads(file.read_text()).get("clusters")
+    clusters = read_json(file).get("clusters")
     return None if clusters is None else np.asarray(clusters, np.float32)
 
 

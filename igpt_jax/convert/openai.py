@@ -22,9 +22,9 @@ import re
 import ml_collections
 import numpy as np
 
-from igpt_jax import defaults, palette
+from igpt_jax import defaults
 from igpt_jax import model as model_lib
-from igpt_jax.convert.common import ConversionError, build
+from igpt_jax.convert.common import ConversionError, build, load_clusters
 
 _SKIPPED = re.compile(r"(^|/)(Adam(_\d+)?|adam_[mv]|global_step|beta[12]_power)$")
 _LAYER = re.compile(r"^model/h(\d+)/(.+)$")
@@ -47,10 +47,24 @@ def read_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
 
     try:
         reader = tf.train.load_checkpoint(str(prefix))
-    except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as e:
-        raise ConversionError(f"{prefix}: not a readable TensorFlow checkpoint ({str(e).splitlines()[0]})") from None
-    names = [n for n in reader.get_variable_to_shape_map() if not _SKIPPED.search(n)]
-    return {name: np.asarray(reader.get_tensor(name), np.float32) for name in sorted(names)}
+        names = [n for n in reader.get_variable_to_shape_map() if not _SKIPPED.search(n)]
+    except (tf.errors.OpError, ValueError) as e:  # OpError: not found, not an sstable, data loss
+        raise ConversionError(f"{prefix}: not a readable TensorFlow checkpoint ({_first_line(e)})") from None
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = np.asarray(reader.get_tensor(name), np.float32)
+        except (tf.errors.OpError, IndexError, ValueError) as e:  # IndexError: a data file cut short
+            raise ConversionError(
+                f"{prefix}: variable {name} cannot be read ({_first_line(e)}): the checkpoint's .data file is "
+                "damaged or truncated"
+            ) from None
+    return out
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def _expected_shapes(num_layers: int, d: int, heads: int, vocab: int, n_ctx: int, classes: int) -> dict:
@@ -164,7 +178,7 @@ def from_openai(
     kmeans_centers.npy; objective None infers AR or BERT from the variables."""
     variables = read_checkpoint(ckpt_prefix)
     config = config_from_openai(variables, objective)
-    colours = None if clusters is None else palette.load(clusters)
+    colours = None if clusters is None else load_clusters(clusters)
     if colours is not None and len(colours) != config.model.vocab_size:
         raise ConversionError(
             f"{clusters} has {len(colours)} colours but the checkpoint's model/wte has {config.model.vocab_size} rows"
