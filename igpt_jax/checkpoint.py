@@ -23,6 +23,7 @@ step of the failure instead of training on without checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -45,9 +46,20 @@ log = logging.getLogger(__name__)
 # Seconds to wait before each retry of a failed read (tensorstore already retries single HTTP requests).
 RETRY_DELAYS = (1.0, 3.0)
 
-# Errors that mean a checkpoint's own bytes are broken, as opposed to a storage system that failed to answer.
-_CORRUPT_STATUS = re.compile(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b")
-_CORRUPT_TYPES = (FileNotFoundError, json.JSONDecodeError, EOFError)
+# Errors that mean a checkpoint's own bytes are broken (missing, cut short, not what was written), as opposed to a
+# storage system that failed to answer. Tensorstore reports both as ValueErrors with a status and a description,
+# often as the cause of Orbax's own exception; a transient word anywhere in that chain wins, so a good checkpoint is
+# never moved aside on an error that a retry or a relaunch would get past.
+_CORRUPT_WORDS = re.compile(
+    r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|Invalid JSON|Error parsing|Error decoding|decompress|"
+    r"Unknown frame descriptor|Unexpected end of|[Cc]orrupt|[Cc]hecksum"
+)
+_TRANSIENT_WORDS = re.compile(
+    r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|CANCELLED)\b|Input/output error|"
+    r"Connection (reset|refused|aborted)|[Tt]imed? ?out|HTTP response code: (429|5\d\d)|Service Unavailable|"
+    r"Too Many Requests"
+)
+_CORRUPT_TYPES = (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, EOFError)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -87,12 +99,32 @@ def _intact(steps: list[int] | None) -> str:
     return f"checkpoints {', '.join(map(str, steps))} are intact"
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and the ones it was raised from (__cause__, __context__), each once."""
+    seen: list[BaseException] = []
+    todo = [error]
+    while todo and len(seen) < 20:
+        e = todo.pop()
+        if e is not None and all(e is not s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
 def _is_corrupt(error: BaseException) -> bool:
-    if isinstance(error, _CORRUPT_TYPES):
-        return True
-    if isinstance(error, KeyError) and "was not found in the checkpoint" in str(error):
-        return True  # an item folder is missing
-    return isinstance(error, ValueError) and bool(_CORRUPT_STATUS.search(str(error)))
+    """True when the checkpoint's own files are broken; False for storage that failed to answer (EIO, an HTTP 5xx,
+    a timeout), which keeps the retry-then-stop path."""
+    chain = _chain(error)
+    if any(isinstance(e, OSError) and e.errno == errno.EIO or _TRANSIENT_WORDS.search(str(e)) for e in chain):
+        return False
+    for e in chain:
+        if isinstance(e, _CORRUPT_TYPES):
+            return True
+        if isinstance(e, KeyError) and "was not found in the checkpoint" in str(e):
+            return True  # an item folder is missing
+        if isinstance(e, ValueError) and _CORRUPT_WORDS.search(str(e)):
+            return True
+    return False
 
 
 def _agree(ok: bool, corrupt: bool) -> tuple[bool, bool]:

@@ -30,6 +30,7 @@ from etils import epath
 from igpt_jax import checkpoint, evaluators, metrics, runtime, steps, storage, train
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
+from igpt_jax.evaluators import runner
 from igpt_jax.evaluators.kinds import loss
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.De
         ft_config = run_config(pretrained, get_source(labelled).num_classes())
         start = functools.partial(start_from_pretrained, pretrained_ckpt, pretrained)
         with runtime.for_training(ft_config, directory / FINETUNE_DIR, devices, start=start) as rt:
+            runner.check_data(rt, [], {"config.finetune.test_split": pretrained.finetune.test_split})
             train.loop(rt)
             test = test_once(rt, pretrained.finetune)
             result = _result(test, directory, ft_config)

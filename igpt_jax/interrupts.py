@@ -9,8 +9,10 @@ ignored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -72,3 +74,39 @@ class StopRequest:
     def restore(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+
+
+class StoppedOutsideTheWork(BaseException):  # noqa: N818 - not an error: the stop the user asked for
+    """Raised by `outside_the_work`'s handler wherever the main thread is. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` on the way out (a logging handler's, a library's) swallows it."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.contextmanager
+def outside_the_work(what: str = "the run") -> Iterator[None]:
+    """While a mode starts up (imports done: the mesh, the restore, compiles) and winds down, before and after its
+    StopRequest is installed: SIGTERM or Ctrl-C stops the process where it is (StoppedOutsideTheWork), so it exits with
+    one line and its usual status (0, or 130 after Ctrl-C) and every `finally` on the way out runs (the workdir's
+    lock is released). Nothing is lost: no step has trained since the checkpoint it resumed, or every one is saved."""
+
+    def handle(signum, frame):
+        sig = signal.Signals(signum)
+        raise StoppedOutsideTheWork(
+            f"stopped on request ({sig.name}) while {what} was starting or finishing: nothing was lost (no step "
+            "had trained since its checkpoint); relaunch the same command to continue",
+            EXIT_CODES[sig],
+        )
+
+    previous = {
+        sig: signal.signal(sig, handle)
+        for sig in (signal.SIGTERM, signal.SIGINT)
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -41,7 +41,18 @@ MODE_ENVIRONMENT: dict[str, dict[str, str]] = {
 def known_errors() -> dict[type[BaseException], int]:
     """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
     reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
-    from igpt_jax import checkpoint, distributed, hardware, planner, resume, run_lock, runtime, sharding
+    from igpt_jax import (
+        checkpoint,
+        distributed,
+        hardware,
+        planner,
+        resume,
+        run_lock,
+        runtime,
+        sharding,
+        storage,
+        workdir,
+    )
     from igpt_jax.data import preprocess
 
     usage = (
@@ -54,8 +65,14 @@ def known_errors() -> dict[type[BaseException], int]:
         runtime.PaletteMismatchError,
         runtime.NoCheckpointError,
         hardware.TopologyError,
+        workdir.DamagedFileError,
     )
-    failures = (checkpoint.CheckpointSaveError, checkpoint.CheckpointReadError, FloatingPointError)
+    failures = (
+        checkpoint.CheckpointSaveError,
+        checkpoint.CheckpointReadError,
+        FloatingPointError,
+        storage.UnreachableError,
+    )
     verdicts = {planner.DoesNotFit: 3}  # --mode=compile: the step does not fit the topology
     return {error: 2 for error in usage} | {error: 1 for error in failures} | verdicts
 
@@ -64,15 +81,17 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
     """Runs a mode; every known way for it to stop becomes one line and an exit status."""
     module_name, _, function = MODES[mode].partition(":")
     mode_fn = getattr(importlib.import_module(module_name), function)
-    from igpt_jax import interrupts
+    from igpt_jax import interrupts, storage
 
     known = known_errors()
     try:
-        mode_fn(config, workdir)
-    except interrupts.Stopped as e:
+        with interrupts.outside_the_work(f"--mode={mode}"):
+            storage.check_reachable(workdir)
+            mode_fn(config, workdir)
+    except (interrupts.Stopped, interrupts.StoppedOutsideTheWork) as e:
         _exit(str(e), e.code)
     except KeyboardInterrupt:
-        _exit("interrupted: stopped without saving; the newest checkpoint in the workdir is intact", 130)
+        _exit(f"interrupted: stopped without saving; {_newest_checkpoint(workdir)}", 130)
     except config_checks.ConfigError as e:  # found once the checkpoint's recipe is known (a BERT one to sample)
         _exit("bad config: " + str(e).replace("\n", "; "), 2)
     except tuple(known) as e:
@@ -80,6 +99,17 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
         where = e.filename or "a file (the workdir, config.data.data_dir or the temp folder)"
         _exit(f"cannot read or write {where}: {e.strerror or e}", 1)
+
+
+def _newest_checkpoint(workdir: str) -> str:
+    """What a stop without saving left: the newest checkpoint, or that there is none yet."""
+    from igpt_jax import storage
+
+    folder = storage.path(workdir) / "checkpoints"
+    saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    if not saved:
+        return "no checkpoint had been written yet: a relaunch starts from step 0"
+    return f"the newest checkpoint, {folder / str(saved[-1])}, is intact"
 
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -181,7 +211,7 @@ class _QuietLibraries(std_logging.Filter):
     """Drops INFO chatter from Orbax and friends (every save logs ~20 lines); their warnings still show, as one line
     each: a failed save is reported by igpt_jax with its cause, not by 40 lines of Orbax's thread tracebacks."""
 
-    NOISY = ("orbax", "tensorstore", "etils", "absl/logging")
+    NOISY = ("orbax", "tensorstore", "etils", "absl/logging", "gcsfs")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if not any(n in record.pathname for n in self.NOISY):

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from igpt_jax import checkpoint, palette, resume, run_lock, sharding, steps, storage
 from igpt_jax.data import get_source, order, splits
 from igpt_jax.data.sources import Source
+from igpt_jax.workdir import DamagedFileError
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,10 @@ def for_training(
     """The train state, resumed or (`start`) new; a checkpoint that does not fit stops here, before anything is
     written."""
     directory = storage.path(workdir)
+    mesh = sharding.make_mesh(config, devices)  # a mesh that cannot be built stops the run before the workdir exists
+    setup = steps.make_setup(config, mesh)
     lock = run_lock.acquire_everywhere(directory)  # before anything in the workdir is read or written
     try:
-        mesh = sharding.make_mesh(config, devices)
-        setup = steps.make_setup(config, mesh)
         log.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
         ckpt = checkpoint.Checkpointer(directory, config)
         state, saved_palette, fingerprint = _restore_or_start(ckpt, setup, start)
@@ -175,6 +176,12 @@ def checkpoint_recipe(
     step = config.checkpoint_step or ckpt.latest_step()
     if step is None:
         raise _no_checkpoint(directory)
+    if step not in ckpt.manager.all_steps():  # only a chosen step can be absent
+        ckpt.close()
+        raise NoCheckpointError(
+            f"config.checkpoint_step={step}: {directory / 'checkpoints'} holds no step {step}; it holds "
+            f"{sorted(ckpt.manager.all_steps())} (0 or left out: the newest)"
+        )
     saved = ckpt.saved_config(step)
     if saved is not None:
         config, taken = resume.with_recipe_of(saved, config)
@@ -212,29 +219,35 @@ def load_or_fit_palette(
     there is no palette yet. Stops (PaletteMismatchError, naming both) when the colours differ from the restored
     checkpoint's `fingerprint` or from config.data.palette, and when a checkpoint exists but no palette does."""
     path = directory / PALETTE_FILE
+    missing = (
+        f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
+        f"{(fingerprint or '')[:16]}...: put the run's palette.npy back, or name a copy of it with "
+        "--config.data.palette=PATH (checked against the checkpoint before use)"
+    )
     if path.exists():
-        clusters, origin = palette.load(path), str(path)
+        clusters, origin = _workdir_palette(path, fingerprint), str(path)
     elif saved is not None:
         clusters, origin = saved, "the palette handed over with the checkpoint"
     elif config.data.palette:
         clusters, origin = palette.load(config.data.palette), None
-    elif fingerprint is not None:
-        raise PaletteMismatchError(
-            f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
-            f"{fingerprint[:16]}...: put the run's palette.npy back, or name a copy of it with "
-            "--config.data.palette=PATH (checked against the checkpoint before use)"
-        )
     elif source().kind == "tokens":
+        if fingerprint is not None:
+            raise PaletteMismatchError(missing)
         return None
     else:
-        train_split = splits(config)[0]
-        total = source().num_examples(train_split)
-        n = min(PALETTE_SAMPLE_IMAGES, total)  # a random sample: the first n positions of epoch 0's permutation
-        sample = source().get(train_split, order.global_indices(config.seed, 0, n, total), None)
-        start = time.perf_counter()
-        clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
-        origin = None
-        log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+        clusters, origin = _fit_palette(config, source()), None
+        if fingerprint is not None:  # a checkpoint whose palette.npy is gone: the same fit gives the same colours
+            if palette.fingerprint(clusters) != fingerprint:
+                raise PaletteMismatchError(
+                    f"{missing}; refitting on the train split gave other colours (SHA-256 "
+                    f"{palette.fingerprint(clusters)[:16]}...)"
+                )
+            log.warning(
+                "%s was missing: refitted on the train split, the palette the checkpoint's tokens were made with "
+                "(SHA-256 %s...)",
+                path,
+                fingerprint[:16],
+            )
     if fingerprint is not None and palette.fingerprint(clusters) != fingerprint:
         where = origin or f"config.data.palette={config.data.palette}"
         raise PaletteMismatchError(
@@ -257,3 +270,33 @@ def load_or_fit_palette(
     if write and jax.process_index() == 0 and not path.exists():
         palette.save(path, clusters)
     return clusters
+
+
+def _fit_palette(config: ml_collections.ConfigDict, source: Source) -> np.ndarray:
+    """k-means on a random sample of the train split (the first n positions of epoch 0's permutation): a pure
+    function of the config and the data, so a refit gives the same colours."""
+    train_split = splits(config)[0]
+    total = source.num_examples(train_split)
+    n = min(PALETTE_SAMPLE_IMAGES, total)
+    sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
+    start = time.perf_counter()
+    clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
+    log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+    return clusters
+
+
+def _workdir_palette(path: epath.Path, fingerprint: str | None) -> np.ndarray:
+    """The workdir's palette.npy; a damaged one stops the run naming the file and the ways on."""
+    try:
+        return palette.load(path)
+    except ValueError as e:
+        needed = (
+            f"the checkpoint's tokens were made with the palette whose SHA-256 is {fingerprint[:16]}..."
+            if fingerprint
+            else "no checkpoint depends on it yet"
+        )
+        raise DamagedFileError(
+            f"{path} is damaged ({str(e).removeprefix(f'palette {path}: ')}); {needed}. Nothing was moved. Ways on: "
+            "put the run's palette.npy back, or move it away and relaunch: the palette is fitted "
+            "again on the train split, and used only if it has the colours the checkpoint records"
+        ) from e

@@ -14,9 +14,11 @@ the content and rewrites the object), and creating an object only if it is absen
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
+import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -104,6 +106,66 @@ def kvstore(location: epath.Path) -> dict:
     if parsed.scheme not in ("gs", "gcs"):
         raise NotImplementedError(f"{location}: arrays are stored on local paths and gs:// only")
     return {"driver": "gcs", "bucket": parsed.netloc, "path": parsed.path.lstrip("/")}
+
+
+# How long a gs:// location may take to answer the first question asked of it (does its bucket exist?) before the
+# run stops: gcsfs retries a failing request for a minute and a half, with a traceback a retry.
+REACH_SECONDS = 20.0
+_NO_CREDENTIALS = re.compile(r"\b401\b|[Cc]redentials|Unauthori[sz]ed|[Aa]nonymous caller|invalid_grant")
+_FORBIDDEN = re.compile(r"\b403\b|Forbidden|does not have storage\.")
+
+
+class UnreachableError(OSError):
+    """A gs:// location that cannot be used: the service cannot be reached, the credentials are missing or refused,
+    or the bucket does not exist. Raised before anything is written."""
+
+
+def check_reachable(location: str | os.PathLike, what: str = "--workdir") -> None:
+    """For a gs:// location: stops within a few seconds (REACH_SECONDS at most) when it cannot be used, naming it and
+    the likely cause; nothing for local paths. Asks the network first (a name lookup, or a connection to the
+    emulator of STORAGE_EMULATOR_HOST), then whether the bucket exists."""
+    text = os.fspath(location)
+    if _scheme(epath.Path(text)) not in ("gs", "gcs"):
+        return
+    bucket = urllib.parse.urlparse(text).netloc
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    host, port = ("storage.googleapis.com", 443)
+    if emulator:
+        parsed = urllib.parse.urlparse(emulator if "://" in emulator else f"http://{emulator}")
+        host, port = parsed.hostname, parsed.port or 80
+    try:
+        socket.create_connection((host, port), timeout=min(REACH_SECONDS, 10.0)).close()
+    except OSError as e:
+        raise UnreachableError(
+            f"{what}={text}: cannot reach the storage service at {host}:{port} ({e.strerror or e}): no network, "
+            f"no DNS{', or the emulator in STORAGE_EMULATOR_HOST is not running' if emulator else ''}. Nothing was "
+            "written."
+        ) from None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reach")
+    try:
+        exists = pool.submit(_bucket_exists, bucket).result(timeout=REACH_SECONDS)
+    except concurrent.futures.TimeoutError:
+        raise UnreachableError(
+            f"{what}={text}: the storage service gave no answer about bucket {bucket} in {REACH_SECONDS:.0f} s. "
+            "Nothing was written."
+        ) from None
+    except Exception as e:  # noqa: BLE001 - classed below by its words; gcsfs and google-auth raise many types
+        words = " ".join(str(x) for x in (e, e.__cause__, e.__context__) if x is not None)
+        if _NO_CREDENTIALS.search(words):
+            why = "no valid credentials (gcloud auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS)"
+        elif _FORBIDDEN.search(words):
+            why = f"these credentials may not use bucket {bucket}"
+        else:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        raise UnreachableError(f"{what}={text}: {why}. Nothing was written.") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    if not exists:
+        raise UnreachableError(f"{what}={text}: bucket {bucket} does not exist (or these credentials cannot see it)")
+
+
+def _bucket_exists(bucket: str) -> bool:
+    return epath.Path(f"gs://{bucket}").exists()
 
 
 def write_text(location: epath.Path, text: str) -> None:

@@ -4,8 +4,9 @@ Resume is exact: data order is a pure function of (seed, step) and the step's ra
 so a run killed at any point and relaunched with the same command continues the same curve. A relaunch is checked
 against the checkpoint it resumes (`resume.plan`): a config that no longer fits stops the run before anything in the
 workdir changes. SIGTERM or Ctrl-C: every process agrees on a step, saves it, and exits (0, or 130 after Ctrl-C). A
-save that fails stops the run at once (`checkpoint.CheckpointSaveError`). A NaN or infinite loss stops the run before
-a checkpoint of the bad state can be written.
+save that fails stops the run at once (`checkpoint.CheckpointSaveError`). A loss that is not finite or far above a
+uniform prediction's, or a gradient norm that is not finite, stops the run before a checkpoint of that state can be
+written.
 """
 
 from __future__ import annotations
@@ -44,17 +45,43 @@ _REMEDY = (
 )
 
 
-def _check_finite(loss: float, step: int) -> None:
+# A loss this many times a uniform prediction's (log vocab_size nats a token, + log num_classes with a head) is no
+# longer training: a run at initialisation sits near 1x, and a diverged one can stay finite (1e30) for ever.
+DIVERGED_FACTOR = 5.0
+
+
+def loss_ceiling(config: ml_collections.ConfigDict) -> float:
+    """The loss above which a run has diverged: DIVERGED_FACTOR x the loss of a uniform prediction."""
+    uniform = math.log(config.model.vocab_size)
+    if config.model.num_classes:
+        uniform = max(config.finetune.generative_weight, 1.0) * uniform + math.log(config.model.num_classes)
+    return DIVERGED_FACTOR * uniform
+
+
+def _check_healthy(loss: float, grad_norm: float | None, step: int, ceiling: float) -> None:
+    """Stops a run whose loss is NaN or infinite, whose gradient norm is not finite, or whose loss is above
+    `ceiling`: before any checkpoint of its state can be written (with keep_checkpoints, such saves would push the
+    good ones out)."""
     if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} at step {step}: stopping. No checkpoint of this state was written; the last one in the "
-            f"workdir is intact. {_REMEDY}"
-        )
+        problem = f"loss is {loss}"
+    elif grad_norm is not None and not math.isfinite(grad_norm):
+        problem = f"the gradient norm is {grad_norm} (loss {loss:.4g})"
+    elif loss > ceiling:
+        problem = f"loss is {loss:.4g}, above {ceiling:.4g} ({DIVERGED_FACTOR:g}x a uniform prediction's): diverged"
+    else:
+        return
+    raise FloatingPointError(
+        f"{problem} at step {step}: stopping. No checkpoint of this state was written (those already in the "
+        f"workdir are untouched). {_REMEDY}"
+    )
 
 
-def _check_saveable(step_metrics: dict, state: steps.State, step: int) -> None:
-    """Refuses to checkpoint a state whose loss or parameters are not finite."""
-    _check_finite(float(jax.device_get(step_metrics["loss"])), step)
+def _check_saveable(step_metrics: dict, state: steps.State, step: int, ceiling: float) -> None:
+    """Refuses to checkpoint a state whose loss, gradient norm or parameters are not finite, or whose loss says the
+    run diverged."""
+    values = jax.device_get({k: v for k, v in step_metrics.items() if k in ("loss", "grad_norm")})
+    grad_norm = float(values["grad_norm"]) if "grad_norm" in values else None
+    _check_healthy(float(values["loss"]), grad_norm, step, ceiling)
     if not bool(jax.device_get(all_finite(state["params"]))):
         raise FloatingPointError(
             f"parameters became non-finite at step {step}: stopping without saving them. {_REMEDY}"
@@ -99,7 +126,8 @@ def loop(rt: runtime.Runtime) -> dict:
         ckpt.close()
         return {}
 
-    # --- data, palette and config.json
+    # --- data (every split the run and its evaluators will read, checked now), palette and config.json
+    runner.check_data(rt, chosen, {"config.data.train_split": splits(config)[0]})
     source, clusters, clusters_device = rt.source, rt.clusters, rt.clusters_device
     workdir.write_config(directory, config, first_step)
 
@@ -122,6 +150,7 @@ def loop(rt: runtime.Runtime) -> dict:
     writer = metrics.MetricsWriter(directory, resumed_step=first_step)
     tokens_per_step = config.batch_size * model.tokens_per_image(config)
     flops_per_step = metrics.flops_per_token(config) * tokens_per_step
+    ceiling = loss_ceiling(config)
     peak, peak_source = metrics.peak_flops_per_device()
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
@@ -177,7 +206,7 @@ def loop(rt: runtime.Runtime) -> dict:
                 }
                 data_wait = 0.0
                 writer.write(last)
-                _check_finite(last["loss"], step)
+                _check_healthy(last["loss"], last.get("grad_norm"), step, ceiling)
                 if jax.process_index() == 0:
                     print(metrics.progress_line(last, config.total_steps, attention.running(kernel)), flush=True)
 
@@ -190,7 +219,7 @@ def loop(rt: runtime.Runtime) -> dict:
             stop = stop_request.agreed()
             saved = step % config.checkpoint_every_steps == 0 or stop or step == config.total_steps
             if saved:
-                _save(ckpt, writer, step_metrics, state, step, clusters)
+                _save(ckpt, writer, step_metrics, state, step, clusters, ceiling)
             due = runner.due(chosen, step, config.total_steps)
             if due and not stop:
                 jax.block_until_ready(state)  # steps dispatched so far are training time, not the evaluators'
@@ -201,7 +230,7 @@ def loop(rt: runtime.Runtime) -> dict:
                         shown = _evaluate(due, state, step, directory, writer, stop_request) or shown
                     except base.Abandoned:
                         if not saved:
-                            _save(ckpt, writer, step_metrics, state, step, clusters)
+                            _save(ckpt, writer, step_metrics, state, step, clusters, ceiling)
             if stop_request.stopping:
                 _stop(ckpt, stop_request, step)
         close_checkpoints = False
@@ -223,9 +252,10 @@ def loop(rt: runtime.Runtime) -> dict:
     return last
 
 
-def _save(ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter, step_metrics, state, step: int, clusters):
+def _save(ckpt: checkpoint.Checkpointer, writer: metrics.MetricsWriter, step_metrics, state, step: int, clusters,
+          ceiling: float):  # fmt: skip
     """Starts saving `step` (Orbax, async) once the state is known to be healthy and every row up to it is durable."""
-    _check_saveable(step_metrics, state, step)
+    _check_saveable(step_metrics, state, step, ceiling)
     writer.flush(force=True)
     ckpt.save(step, state, clusters)
 

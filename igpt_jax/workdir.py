@@ -19,6 +19,12 @@ from igpt_jax import resume, storage
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY = "config_history"
 
+
+class DamagedFileError(ValueError):
+    """A workdir file the run reads holds bytes it cannot have written (bit rot, a bad copy, a partial write of other
+    data). The run stops naming it and the way on; nothing is moved."""
+
+
 # The stems of the workdir's own files and folders (config.json, checkpoints/, lock.json, ...). An evaluator's files
 # are named after it (<name>/, <name>.json, <name>.png), so no evaluator may take one of these names.
 RESERVED_NAMES = frozenset(
@@ -44,12 +50,26 @@ def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: i
     text = json.dumps(resume.as_saved(config), indent=2) + "\n"
     current = workdir / CONFIG_FILE
     if current.exists():
-        previous = current.read_text()
-        if previous == text:
+        previous = current.read_bytes()
+        if previous == text.encode():
             return
+        _check_json(current, previous)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        storage.write_text(workdir / CONFIG_HISTORY / f"{stamp}-step{step}.json", previous)
+        storage.write_bytes(workdir / CONFIG_HISTORY / f"{stamp}-step{step}.json", previous)
     storage.write_text(current, text)
+
+
+def _check_json(path: epath.Path, data: bytes) -> None:
+    """Refuses a config.json that is not the JSON object this module writes, rather than keeping it as history."""
+    try:
+        if not isinstance(json.loads(data.decode("utf-8")), dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+        raise DamagedFileError(
+            f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}). It only records the config of the workdir's "
+            "last launch (every checkpoint keeps its own), so nothing depends on it: move it away and relaunch, "
+            "and it is written again from this launch's config. Nothing was moved."
+        ) from e
 
 
 def summary(workdir: epath.Path) -> str:

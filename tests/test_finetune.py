@@ -128,6 +128,16 @@ def test_finetune_learns_the_classes_leaves_the_pretrained_run_alone_and_resumes
     assert len([r for r in read_metrics(resumed / "finetune") if r.get("evaluator") == "test"]) == 1
 
 
+def test_a_test_split_that_does_not_exist_is_refused_before_fine_tuning_starts(pretrained, tmp_path):
+    from igpt_jax import config_checks
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained, run)
+    with pytest.raises(config_checks.ConfigError, match=r"config.finetune.test_split='tset': fashion_mnist has no"):
+        finetune.run(_config(test_split="tset"), str(run))
+    assert not list((run / "finetune").glob("checkpoints/*")) and not (run / "finetune" / "metrics.jsonl").exists()
+
+
 def test_mode_finetune_without_a_checkpoint_is_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "igpt_jax.main", f"--workdir={tmp_path / 'empty'}", "--mode=finetune"]

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 
 import jax
@@ -129,12 +130,39 @@ def test_a_non_finite_loss_stops_the_run_before_the_bad_state_is_saved(tmp_path)
     # lr 1e38 (finite in float32): the first real update throws the parameters to ~1e38; a later loss overflows
     config = fashion_config(total_steps=30, optimizer__learning_rate=1e38, optimizer__warmup_steps=1)
     config.checkpoint_every_steps = 1
-    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf|-inf) at step (\d+): stopping") as error:
+    diverged = r"(loss is (nan|inf|-inf)|the gradient norm is inf .*|loss is \S+, above \S+ .*: diverged)"
+    with pytest.raises(FloatingPointError, match=rf"{diverged} at step (\d+): stopping") as error:
         train.train_and_evaluate(config, str(tmp_path))
     failed = int(error.value.args[0].split(" at step ")[1].split(":")[0])
     saved, restored = _saved(tmp_path, config)
     assert saved and saved[-1] == failed - 1  # every step before it was saved; the failing one was not
     assert bool(train.all_finite(restored.state["params"]))
+
+
+def test_a_diverged_run_that_stays_finite_stops_before_its_first_save(tmp_path):
+    """lr 1e30 from scratch: the loss climbs to about 1e30 and the gradient norm overflows, yet nothing is NaN; such
+    a run used to save checkpoint after checkpoint (pushing good ones out with keep_checkpoints)."""
+    config = fashion_config(total_steps=40, optimizer__learning_rate=1e30)  # checkpoints every 10, logs every step
+    with pytest.raises(FloatingPointError) as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(error.value)
+    assert re.search(r"at step [1-9]: stopping\. No checkpoint of this state was written", message), message
+    assert "the gradient norm is inf" in message or "a uniform prediction's): diverged" in message, message
+    assert "\n" not in message
+    saved, restored = _saved(tmp_path, config)
+    assert saved == [] and restored is None
+
+
+def test_the_divergence_ceiling_is_a_multiple_of_a_uniform_prediction():
+    """The loss at initialisation sits near log(vocab) (log 16 = 2.77 nats for the tiny model); the ceiling is
+    5x that, with a head 5x (log vocab + log classes)."""
+    config = fashion_config()
+    assert train.loss_ceiling(config) == pytest.approx(5 * np.log(16))
+    config.model.num_classes = 10
+    assert train.loss_ceiling(config) == pytest.approx(5 * (np.log(16) + np.log(10)))
+    with pytest.raises(FloatingPointError, match=r"loss is 14, above 13.86 .* at step 7"):
+        train._check_healthy(14.0, 1.0, 7, train.loss_ceiling(fashion_config()))
+    train._check_healthy(13.0, 1.0, 7, train.loss_ceiling(fashion_config()))  # a bad start, not a divergence
 
 
 def test_non_finite_parameters_with_a_finite_loss_are_not_saved(tmp_path):
@@ -156,10 +184,11 @@ def test_non_finite_parameters_with_a_finite_loss_are_not_saved(tmp_path):
         ({"data": 2, "fsdp": 2, "tensor": 1}, r"product 4 != 8 devices"),
     ],
 )
-def test_mesh_that_does_not_fit_is_refused(ici, message):
+def test_mesh_that_does_not_fit_is_refused_before_the_workdir_is_created(tmp_path, ici, message):
     config = fashion_config(mesh__ici=ici)
     with pytest.raises(sharding.MeshError, match=message):
-        sharding.make_mesh(config)
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_that_does_not_split_is_refused():

@@ -154,6 +154,16 @@ class TfdsSource:
     def num_classes(self) -> int:
         return self.builder.info.features["label"].num_classes
 
+    def check_split(self, split: str) -> str | None:
+        """What is wrong with `split` (a name or a TFDS slice such as 'train[:90%]'), from the prepared data set's
+        info alone (no record is read); None when it names at least one image."""
+        try:
+            n = self.builder.info.splits[split].num_examples
+        except (ValueError, KeyError) as e:
+            why = str(e).strip().splitlines()[-1]
+            return f"{self.spec.name} has no such split ({why}); its splits: {list(self.builder.info.splits)}"
+        return None if n else f"{self.spec.name} split {split!r} holds no images"
+
     def _one(self, job) -> np.ndarray:
         record, name, rng = job
         image = preprocess.open_image(record["image"], name)
@@ -247,6 +257,14 @@ def labelled(dataset: str) -> bool:
     return factory.keywords["spec"].labelled if isinstance(factory, partial) else factory.labelled
 
 
+def split_problem(source: Source, key: str, split: str) -> str | None:
+    """A line naming the config key when `source` cannot read `split`, before anything trains on it (sources with
+    no named splits, such as synthetic data, accept any)."""
+    check = getattr(source, "check_split", None)
+    problem = check(split) if check is not None else None
+    return None if problem is None else f"{key}={split!r}: {problem}"
+
+
 def get_source(config: ml_collections.ConfigDict) -> Source:
     name = config.data.dataset
     if name not in SOURCES:
@@ -263,5 +281,6 @@ __all__ = [
     "get_source",
     "kind",
     "labelled",
+    "split_problem",
     "splits",
 ]

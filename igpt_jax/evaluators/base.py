@@ -47,3 +47,8 @@ class Evaluator(Protocol):
     entry: ml_collections.ConfigDict  # config.evals.<name>: kind, schedule, settings
 
     def run(self, params, step: int, stop: StopCheck) -> Result: ...
+
+    def data_problems(self) -> list[str]:
+        """What is wrong with the data this evaluator will read (data sets, splits), one line each, found before
+        the first training step rather than after it. Opens the data; does not run the model."""
+        ...

@@ -19,6 +19,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from igpt_jax import config_checks, evaluators, interrupts, metrics, runtime, storage
+from igpt_jax.data import sources
 from igpt_jax.evaluators import base
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,16 @@ def build(rt: runtime.Runtime, names: list[str]) -> list[base.Evaluator]:
         module = importlib.import_module(f"igpt_jax.evaluators.kinds.{entry.kind}")
         out.append(module.Evaluator(name, entry, rt))
     return out
+
+
+def check_data(rt: runtime.Runtime, chosen: list[base.Evaluator], splits: dict[str, str] | None = None) -> None:
+    """Every split the run will read, its own (`splits`: config key -> split of rt.source) and its evaluators',
+    checked before the first step: ConfigError (exit 2) naming each key that does not work."""
+    problems = [sources.split_problem(rt.source, key, split) for key, split in (splits or {}).items()]
+    problems += [problem for evaluator in chosen for problem in evaluator.data_problems()]
+    problems = [p for p in problems if p]
+    if problems:
+        raise config_checks.ConfigError("\n".join(problems))
 
 
 def for_training(rt: runtime.Runtime) -> list[base.Evaluator]:
@@ -107,6 +118,7 @@ def run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> list
     kind = evaluators.mode_kind(mode)
     with runtime.for_checkpoint(config, workdir) as rt:
         chosen = build(rt, evaluators.of_kind(rt.config, kind))
+        check_data(rt, chosen)
         stop_request = interrupts.StopRequest()
         writer = metrics.MetricsWriter(rt.directory)
         try:

@@ -61,6 +61,13 @@ def params_digest(params) -> str:
     return np.asarray(jax.device_get(_moments(params))).tobytes().hex()[:32]
 
 
+def source_of(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict):
+    """(the config the probe's data is read under, its source): the run's config with the entry's data set."""
+    data_config = config.copy_and_resolve_references()
+    data_config.data.dataset = entry.dataset
+    return data_config, get_source(data_config)
+
+
 class LinearProbe:
     """One probe entry on one run: its data, feature step and cache, built once; `probe(params, step)` gives
     probe.json's content. `workdir` holds the cache; `name` (the evaluator's) separates two probes' caches."""
@@ -68,9 +75,7 @@ class LinearProbe:
     def __init__(self, config, entry, setup: steps.Setup, clusters, mesh, workdir: epath.Path, name: str):
         self.config, self.entry, self.setup, self.clusters, self.mesh = config, entry, setup, clusters, mesh
         self.workdir, self.name = workdir, name
-        self.data_config = config.copy_and_resolve_references()
-        self.data_config.data.dataset = entry.dataset
-        self.source = get_source(self.data_config)
+        self.data_config, self.source = source_of(config, entry)
         self.n = {
             "train": _examples(entry.train_examples, self.source.num_examples(entry.train_split)),
             "test": _examples(entry.test_examples, self.source.num_examples(entry.test_split)),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from igpt_jax import objectives, runtime, steps
-from igpt_jax.data import pipeline, splits
+from igpt_jax.data import pipeline, sources, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
 from igpt_jax.probe import linear
@@ -96,6 +96,11 @@ class Evaluator:
         classifies = bool(rt.config.model.num_classes)
         self.predict_step = steps.make_predict_step(rt.setup) if classifies and entry.masks > 1 else None
         self.best = BestParams(rt.directory / f"{name}_best") if entry.keep_best else None
+
+    def data_problems(self) -> list[str]:
+        key = f"config.evals.{self.name}.split" if self.entry.split else "config.data.eval_split"
+        problem = sources.split_problem(self.rt.source, key, self.split)
+        return [problem] if problem else []
 
     def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
         rt = self.rt

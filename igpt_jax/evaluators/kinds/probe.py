@@ -19,6 +19,7 @@ import ml_collections
 from etils import epath
 
 from igpt_jax import plots, runtime
+from igpt_jax.data import sources
 from igpt_jax.evaluators import base
 from igpt_jax.probe import protocol
 
@@ -108,13 +109,22 @@ class Evaluator:
         self.name, self.entry, self.rt = name, entry, rt
         self._probe: protocol.LinearProbe | None = None  # built at the first run: until then no data is opened
 
-    def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
-        rt = self.rt
+    def data_problems(self) -> list[str]:
+        _, source = protocol.source_of(self.rt.config, self.entry)
+        keys = {f"config.evals.{self.name}.{key}": self.entry[key] for key in ("train_split", "test_split")}
+        return [problem for key, split in keys.items() if (problem := sources.split_problem(source, key, split))]
+
+    def probe(self) -> protocol.LinearProbe:
         if self._probe is None:
+            rt = self.rt
             self._probe = protocol.LinearProbe(
                 rt.config, self.entry, rt.setup, rt.clusters_device, rt.mesh, rt.directory, self.name
             )
-        record = self._probe(params, step, stop)
+        return self._probe
+
+    def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
+        rt = self.rt
+        record = self.probe()(params, step, stop)
         record = {"evaluator": self.name, **record}
         result = base.Result(metrics_row(self.name, record), summary(self.name, record))
         if jax.process_index() == 0:  # the one writer: only its files are kept

@@ -17,6 +17,7 @@ import numpy as np
 
 from igpt_jax import model as model_lib
 from igpt_jax import runtime, sampling
+from igpt_jax.data import sources, splits
 from igpt_jax.evaluators import base
 
 
@@ -34,6 +35,12 @@ class Evaluator:
     def _position(self, i) -> None:
         if self.progress is not None:
             self.progress.position(i)
+
+    def data_problems(self) -> list[str]:
+        if not self.entry.completion_images:
+            return []
+        problem = sources.split_problem(self.rt.source, "config.data.eval_split", splits(self.rt.config)[1])
+        return [problem] if problem else []
 
     def sampler(self) -> sampling.Sampler:
         if self._sampler is None:
