@@ -107,6 +107,7 @@ def test_the_heldout_images_are_kept_out_of_training(tmp_path):
 # --- --mode=eval
 
 
+@pytest.mark.slow  # 20 s: a run, then the mode in its own process
 def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)

@@ -601,3 +601,30 @@ def test_a_stop_signal_during_start_up_exits_with_one_line_and_releases_the_lock
     assert _last_line(stderr).startswith("igpt: stopped on request")
     assert not (workdir / "lock.json").exists()
     assert not list(workdir.glob("checkpoints/*"))  # stopped before its first step
+
+
+def test_a_stop_without_saving_says_truly_what_the_workdir_holds(tmp_path):
+    from igpt_jax import main
+
+    assert main._newest_checkpoint(str(tmp_path)) == "no checkpoint had been written yet: a relaunch starts from step 0"
+    for step in ("10", "20", "20.orbax-checkpoint-tmp"):
+        (tmp_path / "checkpoints" / step).mkdir(parents=True)
+    assert main._newest_checkpoint(str(tmp_path)) == f"the newest checkpoint, {tmp_path}/checkpoints/20, is intact"
+
+
+def test_sigterm_during_mode_probe_exits_0_with_one_line_and_writes_no_probe(tmp_path):
+    workdir = tmp_path / "run"
+    first = _run(workdir, "--config.total_steps=10")
+    assert first.returncode == 0, first.stderr[-3000:]
+    proc = _start(workdir, "--mode=probe", "--config.evals.probe.train_examples=4000")
+    seen = ""
+    while "features: train" not in seen:  # tqdm writes its bar to stderr, without newlines
+        chunk = proc.stderr.read(64)
+        assert chunk, f"ended before its feature pass: {seen[-2000:]}"
+        seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in seen + stderr
+    assert _last_line(stderr).startswith("igpt: stopped on request: --mode=probe on checkpoint 10 was abandoned")
+    assert not (workdir / "probe.json").exists() and not (workdir / "lock.json").exists()

@@ -176,6 +176,7 @@ def test_completion_grid_layout():
     assert pixel(1, 2, 3) == 200 and pixel(1, 4, 3) == 100  # a completion, then the whole original
 
 
+@pytest.mark.slow  # 30 s: a run, then the mode in its own process
 def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=6, eval_every=6, checkpoint_every=6, warmup=2)

@@ -142,11 +142,12 @@ def test_a_non_finite_loss_stops_the_run_before_the_bad_state_is_saved(tmp_path)
 def test_a_diverged_run_that_stays_finite_stops_before_its_first_save(tmp_path):
     """lr 1e30 from scratch: the loss climbs to about 1e30 and the gradient norm overflows, yet nothing is NaN; such
     a run used to save checkpoint after checkpoint (pushing good ones out with keep_checkpoints)."""
-    config = fashion_config(total_steps=40, optimizer__learning_rate=1e30)  # checkpoints every 10, logs every step
+    # checkpoints every 10; no log step comes first (logs every 1000): the guard before the save must see it
+    config = fashion_config(total_steps=40, optimizer__learning_rate=1e30, log_every_steps=1000)
     with pytest.raises(FloatingPointError) as error:
         train.train_and_evaluate(config, str(tmp_path))
     message = str(error.value)
-    assert re.search(r"at step [1-9]: stopping\. No checkpoint of this state was written", message), message
+    assert re.search(r"at step 10: stopping\. No checkpoint of this state was written", message), message
     assert "the gradient norm is inf" in message or "a uniform prediction's): diverged" in message, message
     assert "\n" not in message
     saved, restored = _saved(tmp_path, config)
@@ -163,6 +164,8 @@ def test_the_divergence_ceiling_is_a_multiple_of_a_uniform_prediction():
     with pytest.raises(FloatingPointError, match=r"loss is 14, above 13.86 .* at step 7"):
         train._check_healthy(14.0, 1.0, 7, train.loss_ceiling(fashion_config()))
     train._check_healthy(13.0, 1.0, 7, train.loss_ceiling(fashion_config()))  # a bad start, not a divergence
+    with pytest.raises(FloatingPointError, match=r"the gradient norm is inf \(loss 2\) at step 3"):
+        train._check_healthy(2.0, float("inf"), 3, train.loss_ceiling(fashion_config()))
 
 
 def test_non_finite_parameters_with_a_finite_loss_are_not_saved(tmp_path):
