@@ -60,12 +60,24 @@ status=0
 running=("${pids[@]}")
 while ((${#running[@]} > 0)); do
   finished=""
-  if wait -n -p finished "${running[@]}"; then
+  if wait -n -p finished "${running[@]}" 2>/dev/null; then
     rc=0
   else
     rc=$?
   fi
-  [[ -z "$finished" ]] && continue  # a trapped signal interrupted wait
+  if [[ -z "${finished:-}" ]]; then  # wait sets no pid: a trapped signal interrupted it, or (127) bash had
+    if ((rc == 127)); then           # reaped the jobs left already; drop those that are gone, status unknown
+      still=()
+      for pid in "${running[@]}"; do kill -0 "$pid" 2>/dev/null && still+=("$pid"); done
+      if ((${#still[@]} < ${#running[@]} && status == 0)); then
+        status=1
+        echo "local.sh: a process ended and its status could not be read; stopping the others" >&2
+        stop_all
+      fi
+      running=("${still[@]+"${still[@]}"}")
+    fi
+    continue
+  fi
   still=()
   for pid in "${running[@]}"; do [[ "$pid" != "$finished" ]] && still+=("$pid"); done
   running=("${still[@]+"${still[@]}"}")

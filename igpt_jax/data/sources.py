@@ -90,12 +90,12 @@ class TfdsSource:
     kind = "images"
 
     def __init__(self, config: ml_collections.ConfigDict, spec: TfdsSpec):
-        import tensorflow_datasets as tfds
 
         self.spec = spec
         self.size = config.model.image_size
         self.flip = config.data.flip
-        self.builder = tfds.builder(spec.name, data_dir=config.data.data_dir or None, file_format="array_record")
+        self.data_dir = config.data.data_dir or None
+        self.builder = self.make_builder()
         root = str(self.builder.data_dir).removesuffix(self.builder.info.full_name).rstrip("/")
         self.manual_dir = config.data.manual_dir or os.path.join(root, "downloads", "manual")
         _prepare_once(self)
@@ -103,6 +103,11 @@ class TfdsSource:
         self.augment = preprocess.AUGMENTATIONS[config.data.augment]
         self._sources: dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="decode")
+
+    def make_builder(self):
+        import tensorflow_datasets as tfds
+
+        return tfds.builder(self.spec.name, data_dir=self.data_dir, file_format="array_record")
 
     def prepare(self) -> None:
         """download_and_prepare, with the manual files checked first. TFDS writes into a temporary folder and
@@ -194,6 +199,8 @@ def _prepare_once(source: TfdsSource) -> None:
         source.prepare()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"igpt_prepare_{source.spec.name}")
+        if jax.process_index() != 0:  # a builder made before process 0 prepared holds an info with no splits
+            source.builder = source.make_builder()
     if not source.builder.is_prepared():
         source.prepare()
 

@@ -67,20 +67,30 @@ class Cache:
         return ts.open(spec, **create).result()
 
     def fill(self, batches: Batches, batch_size: int) -> None:
-        """Writes a whole pass (`batches` in order, batch i covering examples i*batch_size ...), then spec.json."""
+        """Writes a whole pass (`batches` in order, batch i covering examples i*batch_size ...), then spec.json.
+
+        Process 0 creates the arrays (replacing an interrupted attempt's) and the others open them once it has:
+        processes on one host share the workdir's folder, and two creating it at once collide. Every array is
+        chunked by batch, so each chunk has a single writer."""
         import tensorstore as ts
 
         masks, layers, n, d = self.shape
-        features = self._array(
-            "features",
-            create=True,
-            delete_existing=True,
-            dtype=ts.dtype(np.dtype(self.dtype).name),
-            shape=list(self.shape),
-            chunk_layout=ts.ChunkLayout(chunk_shape=[masks, layers, batch_size, d]),
-        )
-        labels = self._array("labels", create=True, delete_existing=True, dtype=ts.int32, shape=[n])
+        created = {
+            "features": dict(
+                dtype=ts.dtype(np.dtype(self.dtype).name),
+                shape=list(self.shape),
+                chunk_layout=ts.ChunkLayout(chunk_shape=[masks, layers, batch_size, d]),
+            ),
+            "labels": dict(dtype=ts.int32, shape=[n], chunk_layout=ts.ChunkLayout(chunk_shape=[batch_size])),
+        }
         mine, processes = jax.process_index(), jax.process_count()
+        if mine == 0:
+            arrays = {name: self._array(name, create=True, delete_existing=True, **kw) for name, kw in created.items()}
+        if processes > 1:
+            multihost_utils.sync_global_devices(f"igpt_feature_cache_created_{self.path.name}")
+        if mine != 0:
+            arrays = {name: self._array(name, open=True) for name in created}
+        features, labels = arrays["features"], arrays["labels"]
         pending = []
         for i, (x, y, _) in enumerate(batches):
             if i % processes != mine:
@@ -94,7 +104,7 @@ class Cache:
             write.result()
         if processes > 1:
             multihost_utils.sync_global_devices(f"igpt_feature_cache_{self.path.name}")
-        if jax.process_index() == 0:
+        if mine == 0:
             storage.write_text(self.path / SPEC, json.dumps(self.spec, indent=2, sort_keys=True) + "\n")
 
     def gather(self, transform: Callable[[np.ndarray], np.ndarray] = lambda x: x) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +135,8 @@ class Cache:
         return one_pass
 
     def remove(self) -> None:
-        """Deletes the folder (a probe configured not to keep its features)."""
+        """Deletes the folder (a probe configured not to keep its features), once every process is done reading."""
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"igpt_feature_cache_removed_{self.path.name}")
         if jax.process_index() == 0 and self.path.exists():
             self.path.rmtree()
