@@ -262,3 +262,11 @@ def test_the_best_parameters_are_kept_by_held_out_accuracy(tmp_path):
     reopened = loss.BestParams(storage.path(tmp_path) / "heldout_best")  # a relaunch knows the best so far
     assert reopened.accuracy() == 0.60 and not reopened.offer(40, 0.55, params(4.0))
     assert sorted(p.name for p in (tmp_path / "heldout_best").iterdir() if p.name.isdigit()) == ["30"]
+
+
+def test_the_default_fine_tuning_learning_rate_is_a_tenth_of_pretrainings():
+    """The paper's fine-tuning rate (section 3.4): the pretraining one / 10, when config.finetune leaves it 0."""
+    pretrained = fashion_config(optimizer__learning_rate=0.003, finetune__learning_rate=0.0)
+    assert finetune.run_config(pretrained, 10).optimizer.learning_rate == pytest.approx(0.0003)
+    pretrained.finetune.learning_rate = 0.002
+    assert finetune.run_config(pretrained, 10).optimizer.learning_rate == 0.002

@@ -56,3 +56,22 @@ def test_the_decay_rule_does_not_depend_on_scanning(scan_layers):
         if d
     }
     assert "blocks.ln_1.scale" not in decayed and "blocks.attn.query" in decayed and "wpe" in decayed
+
+
+def test_the_default_optimizer_is_the_papers_adam():
+    """Two updates of one weight under the default config against Adam written out by hand with the paper's
+    constants (Chen et al. 2020, section 3.3: b1 0.9, b2 0.95; eps 1e-8) and the schedule's first two rates."""
+    config = fashion_config(optimizer__weight_decay=0.0, optimizer__grad_clip_norm=0.0)
+    rate = optim.schedule(config)
+    tx = optim.make(config)
+    w = {"w": np.float32(1.0)}
+    state = tx.init(w)
+    m = v = 0.0
+    expected = 1.0
+    for t, g in enumerate((0.5, -2.0), start=1):
+        update, state = tx.update({"w": np.float32(g)}, state, w)
+        w = {"w": w["w"] + update["w"]}
+        m, v = 0.9 * m + 0.1 * g, 0.95 * v + 0.05 * g * g
+        expected -= float(rate(t - 1)) * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.95**t)) + 1e-8)
+    # float32 arithmetic on numbers of order 1: a few ulps, far below the 5% a wrong b2 moves the second step
+    assert float(w["w"]) == pytest.approx(expected, rel=1e-6)

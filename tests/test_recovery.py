@@ -437,6 +437,8 @@ def test_storage_errors_are_told_from_broken_files():
     ]  # fmt: skip
     transient = [
         OSError(errno.EIO, "Input/output error"),
+        PermissionError(errno.EACCES, "Permission denied"),  # a file that cannot be read is not a damaged one
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
         ValueError("UNAVAILABLE: HTTP response code: 503"),
         chained(Exception("Encountered error while reading array index"),
                 ValueError("FAILED_PRECONDITION: Error reading ... Input/output error")),

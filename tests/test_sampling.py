@@ -216,3 +216,26 @@ def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("igpt: bad config: config.evals.samples (samples) needs a left-to-right model, and "), last
     assert "config.objective='bert': only 'ar' models can be sampled" in last  # the checkpoint's, not the file's
+
+
+def test_a_completion_is_given_the_top_rows_of_its_image_and_draws_the_rest(monkeypatch):
+    """The sample evaluator hands the sampler `completion` of the image's rows (given_rows x side tokens), not as
+    many tokens as rows: every completion's top rows are its original's, its other rows drawn."""
+    from types import SimpleNamespace
+
+    from igpt_jax import evaluators
+    from igpt_jax.data import sources
+    from igpt_jax.evaluators.kinds import sample
+
+    config = override(tiny_config(image_size=6), data__dataset="synthetic", data__eval_split="test")
+    setup, mesh = _setup(config, jax.devices()[:1])
+    entry = evaluators.sample(num_images=0, completion_images=2, completions_per_image=3, completion=0.5)
+    rt = SimpleNamespace(config=config, mesh=mesh, setup=setup, clusters=None, source=sources.Synthetic(config))
+    drawn = {}
+    monkeypatch.setattr(sampling, "completion_grid", lambda o, c, rows: drawn.update(o=o, c=c, rows=rows) or b"")
+    with jax.set_mesh(mesh):
+        sample.Evaluator("samples", entry, rt).draw(_params(setup), 1, lambda: False)
+    originals, completions = np.repeat(drawn["o"], 3, axis=0), drawn["c"]
+    assert drawn["rows"] == 3 and completions.shape == originals.shape == (6, 6, 6, 3)
+    np.testing.assert_array_equal(completions[:, :3], originals[:, :3])
+    assert (completions[:, 3:] != originals[:, 3:]).any(axis=(1, 2, 3)).all()  # 18 drawn tokens of 16 colours each

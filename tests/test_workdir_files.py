@@ -90,6 +90,14 @@ def test_metrics_rows_after_the_resumed_step_and_a_cut_line_are_set_aside(tmp_pa
     # a second resume at the same step finds nothing to move and leaves both files as they are
     assert metrics.set_aside_superseded(storage.path(tmp_path), 5) == (0, 0)
     assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3
+    # a later resume from an earlier step adds its rows after the ones set aside before, which stay as they were
+    assert metrics.set_aside_superseded(storage.path(tmp_path), 3) == (3, 0)
+    again = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert again[:3] == aside and [(json.loads(line).get("mode"), json.loads(line)["step"]) for line in again[3:]] == [
+        (None, 4),
+        ("eval", 4),
+        (None, 5),
+    ]
 
 
 def test_metrics_writer_appends_after_the_kept_rows(tmp_path):
@@ -162,6 +170,23 @@ def test_a_live_process_on_this_host_keeps_its_lock_however_old(tmp_path):
     _write_holder(tmp_path, heartbeat=time.time() - 10_000)  # this test's own pid: alive
     with pytest.raises(run_lock.WorkdirLockedError):
         _lock(tmp_path, stale_seconds=300).acquire()
+
+
+def test_a_live_holders_heartbeat_advances_so_another_host_never_finds_it_stale(tmp_path):
+    lock = _lock(tmp_path, heartbeat_seconds=0.05)
+    lock.acquire()
+    try:
+        beats = []
+        for _ in range(3):
+            time.sleep(0.3)
+            beats.append(json.loads((tmp_path / "lock.json").read_text())["heartbeat"])
+        assert beats[0] < beats[1] < beats[2] and time.time() - beats[2] < 1.0
+        # as a run on another host judges it, where only the heartbeat's age can free the lock: 1.2 s after the
+        # holder started, a lock stale after 0.5 s without a beat is still held
+        holder = json.loads((tmp_path / "lock.json").read_text()) | {"host": "another-host"}
+        assert _lock(tmp_path, stale_seconds=0.5)._stale(holder) is None
+    finally:
+        lock.release()
 
 
 def test_a_holder_whose_lock_was_taken_over_knows(tmp_path):
