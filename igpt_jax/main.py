@@ -223,9 +223,22 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING
 
 
+def _quiet_closed_loops(unraisable) -> None:
+    """sys.unraisablehook: after a failed save, tensorstore's writes still in flight finish in its own threads and
+    call back into the asyncio loop Orbax has closed; each callback's RuntimeError has nowhere to go and Python would
+    print it as a traceback of its own (a full disk gave up to 39 of them above igpt's one line). Those go to the
+    debug log; anything else unraisable is printed as usual."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        logging.debug("after a failed save, a library callback found its event loop closed")
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: list[str]) -> None:
     for handler in std_logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
+    sys.unraisablehook = _quiet_closed_loops
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config=... --workdir=... --mode=...")
     if _MODE.value not in ALL_MODES:

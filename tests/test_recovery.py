@@ -129,7 +129,7 @@ def _assert_intact(workdir: Path, step: int) -> None:
     assert not (workdir / "unreadable_checkpoints").exists()
 
 
-def _assert_stops_with_one_line(proc: subprocess.Popen, workdir: Path, words: str, quiet: bool = True) -> str:
+def _assert_stops_with_one_line(proc: subprocess.Popen, workdir: Path, words: str) -> str:
     """The run exits 1 on its own, its last line says why, and no traceback went through igpt_jax's code."""
     try:
         _, stderr = proc.communicate(timeout=180)
@@ -141,9 +141,8 @@ def _assert_stops_with_one_line(proc: subprocess.Popen, workdir: Path, words: st
     assert line.startswith("igpt: ") and words in line, line
     assert "igpt_jax/" not in stderr, stderr[-3000:]
     # the user's last screen: our line and a few one-line reports from Orbax's threads, no library's traceback
-    if quiet:
-        assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr[-3000:]
-        assert len([x for x in stderr.splitlines() if x.startswith("E1")]) <= 5, stderr[-3000:]
+    assert "Traceback" not in stderr and "Event loop is closed" not in stderr, stderr[-3000:]
+    assert len([x for x in stderr.splitlines() if x.startswith("E1")]) <= 5, stderr[-3000:]
     if line.startswith("igpt: saving checkpoint "):
         assert "intact" in line
         failed = int(line.split()[3])
@@ -182,9 +181,9 @@ def small_tmpfs(tmp_path, request):
 def test_a_full_disk_stops_the_run_with_one_line(small_tmpfs):
     workdir = small_tmpfs / "run"
     proc = _start(workdir, "--config.total_steps=100000", "--config.keep_checkpoints=100")
-    # while saving, or appending metrics; the quiet screen is not asserted here: a full disk failed it once on a
-    # clean clone (not reproduced in the working tree), see the note on issue 24
-    _assert_stops_with_one_line(proc, workdir, "No space left on device", quiet=False)
+    # while saving, or appending metrics; writes still in flight then find Orbax's event loop closed (3 runs in 5
+    # printed 7 to 39 tracebacks of it before they were kept out of the terminal)
+    _assert_stops_with_one_line(proc, workdir, "No space left on device")
     saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert saved
     _assert_intact(workdir, saved[-1])
@@ -633,3 +632,22 @@ def test_sigterm_during_mode_probe_exits_0_with_one_line_and_writes_no_probe(tmp
     assert "Traceback" not in seen + stderr
     assert _last_line(stderr).startswith("igpt: stopped on request: --mode=probe on checkpoint 10 was abandoned")
     assert not (workdir / "probe.json").exists() and not (workdir / "lock.json").exists()
+
+
+def test_only_a_closed_event_loop_is_kept_off_the_screen(capfd, monkeypatch):
+    """The unraisable errors of library callbacks after a failed save (the full-disk case above, 3 runs in 5): the
+    closed loop's goes to the debug log, any other is printed as Python would."""
+    from igpt_jax import main
+
+    class RaisesWhenCollected:
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    monkeypatch.setattr(sys, "unraisablehook", main._quiet_closed_loops)
+    RaisesWhenCollected("Event loop is closed")  # collected at once: its error has no caller to go to
+    assert "Event loop" not in capfd.readouterr().err
+    RaisesWhenCollected("something else broke")
+    assert "RuntimeError: something else broke" in capfd.readouterr().err
