@@ -55,6 +55,22 @@ def test_the_sweep_picks_a_strength_on_held_out_train_images():
     assert all(r["l2"] in linear.L2_GRID for r in result)
 
 
+def test_the_strength_is_the_one_that_scores_best_on_the_end_of_train():
+    """The held-out end is the last heldout_fraction of the train rows, fitted on the rest. Here those 100 rows all
+    say class 0 (the fit rows' most common class), whatever their features: only the grid's strongest L2, which
+    shrinks the weights until the bias alone answers, scores them well. Clean labels there choose a weaker one."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(10, 64))
+    y = np.where(rng.random(1200) < 0.4, 0, rng.integers(1, 10, 1200)).astype(np.int32)
+    x = (0.5 * centres[y] + rng.normal(size=(1200, 64))).astype(np.float32)[None]
+    mislabelled = y.copy()
+    mislabelled[900:1000] = 0
+    chosen = linear.sweep(x[:, :1000], mislabelled[:1000], x[:, 1000:], y[1000:], 10, heldout_fraction=0.1)[0]
+    assert chosen["l2"] == max(linear.L2_GRID), chosen
+    clean = linear.sweep(x[:, :1000], y[:1000], x[:, 1000:], y[1000:], 10, heldout_fraction=0.1)[0]
+    assert clean["l2"] < max(linear.L2_GRID), clean
+
+
 def test_features_are_the_same_on_1_and_8_devices():
     """BERT, so the masks' randomness is covered too."""
     outputs = []
