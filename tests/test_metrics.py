@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from helpers import tiny_config
@@ -42,12 +45,29 @@ def test_igpt_l_matches_the_facts_sheet():
 
 
 def test_metrics_jsonl_records(tmp_path):
+    """Each row back from metrics.jsonl as written (NumPy scalars as floats), and its numbers in TensorBoard at its
+    step under the evaluator's (or the mode's, or 'train') name, read by tensorboard's own reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    rows = [
+        {"step": 1, "loss": np.float32(2.5), "tokens_per_sec": 10.0, "mfu": 0.1, "seconds": 1.0},
+        {"mode": "eval", "step": 1, "loss": 2.4},
+        {"mode": "probe", "evaluator": "cifar", "step": 3, "layer_0": 61.5, "files": ["cifar/step_00000003.json"]},
+        {"step": 3, "loss": 2.25, "tokens_per_sec": 12.0, "mfu": 0.125, "seconds": 3.0},
+    ]
     writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
-    writer.write({"step": 1, "loss": 2.5, "tokens_per_sec": 10.0, "mfu": 0.1, "seconds": 1.0})
-    writer.write({"mode": "eval", "step": 1, "loss": 2.4})
+    for row in rows:
+        writer.write(row)
     writer.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and '"mode": "eval"' in lines[1]
+    read = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert read == [{k: float(v) if isinstance(v, np.floating) else v for k, v in row.items()} for row in rows]
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("train/loss")] == [(1, 2.5), (3, 2.25)]
+    assert [(e.step, e.value) for e in board.Scalars("eval/loss")] == [(1, pytest.approx(2.4))]
+    assert [(e.step, e.value) for e in board.Scalars("cifar/layer_0")] == [(3, 61.5)]
+    train = {f"train/{k}" for k in ("loss", "tokens_per_sec", "mfu", "seconds")}
+    assert set(board.Tags()["scalars"]) == train | {"eval/loss", "cifar/layer_0"}  # no step, no file list
 
 
 def test_step_clock_leaves_evaluator_time_out_of_the_step_rate():
