@@ -322,7 +322,30 @@ def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_pat
         assert result.returncode == 0, (mode, result.stderr[-2000:])
     rows = read_metrics(workdir)
     assert [r["mode"] for r in rows] == ["eval", "sample", "probe"] and all(r["step"] == 0 for r in rows)
-    assert 0 < rows[0]["loss"] < 10 and (workdir / "samples" / "step_00000000.png").exists()
+    assert (workdir / "samples" / "step_00000000.png").exists()
+    # the held-out loss is Hugging Face's own (float64) on the same 32 test images, quantized with the clusters
+    reference, scale = _hf_loss(hf, workdir, side, examples=32)
+    terms = transformer_terms(layers=LAYERS, width=D, head_dim=D // HEADS, positions=side * side) + VOCAB + 32 * 64
+    assert abs(rows[0]["loss"] - reference) <= float32_chain(terms, scale), (rows[0]["loss"], reference)
+
+
+def _hf_loss(hf, workdir, side: int, examples: int) -> tuple[float, float]:
+    """(Hugging Face's mean next-token loss in float64 on the first `examples` test images, the largest |logit| or
+    loss: the scale of the sums behind it)."""
+    from configs import fashion_mnist
+    from igpt_jax import sampling
+    from igpt_jax.data import get_source
+
+    config = fashion_mnist.get_config(str(side))
+    config.data.data_dir = TFDS_TEST_DIR
+    clusters = np.load(workdir / "palette.npy")
+    tokens = sampling.held_out_tokens(config, get_source(config), clusters, examples)
+    sos = np.full((examples, 1), VOCAB)  # HF's SOS is the last vocabulary row
+    with torch.no_grad():
+        logits = hf.double()(torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1))).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(tokens).reshape(-1).long())
+    hf.float()
+    return float(loss), max(float(logits.abs().max()), float(loss))
 
 
 def test_an_import_never_writes_into_a_workdir_that_holds_checkpoints(tmp_path):
