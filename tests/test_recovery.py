@@ -104,6 +104,18 @@ def test_a_relaunch_with_another_recipe_stops_naming_it_and_moves_nothing(tmp_pa
     assert _train_steps(workdir) == list(range(1, 31))
     assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20", "30"]
     assert len(os.listdir(workdir / "config_history")) == 1  # the 20-step recipe, kept
+    # a fresh optimizer whose step counts start at the restored step: at checkpoint 30 they are 30, not 10, so the
+    # learning-rate schedule went on from step 20 instead of warming up again
+    config = fashion_config(image_size=8, total_steps=30, optimizer__grad_clip_norm=1.0)
+    ckpt = checkpoint.Checkpointer(storage.path(workdir), config)
+    restored = ckpt.restore_latest(steps.make_setup(config, sharding.make_mesh(config)).abstract_state)
+    ckpt.close()
+    counts = [
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(restored.state["opt_state"])
+        if "count" in jax.tree_util.keystr(path)
+    ]
+    assert restored.step == 30 and counts and set(counts) == {30}, counts
 
 
 def _can_drop_root_privileges() -> bool:
