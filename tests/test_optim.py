@@ -91,8 +91,9 @@ def test_the_default_optimizer_is_the_papers_adam():
     # float32 arithmetic on numbers of order 1: a few ulps, far below the 5% a wrong b2 moves the second step
     assert _run(optim.make(config), grads) == pytest.approx(expected, rel=1e-6)
 
-    config = fashion_config(optimizer__b1=0.8, optimizer__b2=0.99, optimizer__grad_clip_norm=0.5)
-    config.optimizer.weight_decay = 0.0
+    config = fashion_config(
+        optimizer__b1=0.8, optimizer__b2=0.99, optimizer__grad_clip_norm=0.5, optimizer__weight_decay=0.0
+    )
     grads = (4.0, 0.1, -3.0)
     rates = [float(optim.schedule(config)(t)) for t in range(3)]
     moved = _run(optim.make(config), grads, w=0.0)  # from 0: float32 resolves the two small steps fully

@@ -90,7 +90,6 @@ class TfdsSource:
     kind = "images"
 
     def __init__(self, config: ml_collections.ConfigDict, spec: TfdsSpec):
-
         self.spec = spec
         self.size = config.model.image_size
         self.flip = config.data.flip
