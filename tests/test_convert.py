@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import hf_reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -330,22 +331,18 @@ def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_pat
 
 
 def _hf_loss(hf, workdir, side: int, examples: int) -> tuple[float, float]:
-    """(Hugging Face's mean next-token loss in float64 on the first `examples` test images, the largest |logit| or
-    loss: the scale of the sums behind it)."""
+    """Hugging Face's float64 loss (and its scale) on the first `examples` test images, quantized with the
+    workdir's palette."""
     from configs import fashion_mnist
     from igpt_jax import sampling
     from igpt_jax.data import get_source
 
     config = fashion_mnist.get_config(str(side))
     config.data.data_dir = TFDS_TEST_DIR
-    clusters = np.load(workdir / "palette.npy")
-    tokens = sampling.held_out_tokens(config, get_source(config), clusters, examples)
-    sos = np.full((examples, 1), VOCAB)  # HF's SOS is the last vocabulary row
-    with torch.no_grad():
-        logits = hf.double()(torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1))).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.tensor(tokens).reshape(-1).long())
+    tokens = sampling.held_out_tokens(config, get_source(config), np.load(workdir / "palette.npy"), examples)
+    loss = hf_reference.loss(hf.double(), tokens)
     hf.float()
-    return float(loss), max(float(logits.abs().max()), float(loss))
+    return loss
 
 
 def test_an_import_never_writes_into_a_workdir_that_holds_checkpoints(tmp_path):

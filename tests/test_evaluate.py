@@ -3,14 +3,18 @@ and the paper's held-out splits kept out of training."""
 
 from __future__ import annotations
 
+import json
+
+import hf_reference
 import jax
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics, run_main
+from tolerances import float32_chain, transformer_terms
 
-from igpt_jax import config_checks, palette, sharding, steps
+from igpt_jax import config_checks, palette, sampling, sharding, steps
 from igpt_jax.data import get_source, splits
 from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
 from igpt_jax.evaluators.kinds import loss
@@ -107,13 +111,14 @@ def test_the_heldout_images_are_kept_out_of_training(tmp_path):
 # --- --mode=eval
 
 
-@pytest.mark.slow  # 20 s: a run, then the mode in its own process
-def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
+@pytest.mark.slow  # 25 s: a run, then the mode in its own process
+def test_mode_eval_gives_hugging_faces_loss_for_the_checkpoints_recipe(tmp_path):
+    """--mode=eval on a trained checkpoint, the command line naming another model: the loss is Hugging Face's own,
+    in float64, for the exported checkpoint on the same 64 held-out images."""
     workdir = tmp_path / "run"
     flags = cli_flags(image_size=8, embed_dim=32, total_steps=10, eval_every=10, checkpoint_every=10, warmup=3)
     trained = run_main(f"--workdir={workdir}", *flags)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    (last_eval,) = [r for r in read_metrics(workdir) if r.get("mode") == "eval"]
 
     # the command line names the default model (4 layers of 128): the checkpoint's own recipe is used
     evaluated = run_main(
@@ -125,10 +130,19 @@ def test_mode_eval_repeats_the_training_runs_last_eval(tmp_path):
     )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "using checkpoint 10's recipe: model.embed_dim 128 -> 32" in evaluated.stderr
-    assert f"eval step 10: {last_eval['loss']:.4f} nats" in evaluated.stdout
-    records = [r for r in read_metrics(workdir) if r.get("mode") == "eval"]
-    assert len(records) == 2 and records[1]["step"] == 10 and records[1]["examples"] == 64
-    assert records[1]["loss"] == pytest.approx(last_eval["loss"], rel=1e-6)
+    row = [r for r in read_metrics(workdir) if r.get("mode") == "eval"][-1]
+    assert (row["step"], row["examples"]) == (10, 64)
+    assert f"eval step 10: {row['loss']:.4f} nats" in evaluated.stdout
+
+    recipe = fashion_config(image_size=8)  # the run's data; the images are quantised with its saved palette
+    tokens = sampling.held_out_tokens(recipe, get_source(recipe), np.load(workdir / "palette.npy"), 64)
+    reference, scale = hf_reference.loss(hf_reference.export(workdir, tmp_path / "hf"), tokens)
+    model = json.loads((workdir / "config.json").read_text())["model"]
+    width, heads = model["embed_dim"], model["num_heads"]
+    positions = 64
+    terms = transformer_terms(layers=model["num_layers"], width=width, head_dim=width // heads, positions=positions)
+    terms += model["vocab_size"] + 64 * positions  # the log-softmax's sum, then the mean over the images' tokens
+    assert abs(row["loss"] - reference) <= float32_chain(terms, scale), (row["loss"], reference)
 
 
 def test_mode_eval_without_a_checkpoint_is_one_line(tmp_path):

@@ -1,21 +1,25 @@
 """Sampling: cached decoding reproduces the full forward pass, greedy is the full model's argmax, the palette's
 missing colours are never drawn, images depend on the seed alone (not on devices or sharding), completions keep what
-was given, and --mode=sample writes the grids the train loop writes."""
+was given, and --mode=sample's grids hold Hugging Face's greedy tokens."""
 
 from __future__ import annotations
 
 import io
+import json
 
+import hf_reference
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TFDS_TEST_DIR, cli_flags, override, read_metrics, run_main, tiny_config
+from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, override, read_metrics, run_main, tiny_config
 from PIL import Image
+from tolerances import float32_chain, transformer_terms
 
 from igpt_jax import model as model_lib
-from igpt_jax import sampling, sharding, steps
+from igpt_jax import plots, sampling, sharding, steps
+from igpt_jax.data import get_source
 
 
 def _with_random_head(model: model_lib.IGPT, scale: float = 0.3) -> model_lib.IGPT:
@@ -176,17 +180,47 @@ def test_completion_grid_layout():
     assert pixel(1, 2, 3) == 200 and pixel(1, 4, 3) == 100  # a completion, then the whole original
 
 
-@pytest.mark.slow  # 30 s: a run, then the mode in its own process
-def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
-    workdir = tmp_path / "run"
-    flags = cli_flags(image_size=8, embed_dim=32, total_steps=6, eval_every=6, checkpoint_every=6, warmup=2)
-    sample = ["--config.evals.samples.num_images=6", "--config.evals.samples.completion_images=2"]
-    trained = run_main(f"--workdir={workdir}", *flags, *sample, "--config.evals.samples.at_end=True")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    grids = ["step_00000006.png", "step_00000006_completions.png"]
-    assert trained.stdout.splitlines()[-1] == f"igpt: samples: {', '.join(str(workdir / 'samples' / g) for g in grids)}"
-    written = {name: (workdir / "samples" / name).read_bytes() for name in grids}
+def _grid_tokens(png: bytes, clusters: np.ndarray, side: int) -> np.ndarray:
+    """Tokens [rows, cols, side * side] read back from a grid's pixels: each cell's palette colour, by exact match;
+    -1 where a pixel is no palette colour (a blank cell, the grey of what a completion was not given)."""
+    colours = sampling.render(np.arange(len(clusters))[None], clusters, len(clusters)).reshape(-1, 3)
+    assert len(np.unique(colours, axis=0)) == len(clusters)  # every colour names one token
+    grid = np.asarray(Image.open(io.BytesIO(png)))[..., :3]
+    scale, cell = sampling._scale(side), side * sampling._scale(side) + plots.GRID_GAP
+    rows, cols = (grid.shape[0] - plots.GRID_GAP) // cell, (grid.shape[1] - plots.GRID_GAP) // cell
+    corners = plots.GRID_GAP + np.arange(side) * scale
+    out = np.zeros((rows, cols, side * side), np.int64)
+    for r in range(rows):
+        for c in range(cols):
+            pixels = grid[r * cell + corners[:, None], c * cell + corners[None, :]].reshape(-1, 1, 3)
+            match = (pixels == colours[None]).all(-1)
+            out[r, c] = np.where(match.any(-1), match.argmax(-1), -1)
+    return out
 
+
+def _assert_argmax_of_hugging_face(hf, tokens: np.ndarray, start: int, model: dict) -> None:
+    """Each of tokens [n, N] from position `start` on is Hugging Face's float64 argmax given the tokens before it,
+    to within the float32 error of both logits compared."""
+    logits = hf_reference.next_token_logits(hf, tokens)[:, start:]
+    chosen = np.take_along_axis(logits, tokens[:, start:, None], axis=-1)[..., 0]
+    width, positions = model["embed_dim"], tokens.shape[1]
+    terms = transformer_terms(layers=model["num_layers"], width=width, head_dim=width // model["num_heads"],
+                              positions=positions)  # fmt: skip
+    slack = 2 * float32_chain(terms, np.abs(logits).max())
+    assert (chosen >= logits.max(-1) - slack).all(), np.argwhere(chosen < logits.max(-1) - slack)[:5]
+
+
+@pytest.mark.slow  # 45 s: 40 steps (a model whose greedy choice depends on the context), then the mode
+def test_mode_sample_draws_hugging_faces_argmax_and_completes_the_given_rows_of_held_out_images(tmp_path):
+    """Greedy --mode=sample on a trained checkpoint, read back from its PNG grids: every drawn token is Hugging
+    Face's argmax (float64, the exported checkpoint) given the tokens before it, and each completion starts from
+    the top half of the eval split's image it stands beside."""
+    workdir = tmp_path / "run"
+    flags = cli_flags(image_size=8, embed_dim=32, total_steps=40, eval_every=40, checkpoint_every=40, warmup=5)
+    trained = run_main(f"--workdir={workdir}", *flags)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    sample = ["--config.evals.samples.num_images=3", "--config.evals.samples.completion_images=2"]
+    sample += ["--config.evals.samples.completions_per_image=2", "--config.evals.samples.temperature=0"]
     sampled = run_main(
         f"--workdir={workdir}",
         "--mode=sample",
@@ -195,14 +229,30 @@ def test_mode_sample_writes_the_grids_the_train_loop_wrote(tmp_path):
         f"--config.data.data_dir={TFDS_TEST_DIR}",
     )
     assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert str(workdir / "samples" / grids[0]) in sampled.stdout.splitlines()[-1]
-    for name in grids:  # same checkpoint, same seed: the same images, in training and in --mode=sample
-        assert (workdir / "samples" / name).read_bytes() == written[name]
-    free = np.asarray(Image.open(workdir / "samples" / grids[0]))
-    assert free.shape[:2] == (2 * (8 * 12 + 2) + 2, 3 * (8 * 12 + 2) + 2)  # 6 images: 2 rows of 3, each 12x
+    grids = [workdir / "samples" / name for name in ("step_00000040.png", "step_00000040_completions.png")]
+    last = sampled.stdout.splitlines()[-1]
+    assert last.startswith("samples step 40: 7 images at ") and last.endswith(f" -> {', '.join(map(str, grids))}")
     rows = [r for r in read_metrics(workdir) if r.get("mode") == "sample"]
-    assert [r["step"] for r in rows] == [6, 6] and rows[1]["images"] == 6 + 2 * 4
-    assert rows[1]["images_per_sec"] > 0
+    assert [r["step"] for r in rows] == [40] and rows[0]["images"] == 3 + 2 * 2 and rows[0]["images_per_sec"] > 0
+
+    clusters = np.load(workdir / "palette.npy")
+    free = _grid_tokens(grids[0].read_bytes(), clusters, 8).reshape(-1, 64)  # 3 images: 2 rows of 2, one blank
+    assert (free[:3] >= 0).all() and (free[3] == -1).all()
+    free = free[:3]
+    completed = _grid_tokens(grids[1].read_bytes(), clusters, 8)  # per image: given | 2 completions | original
+    assert completed.shape[:2] == (2, 1 + 2 + 1)
+    recipe = fashion_config(image_size=8)
+    originals = sampling.held_out_tokens(recipe, get_source(recipe), clusters, 2)
+    np.testing.assert_array_equal(completed[:, -1], originals)
+    np.testing.assert_array_equal(completed[:, 0, :32], originals[:, :32])  # the given half, the rest grey
+    assert (completed[:, 0, 32:] == -1).all()
+    completions = completed[:, 1:3].reshape(4, 64)
+    np.testing.assert_array_equal(completions[:, :32], np.repeat(originals[:, :32], 2, axis=0))
+
+    hf = hf_reference.export(workdir, tmp_path / "hf")
+    model = json.loads((workdir / "config.json").read_text())["model"]
+    _assert_argmax_of_hugging_face(hf, free, 0, model)
+    _assert_argmax_of_hugging_face(hf, completions, 32, model)
 
 
 def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
