@@ -1,14 +1,18 @@
-"""Mutation score of one module against the tests that claim to guard it, with mutmut.
+"""Mutation score of a module against the tests that claim to guard it, with mutmut.
 
     .venv/bin/python tools/mutation_score.py igpt_jax/optim.py tests/test_optim.py [--rev REV] [--out FILE]
+    .venv/bin/python tools/mutation_score.py --all [--rev REV] [--out FILE]   # every module of GUARDS, in turn
 
 The tracked files at REV (default HEAD: commit what is to be measured) are copied into a temporary folder, so
-mutmut's `mutants/` never lands in the checkout; mutmut (the `mutation` extra) mutates
-only MODULE, maps each mutant to the listed tests that reach its function, and runs them, two at a time (each in a
-process forked from a server that holds no JAX state). Prints one JSON object: killed, survived, no_tests (mutants in
-functions none of the tests reach), the score killed / (killed + survived + no_tests) and the survivors' names;
-`mutmut show NAME` in the printed folder shows a survivor's diff. Slow and outside the test run: optim.py's 118
-mutants take about 3 minutes on 2 cores.
+mutmut's `mutants/` never lands in the checkout; mutmut (the `mutation` extra) mutates only MODULE, maps each mutant
+to the listed tests that reach its function, and runs them, two at a time (each in a process forked from a server
+that holds no JAX state). The tests run as in the default test run (`-m "not slow"` from setup.cfg).
+
+Prints one JSON object per module: killed, survived, no_tests (mutants in functions that none of the tests reach in
+the pytest process itself: code reached only inside a subprocess the test starts counts here too), the score
+killed / (killed + survived + no_tests), the survivors' names and the seconds it took; `mutmut show NAME` in the
+printed folder shows a survivor's diff. Slow and outside the test run: optim.py's 118 mutants take about 3 minutes
+on 2 cores, the whole table a few hours.
 """
 
 from __future__ import annotations
@@ -19,9 +23,34 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Each module the README reports a score for, with the test files that claim to guard it. A file that does not exist
+# at the measured revision is left out (and said so), so an older commit can be measured with the same table.
+GUARDS: dict[str, tuple[str, ...]] = {
+    "igpt_jax/checkpoint.py": ("tests/test_recovery.py", "tests/test_train.py", "tests/test_checkpoint.py"),
+    "igpt_jax/defaults.py": ("tests/test_config_and_cli.py", "tests/test_presets.py", "tests/test_resume_rules.py"),
+    "igpt_jax/finetune.py": ("tests/test_finetune.py",),
+    "igpt_jax/metrics.py": ("tests/test_metrics.py", "tests/test_workdir_files.py"),
+    "igpt_jax/optim.py": ("tests/test_optim.py",),
+    "igpt_jax/planner.py": ("tests/test_planner.py",),
+    "igpt_jax/probe/linear.py": ("tests/test_probe.py", "tests/test_streamed_probe.py"),
+    "igpt_jax/probe/streamed.py": ("tests/test_streamed_probe.py", "tests/test_probe_features.py"),
+    "igpt_jax/resume.py": ("tests/test_resume_rules.py", "tests/test_resume_process.py"),
+    "igpt_jax/run_lock.py": ("tests/test_run_lock.py", "tests/test_workdir_files.py"),
+    "igpt_jax/sampling.py": ("tests/test_sampling.py",),
+    "igpt_jax/sharding.py": ("tests/test_sharding_rules.py", "tests/test_train.py"),
+    "igpt_jax/steps.py": ("tests/test_train.py", "tests/test_steps.py"),
+    "igpt_jax/storage.py": (
+        "tests/test_storage.py",
+        "tests/test_workdir_files.py",
+        "tests/test_gcs_workdir.py",
+        "tests/test_run_lock.py",
+    ),
+}
 
 
 def _copy_tree(rev: str, into: Path) -> None:
@@ -36,19 +65,28 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
             f"source_paths = {module.split('/')[0]}\n"
             f"only_mutate = {module}\n"
             "also_copy = configs\n"
-            f"pytest_add_cli_args_test_selection = {' '.join(tests)}\n"
-            "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
+            # one per line: setup.cfg's lists are newline-separated, and a space-joined value is one argument
+            "pytest_add_cli_args_test_selection =\n"
+            + "".join(f"    {test}\n" for test in tests)
+            + "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
             "forkserver_warmup = none\n"
         )
 
 
 def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
+    started = time.perf_counter()
     tree = Path(tempfile.mkdtemp(prefix="mutation_"))
     _copy_tree(rev, tree)
+    missing = [t for t in tests if not (tree / t.split("::")[0]).exists()]
+    tests = [t for t in tests if t not in missing]
+    if not (tree / module).exists() or not tests:
+        return {"module": module, "rev": rev, "skipped": f"no {module} or none of its tests at {rev}"}
     _configure(tree, module, tests)
     mutmut = [sys.executable, "-m", "mutmut"]
     children = str(os.cpu_count() or 1)
-    subprocess.run([*mutmut, "run", "--max-children", children], cwd=tree, check=True, capture_output=True)
+    run = subprocess.run([*mutmut, "run", "--max-children", children], cwd=tree, capture_output=True, text=True)
+    if run.returncode:
+        sys.exit(f"mutmut run failed in {tree} (exit {run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=tree, check=True, capture_output=True)
     stats = json.loads((tree / "mutants" / "mutmut-cicd-stats.json").read_text())
     results = subprocess.run([*mutmut, "results"], cwd=tree, check=True, capture_output=True, text=True).stdout
@@ -57,6 +95,7 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
     return {
         "module": module,
         "tests": tests,
+        "missing_tests": missing,
         "rev": rev,
         "killed": stats["killed"],
         "survived": stats["survived"],
@@ -64,22 +103,30 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
         "timeout": stats["timeout"],
         "score": round(stats["killed"] / judged, 3) if judged else None,
         "survivors": survivors,
+        "seconds": round(time.perf_counter() - started),
         "folder": str(tree),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", help="the file to mutate, e.g. igpt_jax/optim.py")
-    parser.add_argument("tests", nargs="+", help="the test files or node ids that guard it")
+    parser.add_argument("module", nargs="?", help="the file to mutate, e.g. igpt_jax/optim.py")
+    parser.add_argument("tests", nargs="*", help="the test files or node ids that guard it (default: GUARDS')")
+    parser.add_argument("--all", action="store_true", help="every module of GUARDS against its tests, in turn")
     parser.add_argument("--rev", default="HEAD", help="the commit to measure (default HEAD)")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", help="also write the JSON here (with --all: one object per line, as each ends)")
     args = parser.parse_args()
-    result = score(args.module, args.tests, args.rev)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if args.all == bool(args.module):
+        parser.error("give a MODULE [TESTS ...] or --all")
+    if args.module and not args.tests and args.module not in GUARDS:
+        parser.error(f"{args.module} has no tests in GUARDS; name them after it")
+    todo = GUARDS.items() if args.all else [(args.module, args.tests or GUARDS[args.module])]
+    for module, tests in todo:
+        result = score(module, list(tests), args.rev)
+        print(json.dumps(result, indent=2), flush=True)
+        if args.out:
+            with open(args.out, "a" if args.all else "w") as f:
+                f.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
