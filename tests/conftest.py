@@ -6,4 +6,4 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-pytest_plugins = ["gcs_emulator"]  # the `gcs` fixture: a GCS API on 127.0.0.1
+pytest_plugins = ["gcs_emulator"]  # `gcs` and `gcs_here`: a GCS API on 127.0.0.1

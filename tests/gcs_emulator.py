@@ -81,3 +81,19 @@ def gcs(tmp_path_factory):
     server.terminate()
     server.wait(timeout=10)
     log.close()
+
+
+@pytest.fixture
+def gcs_here(gcs, monkeypatch, request) -> str:
+    """A fresh gs:// folder on the emulator that this test's own process reaches (gcsfs through etils.epath,
+    tensorstore), for tests of code that runs in the pytest process. The instance cache is cleared on both sides, so
+    no client made before (or for another endpoint) is reused."""
+    import gcsfs
+
+    _, env, _ = gcs
+    for key in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "NO_GCE_CHECK"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    request.addfinalizer(gcsfs.GCSFileSystem.clear_instance_cache)
+    return f"gs://{BUCKET}/{request.node.name.replace('[', '_').replace(']', '')}_{time.time_ns()}"

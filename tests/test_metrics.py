@@ -1,4 +1,5 @@
-"""The MFU formula's FLOP count against XLA's own count of a compiled training step, and the facts sheet."""
+"""The MFU formula's FLOP count against XLA's own count of a compiled training step and the facts sheet, the peak it
+is divided by, metrics.jsonl and TensorBoard as written, the step clock and the progress line."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from flax import nnx
 from helpers import tiny_config
 
 from configs import igpt_l
-from igpt_jax import metrics, objectives
+from igpt_jax import metrics, objectives, plots
 from igpt_jax import model as model_lib
 
 
@@ -36,6 +37,32 @@ def test_flops_per_token_match_xla_for_a_training_step():
     m = config.model
     ours = (metrics.flops_per_token(config) + 6 * m.num_layers * seq * m.embed_dim) * batch * seq
     assert xla == pytest.approx(ours, rel=0.04), (xla, ours)
+
+
+def _xla_flops_per_token(config, batch: int = 2) -> float:
+    graphdef, params = nnx.split(model_lib.build(config), nnx.Param)
+    tokens = jnp.zeros((batch, model_lib.tokens_per_image(config)), jnp.int32)
+
+    def loss(p):
+        return objectives.batch_loss(nnx.merge(graphdef, p), tokens, jax.random.key(0), config)[0]
+
+    cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"] / tokens.size
+
+
+def test_the_attention_share_is_what_xla_adds_per_token_as_images_grow():
+    """From 8x8 to 16x16 images the weights' FLOPs per token stay put and attention's grow: XLA's count (full S x S
+    scores, forward + backward) grows by twice our causal-halved attention_flops_per_token's growth, plus the
+    softmax's and mask's elementwise work on each score: under 16 FLOPs a score and head, against 12 d = 3,072 for
+    the two matmuls at width 256 with 2 heads, so within 1.05% (1.6e-3 measured). A wrong constant in the formula
+    (7 instead of 6: 17% off) or a dropped factor shows."""
+    small, large = (tiny_config(image_size=side, scan_layers=False, attention="xla") for side in (8, 16))
+    for config in (small, large):
+        config.model.embed_dim, config.model.num_heads = 256, 2
+    grown = _xla_flops_per_token(large) - _xla_flops_per_token(small)
+    ours = 2 * (metrics.attention_flops_per_token(large) - metrics.attention_flops_per_token(small))
+    elementwise = 16 * 2 / (12 * 256)
+    assert ours <= grown <= ours * (1 + elementwise), (grown, ours)
 
 
 def test_igpt_l_matches_the_facts_sheet():
@@ -82,3 +109,137 @@ def test_step_clock_leaves_evaluator_time_out_of_the_step_rate():
     assert seconds == pytest.approx(10.0) and per_step == pytest.approx(0.1)
     now[0] += 2.0  # the next lap starts clean: nothing paused carries over
     assert clock.lap(110) == (pytest.approx(2.0), pytest.approx(0.2))
+
+
+class _Device:
+    def __init__(self, device_kind: str, platform: str):
+        self.device_kind, self.platform = device_kind, platform
+
+
+@pytest.mark.parametrize(
+    ("kind", "peak"),
+    [("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v4", 275e12), ("NVIDIA H100 80GB HBM3", 989e12)],
+)
+def test_a_known_chips_peak_is_its_vendors_dense_bf16_figure(monkeypatch, kind, peak):
+    """The figures Google and NVIDIA publish (v5e 197, v5p 459, v4 275, H100 SXM 989 TFLOP/s), not a measurement."""
+    monkeypatch.setattr(jax, "devices", lambda: [_Device(kind, "tpu" if kind.startswith("TPU") else "gpu")])
+    monkeypatch.setattr(metrics, "_measured_cpu_peak", lambda: pytest.fail("a known chip is never measured"))
+    value, source = metrics.peak_flops_per_device()
+    assert value == peak and source.endswith("bf16 dense peak (igpt_jax/hardware.py)")
+
+
+def test_a_cpus_peak_is_its_measured_matmul_rate_shared_by_its_devices(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda: [_Device("cpu", "cpu")])
+    monkeypatch.setattr(jax, "local_device_count", lambda: 8)
+    monkeypatch.setattr(metrics, "_measured_cpu_peak", lambda: (8e11, 6))
+    value, source = metrics.peak_flops_per_device()
+    assert value == 1e11 and "the best of 6 timed 2048x2048 matmuls" in source
+
+
+def test_an_unknown_accelerators_peak_is_nan_and_named(monkeypatch):
+    monkeypatch.setattr(jax, "devices", lambda: [_Device("Mystery X1", "gpu")])
+    value, source = metrics.peak_flops_per_device()
+    assert np.isnan(value) and source == "unknown peak for Mystery X1"
+
+
+def test_the_cpu_peak_is_xlas_matmul_flops_over_the_fastest_timing(monkeypatch):
+    """Matmuls that take 5 s (the warm-up, untimed), then 0.375, 0.125 and 0.25 s each, by a clock under the test's
+    control: the rate is XLA's own FLOP count of the n x n matmul over the fastest, 0.125 s, and timing goes on until
+    both min_repeats and min_seconds are reached."""
+    n = 64
+    x = jnp.ones((n, n), jnp.float32)
+    cost = jax.jit(lambda a: a @ a).lower(x).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    for min_repeats, min_seconds, repeats in [(3, 0.0, 3), (2, 1.0, 4), (6, 1.0, 6)]:
+        now, durations = [0.0], iter([5.0, 0.375, 0.125] + [0.25] * 10)
+
+        class Result:
+            def block_until_ready(self, now=now, durations=durations):
+                now[0] += next(durations)
+
+        monkeypatch.setattr(jax, "jit", lambda f: lambda a: Result())
+        rate, timed = metrics._measured_cpu_peak(n, min_seconds, min_repeats, clock=lambda now=now: now[0])
+        assert (rate, timed) == (xla / 0.125, repeats)
+
+
+def test_the_progress_line_reads_the_records_numbers():
+    train = {"step": 40, "loss": 2.08951, "bits_per_token": 3.01453, "tokens_per_sec": 131072.4, "mfu": 0.4567}
+    line = metrics.progress_line(train | {"eta_seconds": 90.0}, 1000, "splash")
+    assert line == (
+        "step 40/1000  loss 2.0895 nats (3.015 bits)  131072 tokens/s  MFU 45.7%  ETA 1.5 min  attention splash"
+    )
+    assert metrics.progress_line(train, 1000).endswith("MFU 45.7%  ETA ?")  # no ETA yet, no kernel named
+    tuned = train | {"accuracy": 0.625, "generative_loss": 1.5, "classification_loss": 0.58951}
+    assert metrics.progress_line(tuned, 50) == (
+        "step 40/50  loss 2.0895 = generative 1.5000 (3.015 bits) + classification 0.5895, accuracy 62%  "
+        "131072 tokens/s  MFU 45.7%  ETA ?"
+    )
+
+
+def test_the_step_clock_never_divides_by_zero():
+    """A lap at the step it started from counts as one step; a lap of no time still gives a positive rate."""
+    now = [0.0]
+    clock = metrics.StepClock(step=7, clock=lambda: now[0])
+    now[0] += 3.0
+    assert clock.lap(7) == (3.0, 3.0)
+    seconds, per_step = clock.lap(9)
+    assert 0 < seconds < 1e-6 and 0 < per_step < 1e-6
+
+
+def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing import event_accumulator
+
+    board = event_accumulator.EventAccumulator(str(directory))
+    board.Reload()
+    return {tag: [(e.step, e.value) for e in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+
+
+def test_a_resumed_writers_tensorboard_drops_the_steps_it_redoes(tmp_path):
+    """The first run logged steps 1..4 and saved step 2; the relaunch (resumed_step=2) logs 3 and 4 again. TensorBoard
+    shows each step once, the relaunch's values for 3 and 4."""
+    first = metrics.MetricsWriter(tmp_path, enabled=True)
+    for step in range(1, 5):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    again = metrics.MetricsWriter(tmp_path, resumed_step=2, enabled=True)
+    for step in (3, 4):
+        again.write({"step": step, "loss": 10.0 * step})
+    again.close()
+    assert _scalars(tmp_path / "tensorboard") == {"train/loss": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
+
+
+def test_one_process_writes_by_default_and_append_row_adds_one_row(tmp_path):
+    """Process 0 writes (the test is process 0 of 1); a disabled writer leaves the workdir empty."""
+    metrics.MetricsWriter(tmp_path / "off", enabled=False).write({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "off").exists()
+    writer = metrics.MetricsWriter(tmp_path)
+    writer.write({"step": 1, "loss": 2.0})
+    writer.images(1, {"samples": plots.image_grid(np.zeros((1, 1, 4, 4, 3), np.uint8), scale=1)})
+    writer.close()
+    metrics.append_row(tmp_path, {"mode": "eval", "step": 1, "loss": 1.5})
+    assert metrics.read_rows(tmp_path) == [{"step": 1, "loss": 2.0}, {"mode": "eval", "step": 1, "loss": 1.5}]
+    assert _scalars(tmp_path / "tensorboard") == {"train/loss": [(1, 2.0)], "eval/loss": [(1, 1.5)]}
+    from tensorboard.backend.event_processing import event_accumulator
+
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    (image,) = board.Images("samples")
+    assert (image.step, image.width, image.height) == (1, 4 + 2 * plots.GRID_GAP, 4 + 2 * plots.GRID_GAP)
+
+
+def test_on_gcs_a_forced_flush_makes_every_row_durable(gcs_here):
+    """An object store is rewritten whole at a flush, so unforced flushes wait min_flush_seconds; the forced one
+    before each checkpoint save uploads every row written so far, metrics.jsonl and TensorBoard alike."""
+    from igpt_jax import storage
+
+    workdir = storage.path(gcs_here)
+    writer = metrics.MetricsWriter(workdir, enabled=True)
+    writer.write({"step": 1, "loss": 2.0})
+    assert metrics.read_rows(workdir) == []  # written at the next forced flush, not at every row
+    writer.flush(force=True)
+    assert metrics.read_rows(workdir) == [{"step": 1, "loss": 2.0}]
+    (events,) = (workdir / "tensorboard").iterdir()
+    assert b"train/loss" in events.read_bytes()
+    writer.write({"step": 2, "loss": 1.0})
+    writer.close()
+    assert [r["step"] for r in metrics.read_rows(workdir)] == [1, 2]

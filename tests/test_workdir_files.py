@@ -98,6 +98,19 @@ def test_metrics_rows_after_the_resumed_step_and_a_cut_line_are_set_aside(tmp_pa
     ]
 
 
+def test_rows_that_name_no_step_are_set_aside_as_broken_and_the_resumed_steps_own_rows_stay(tmp_path):
+    """Blank lines go; a row at the resumed step stays; rows without a usable step (none, null, not a number, not
+    an object) cannot be placed on the curve and go aside with the later ones, in their order."""
+    broken = [json.dumps({"loss": 3.0}), json.dumps({"step": None}), json.dumps({"step": "x"}), json.dumps([1])]
+    lines = [json.dumps({"step": 1}), "", json.dumps({"step": 2}), *broken, json.dumps({"step": 3}), "  "]
+    (tmp_path / "metrics.jsonl").write_text(_rows(lines))
+    assert metrics.set_aside_superseded(storage.path(tmp_path), 2) == (1, 4)
+    assert (tmp_path / "metrics.jsonl").read_text() == _rows([json.dumps({"step": 1}), json.dumps({"step": 2})])
+    assert (tmp_path / "metrics.superseded.jsonl").read_text() == _rows([json.dumps({"step": 3}), *broken])
+    assert metrics.set_aside_superseded(storage.path(tmp_path / "none"), 0) == (0, 0)  # no metrics.jsonl yet
+    assert not (tmp_path / "none").exists()
+
+
 def test_metrics_writer_appends_after_the_kept_rows(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(_rows([json.dumps({"step": 1, "loss": 2.0})]))
     writer = metrics.MetricsWriter(storage.path(tmp_path), resumed_step=1, enabled=True)
