@@ -17,11 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from gcs_emulator import BUCKET
 
 from igpt_jax import run_lock, storage
 
-ROOT = Path(__file__).resolve().parents[1]
 DEAD_PID = 2**22 + 12345  # above the kernel's largest pid_max: no such process
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
@@ -278,50 +276,37 @@ def test_acquire_everywhere_takes_the_lock_in_one_process_and_refuses_with_the_h
         lock.release()
 
 
-_ON_GCS = """
-import json, sys, threading, time
-from igpt_jax import run_lock, storage
-workdir = storage.path(sys.argv[1])
-out = {}
-racers = [None] * 8  # eight runs creating the same object: the generation precondition lets exactly one win
-def race(i):
-    racers[i] = storage.create_exclusive(workdir / "race.json", str(i).encode())
-threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
-[t.start() for t in threads]
-[t.join() for t in threads]
-out["winners"] = sum(racers)
-lock = run_lock.RunLock(workdir, heartbeat_seconds=0.2, stale_seconds=300)
-lock.acquire()
-first = json.loads((workdir / "lock.json").read_text())
-try:
-    run_lock.RunLock(workdir).acquire()
-except run_lock.WorkdirLockedError as e:
-    out["refused"] = str(e)
-time.sleep(1.5)
-out["beat"] = json.loads((workdir / "lock.json").read_text())["heartbeat"] - first["heartbeat"]
-lock.release()
-out["released"] = not (workdir / "lock.json").exists()
-stale = dict(first, host="pod-worker-7", heartbeat=time.time() - 600, token="another run")
-(workdir / "lock.json").write_text(json.dumps(stale))
-second = run_lock.RunLock(workdir)
-second.acquire()
-out["taken_over"] = json.loads((workdir / "lock.json").read_text())["token"] == second._token
-second.release()
-print(json.dumps(out))
-"""
+def test_the_lock_protocol_holds_on_a_gcs_bucket(gcs_here):
+    """Exclusive creation by eight racers (the generation precondition lets exactly one win), refusal, heartbeat,
+    release and take-over against a GCS API."""
+    workdir = storage.path(gcs_here)
+    racers = [None] * 8
 
+    def race(i):
+        racers[i] = storage.create_exclusive(workdir / "race.json", str(i).encode())
 
-def test_the_lock_protocol_holds_on_a_gcs_bucket(gcs, tmp_path):
-    """Exclusive creation, refusal, heartbeat, release and take-over against a GCS API (in its own process, which
-    routes gs:// to the emulator from its start)."""
-    _, env, _ = gcs
-    workdir = f"gs://{BUCKET}/lock_run"
-    result = subprocess.run(
-        [sys.executable, "-c", _ON_GCS, workdir], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.splitlines()[-1])
-    assert out["winners"] == 1
-    assert out["refused"].startswith(f"workdir {workdir} is in use by another run: host {socket.gethostname()} pid ")
-    assert out["beat"] > 0.5  # at least 3 beats of 0.2 s in 1.5 s, however slow the emulator
-    assert out["released"] and out["taken_over"]
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sum(racers) == 1 and (workdir / "race.json").read_text() == str(racers.index(True))
+
+    lock = run_lock.RunLock(workdir, heartbeat_seconds=0.2, stale_seconds=300)
+    lock.acquire()
+    first = json.loads((workdir / "lock.json").read_text())
+    try:
+        with pytest.raises(run_lock.WorkdirLockedError) as refused:
+            run_lock.RunLock(workdir).acquire()
+        assert str(refused.value).startswith(
+            f"workdir {gcs_here} is in use by another run: host {socket.gethostname()} pid {os.getpid()} since "
+        )
+        time.sleep(1.5)
+        beat = json.loads((workdir / "lock.json").read_text())["heartbeat"] - first["heartbeat"]
+        assert beat > 0.5  # at least 3 beats of 0.2 s in 1.5 s, however slow the emulator
+    finally:
+        lock.release()
+    assert not (workdir / "lock.json").exists()
+    (workdir / "lock.json").write_text(json.dumps(first | {"host": "pod-worker-7", "heartbeat": time.time() - 600}))
+    second = run_lock.RunLock(workdir)
+    second.acquire()
+    assert json.loads((workdir / "lock.json").read_text())["token"] == second._token
+    second.release()
