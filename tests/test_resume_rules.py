@@ -106,3 +106,71 @@ def test_every_key_of_the_base_config_is_classified_on_purpose():
         "data.flip",
         "data.augment",
     }
+
+
+def test_a_changed_recipe_key_is_refused_in_one_message_with_every_way_on():
+    with pytest.raises(resume.CheckpointMismatchError) as error:
+        _plan(fashion_config(), fashion_config(seed=3, log_every_steps=5))
+    assert str(error.value) == (
+        "checkpoint W/checkpoints/20 does not fit this config: config changed since it was saved: seed 0 -> 3, "
+        "log_every_steps 1 -> 5. Nothing was moved or deleted. Ways on: --config.restore=params (keeps the parameters "
+        "and step 20, accepts the changed keys), or the saved values of the changed keys, or another --workdir."
+    )
+
+
+def test_a_checkpoint_without_a_config_is_judged_by_its_tree_alone():
+    config = fashion_config()
+    assert resume.plan("W", 20, None, config, _tree(config), _tree(config), False) == resume.Plan(False, [])
+    wider = fashion_config(model__embed_dim=64)
+    with pytest.raises(resume.CheckpointMismatchError) as error:
+        resume.plan("W", 20, None, wider, _tree(config), _tree(wider), False)
+    assert "; it holds no config to compare with. Nothing was moved or deleted. Ways on: another --workdir." in str(
+        error.value
+    )
+
+
+def test_tree_differences_count_and_name_an_example_of_each_kind():
+    saved = {"params.a": ((2, 3), "float32"), "params.b": ((4,), "float32"), "params.old": ((1,), "int32")}
+    saved |= {"step": ((), "int32"), "opt_state.0.mu.a": ((2, 3), "float32")}
+    expected = {"params.a": ((2, 3), "bfloat16"), "params.b": ((5,), "float32"), "params.new": ((1,), "int32")}
+    expected |= {"params.newer": ((1,), "int32"), "step": ((), "int32"), "opt_state.0.mu.a": ((2, 3), "float32")}
+    assert resume.tree_differences(saved, expected, "params") == (
+        "params: 2 arrays differ in shape or dtype (e.g. params.a: saved float32[2, 3], this config bfloat16[2, 3]); "
+        "1 arrays only in the checkpoint and 2 only in this config (e.g. saved params.old, this config params.new)"
+    )
+    assert resume.tree_differences(saved, expected, "step") is None
+    assert resume.tree_differences(saved, expected, "opt_state") is None
+    only_new = resume.tree_differences({}, expected, "params")
+    assert only_new == "params: 0 arrays only in the checkpoint and 4 only in this config (e.g. this config params.a)"
+    only_old = resume.tree_differences(saved, {}, "step")
+    assert only_old == "step: 1 arrays only in the checkpoint and 0 only in this config (e.g. saved step)"
+
+
+def test_config_changes_list_differing_keys_in_order_and_ignore_keys_one_side_lacks():
+    saved = {"seed": 0, "model": {"embed_dim": 32, "retired": 1}, "total_steps": 10, "mesh": {"ici": [1, 2]}}
+    current = {"seed": 1, "model": {"embed_dim": 32, "added": 2}, "total_steps": 20, "mesh": {"ici": [1, 2]}}
+    changes = resume.config_changes(saved, current)
+    assert changes == resume.ConfigChanges(stopping=["seed 0 -> 1"], accepted=["total_steps 10 -> 20"])
+    assert changes.all == ["seed 0 -> 1", "total_steps 10 -> 20"]
+    assert resume.flatten({"a": {"b": {"c": 1}, "d": [1, {"e": 2}]}}) == {"a.b.c": 1, "a.d": [1, {"e": 2}]}
+
+
+def test_the_checkpoints_recipe_replaces_the_command_lines_and_the_steering_keys_stay():
+    """What --mode=eval, probe and sample run on: the checkpoint's model, seed and data set (a 2-layer model stays
+    2 layers whatever the config file says), the command line's mesh, evaluation settings and data paths."""
+    saved = resume.as_saved(fashion_config(seed=7, model__embed_dim=64, data__train_split="train[:50%]"))
+    saved["model"]["retired_key"] = 1  # a key of another version: not carried over
+    saved["data"]["sizes"] = [3, 4]
+    current = fashion_config(data__data_dir="/elsewhere", evals__eval__examples=8, mesh__ici={"data": 8})
+    current.data.sizes = (1, 2)
+    config, taken = resume.with_recipe_of(saved, current)
+    assert sorted(taken) == [
+        "data.sizes [1, 2] -> [3, 4]",
+        "data.train_split 'train' -> 'train[:50%]'",
+        "model.embed_dim 32 -> 64",
+        "seed 0 -> 7",
+    ]
+    assert (config.seed, config.model.embed_dim, config.data.train_split) == (7, 64, "train[:50%]")
+    assert config.data.sizes == (3, 4) and isinstance(config.data.sizes, tuple)  # the config's own type
+    assert (config.data.data_dir, config.evals.eval.examples, dict(config.mesh.ici)) == ("/elsewhere", 8, {"data": 8})
+    assert "retired_key" not in config.model and current.seed == 0  # the command line's config is left as it was
