@@ -53,21 +53,26 @@ GUARDS: dict[str, tuple[str, ...]] = {
 }
 
 
+ALSO_COPY = ("configs", "launch", "tools", "benchmarks", "docs", "README.md")  # what tests read besides the package
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # the first character of mutmut's progress lines
+
+
 def _copy_tree(rev: str, into: Path) -> None:
     archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
 
 
 def _configure(tree: Path, module: str, tests: list[str]) -> None:
+    def listed(key: str, values) -> str:  # setup.cfg's lists are one value a line (space-joined is one argument)
+        return f"{key} =\n" + "".join(f"    {value}\n" for value in values)
+
     with open(tree / "setup.cfg", "a") as f:
         f.write(
             "\n[mutmut]\n"
             f"source_paths = {module.split('/')[0]}\n"
             f"only_mutate = {module}\n"
-            "also_copy = configs\n"
-            # one per line: setup.cfg's lists are newline-separated, and a space-joined value is one argument
-            "pytest_add_cli_args_test_selection =\n"
-            + "".join(f"    {test}\n" for test in tests)
+            + listed("also_copy", ALSO_COPY)
+            + listed("pytest_add_cli_args_test_selection", tests)
             + "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
             "forkserver_warmup = none\n"
         )
@@ -85,8 +90,10 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
     mutmut = [sys.executable, "-m", "mutmut"]
     children = str(os.cpu_count() or 1)
     run = subprocess.run([*mutmut, "run", "--max-children", children], cwd=tree, capture_output=True, text=True)
-    if run.returncode:
-        sys.exit(f"mutmut run failed in {tree} (exit {run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+    if run.returncode:  # its output without the progress spinner: a test that fails unmutated is named in it
+        lines = (run.stdout + run.stderr).splitlines()
+        (tree / "mutmut-run.log").write_text("\n".join(line for line in lines if line[:1] not in SPINNER))
+        sys.exit(f"mutmut run failed in {tree} (exit {run.returncode}); its output: {tree / 'mutmut-run.log'}")
     subprocess.run([*mutmut, "export-cicd-stats"], cwd=tree, check=True, capture_output=True)
     stats = json.loads((tree / "mutants" / "mutmut-cicd-stats.json").read_text())
     results = subprocess.run([*mutmut, "results"], cwd=tree, check=True, capture_output=True, text=True).stdout
