@@ -4,6 +4,7 @@ exactly after a stop."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -270,3 +271,66 @@ def test_the_default_fine_tuning_learning_rate_is_a_tenth_of_pretrainings():
     assert finetune.run_config(pretrained, 10).optimizer.learning_rate == pytest.approx(0.0003)
     pretrained.finetune.learning_rate = 0.002
     assert finetune.run_config(pretrained, 10).optimizer.learning_rate == 0.002
+
+
+@pytest.mark.parametrize(
+    ("dataset", "kept"), [("cifar10", 90), ("stl10", 90), ("imagenet2012", 96), ("fashion_mnist", 90)]
+)
+def test_the_run_trains_on_train_less_the_papers_held_out_share(dataset, kept):
+    """The paper holds out 10% of CIFAR's and STL-10's train split and 4% of ImageNet's; other sets 10%."""
+    pretrained = fashion_config(finetune__dataset=dataset, finetune__train_split="train")
+    assert finetune.splits(pretrained) == (f"train[:{kept}%]", f"train[{kept}%:]")
+
+
+def test_the_run_config_is_the_pretrained_recipe_with_the_finetune_settings():
+    pretrained = fashion_config(seed=5, data__palette="/somewhere/palette.npy", data__augment="none")
+    pretrained.checkpoint_step, pretrained.checkpoint_every_steps = 20, 10
+    f = pretrained.finetune
+    f.dataset, f.train_split, f.augment, f.steps, f.checkpoint_every_steps = "cifar10", "train", "cifar", 300, 50
+    f.warmup_steps, f.schedule, f.eval_every_steps, f.heldout_examples, f.masks = 7, "linear", 30, 200, 5
+    c = finetune.run_config(pretrained, 10)
+    assert (c.seed, c.model.embed_dim, c.objective, c.batch_size) == (5, 32, "ar", 16)  # the pretrained recipe
+    assert (c.model.num_classes, c.data.dataset, c.data.augment) == (10, "cifar10", "cifar")
+    assert (c.data.train_split, c.data.eval_split) == ("train[:90%]", "train[90%:]")
+    assert c.data.palette == ""  # the pretrained palette comes with the parameters, not from the user's path
+    assert (c.total_steps, c.checkpoint_every_steps, c.checkpoint_step) == (300, 50, 0)
+    assert (c.optimizer.warmup_steps, c.optimizer.schedule) == (7, "linear")
+    assert list(c.evals) == [finetune.HELDOUT]
+    heldout = c.evals[finetune.HELDOUT]
+    assert (heldout.kind, heldout.every_steps, heldout.at_end) == ("loss", 30, True)
+    assert (heldout.examples, heldout.masks, heldout.keep_best) == (200, 5, True)
+    assert pretrained.model.num_classes == 0 and pretrained.data.dataset == "fashion_mnist"  # left as it was
+
+
+def _test_row(**extra) -> dict:
+    row = {"step": 40, "heldout_accuracy": 0.61234, "accuracy": 0.5875, "examples": 80}
+    return row | {"classification_loss": 1.25, "generative_loss": 2.5} | extra
+
+
+def test_finetune_json_gives_the_test_score_beside_the_same_data_sets_linear_probe(tmp_path):
+    config = finetune.run_config(fashion_config(finetune__dataset="fashion_mnist", finetune__masks=3), 10)
+    probe = {"dataset": "fashion_mnist", "checkpoint_step": 20, "best_accuracy": 71.25, "best_layer": 1}
+    (tmp_path / "probe.json").write_text(json.dumps(probe | {"test_examples": 2000, "layers": {}}))
+    result = finetune._result(_test_row(), storage.path(tmp_path), config)
+    assert result == {
+        "dataset": "fashion_mnist",
+        "step": 40,
+        "heldout_split": "train[90%:]",
+        "heldout_accuracy": 61.234,
+        "test_split": "test",
+        "test_examples": 80,
+        "test_accuracy": 58.75,
+        "test_classification_loss": 1.25,
+        "test_generative_loss": 2.5,
+        "masks": 3,
+        "linear_probe": {"checkpoint_step": 20, "best_accuracy": 71.25, "best_layer": 1, "test_examples": 2000},
+    }
+    assert finetune.summary(result) == (
+        "finetune: test accuracy 58.8% on 80 fashion_mnist test images with step 40, the best on the held-out end "
+        "(61.2%) (linear probe of checkpoint 20: 71.2% on 2000 images, layer 1)"
+    )
+    (tmp_path / "probe.json").write_text(json.dumps(probe | {"dataset": "cifar10", "test_examples": 2000}))
+    single = finetune.run_config(fashion_config(finetune__dataset="fashion_mnist"), 10)
+    other = finetune._result(_test_row(), storage.path(tmp_path), single)
+    assert "linear_probe" not in other and "masks" not in other  # another data set's probe; one mask
+    assert finetune.summary(other).endswith("the best on the held-out end (61.2%)")
