@@ -158,3 +158,40 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10 and row["evaluator"] == "probe"
     assert [row[f"layer_{layer}"] for layer in "012"] == [probe["layers"][layer]["accuracy"] for layer in "012"]
     assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers
+
+
+def test_features_are_standardised_with_trains_moments_and_a_constant_feature_stays_finite():
+    rng = np.random.default_rng(4)
+    train = rng.normal(loc=3.0, scale=2.0, size=(2, 50, 6)).astype(np.float32)
+    train[:, :, 5] = 7.0  # the same in every image: its standard deviation is 0
+    test = rng.normal(size=(2, 20, 6)).astype(np.float32)
+    got_train, got_test = linear.standardize(train, test)
+    varied = train[..., :5]
+    mean, std = varied.mean(axis=1, keepdims=True), varied.std(axis=1, keepdims=True)
+    np.testing.assert_allclose(got_train[..., :5], (varied - mean) / std, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got_test[..., :5], (test[..., :5] - mean) / std, rtol=1e-4, atol=1e-5)
+    assert np.all(got_train[..., 5] == 0) and np.isfinite(got_test).all() and got_test.dtype == np.float32
+
+
+def test_the_held_out_accuracy_is_scikit_learns_at_the_chosen_strength_and_ties_take_the_weakest():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _clustered(1000, seed=6)
+    (result,) = linear.sweep(x[None, :800], y[:800], x[None, 800:], y[800:], 10, heldout_fraction=0.25)
+    fit_x, heldout_x = linear.standardize(x[:800], x[600:800])  # moments of all of train, as the sweep takes them
+    reference = LogisticRegression(C=1 / (result["l2"] * 600), max_iter=10_000).fit(fit_x[:600], y[:600])
+    assert abs(result["heldout_accuracy"] - 100 * reference.score(heldout_x, y[600:800])) <= 0.5
+    flat = np.zeros((1, 100, 4), np.float32)  # features that say nothing: every strength scores the same
+    labels = np.arange(100) % 2
+    scores, best = linear.choose_l2(flat, labels, flat, labels, 2, l2_grid=(0.1, 1e-3, 1.0), progress=False,
+                                    stop=lambda: False)  # fmt: skip
+    assert best == [0.1] and scores.shape == (3, 1) and len(set(scores[:, 0])) == 1  # the first of equals
+
+
+def test_a_class_too_small_for_its_draw_is_named_and_one_draw_has_no_spread():
+    labels = np.array([0] * 5 + [1] * 3)
+    with pytest.raises(ValueError, match="^class 1 has 3 examples to draw 4 labels per class from$"):
+        linear.balanced_subset(labels, 4, 2, np.random.default_rng(0))
+    x, y = _clustered(200, d=8, classes=2, seed=7)
+    (layer,) = linear.low_data(x[None], y, x[None], y, 2, per_class=10, draws=1, seed=0, heldout_fraction=0.2)
+    assert layer["std"] == 0.0 and layer["mean"] == layer["accuracies"][0] > 50

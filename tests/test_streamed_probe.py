@@ -104,3 +104,71 @@ def test_the_probe_runs_streamed_end_to_end(tmp_path):
     assert result["solver"] == "sgd" and sorted(result["layers"]) == ["0", "1", "2"]  # 2: ln_f's output
     assert result["baselines"]["raw_pixels"] > 40  # ten classes: chance is 10%
     json.dumps(result)  # probe.json can hold it
+
+
+def test_moments_are_numpys_over_the_real_rows_and_the_padding_is_left_out():
+    x, y = _clustered(100, d=8, seed=5)
+    layers = np.stack([x, 3 * x + 1])  # [2, 100, 8]
+    mean, std = streamed.moments(_passes(layers, y, 32), 2, 8)  # 4 batches, the last with 28 padding rows
+    np.testing.assert_allclose(np.asarray(mean), layers.mean(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(std), layers.std(axis=1) + 1e-6, rtol=1e-4)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_two_sgd_epochs_are_momentum_steps_on_the_penalised_cross_entropy_along_a_cosine():
+    """One batch a pass and two epochs: two steps of SGD with momentum 0.9 (the paper's) at learning rates 0.1 and
+    0.05 (a cosine from 0.1 to 0 over the 2 steps), on standardised features, from zero weights, of mean
+    cross-entropy over the rows in the fit + l2/2 |W|^2 (the bias not penalised): written out in NumPy here."""
+    rng = np.random.default_rng(6)
+    n, d, c, l2 = 40, 5, 3, 0.3
+    x = (rng.normal(size=(1, n, d)) * 2 + 1).astype(np.float32)
+    y = rng.integers(0, c, n).astype(np.int32)
+    mean, std = x.mean(axis=1), x.std(axis=1) + 1e-6
+    in_fit = lambda index: (index >= 0) & (index < 30)  # noqa: E731 - the rows before a held-out end
+    settings = streamed.Settings(epochs=2)
+    assert (settings.learning_rate, settings.momentum) == (0.1, 0.9)
+    w, b = streamed.fit(_passes(x, y, n), in_fit, np.array([[l2]]), jnp.asarray(mean), jnp.asarray(std), c, 1,
+                        settings, "test")  # fmt: skip
+
+    xs, onehot = ((x[0] - mean) / std)[:30].astype(np.float64), np.eye(c)[y[:30]]
+
+    def grad(w, b):
+        p = _softmax(xs @ w + b) - onehot
+        return xs.T @ p / 30 + l2 * w, p.mean(0)
+
+    w1, b1 = np.zeros((d, c)), np.zeros(c)
+    g0 = grad(w1, b1)
+    w1, b1 = w1 - 0.1 * g0[0], b1 - 0.1 * g0[1]
+    g1 = grad(w1, b1)
+    w2, b2 = w1 - 0.05 * (g1[0] + 0.9 * g0[0]), b1 - 0.05 * (g1[1] + 0.9 * g0[1])
+    np.testing.assert_allclose(np.asarray(w)[0, 0], w2, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b)[0, 0], b2, atol=1e-5)
+
+
+def test_scores_count_the_chosen_rows_only_and_the_l2_is_chosen_on_the_end_of_train():
+    """The held-out end (the last 10% of train's rows) says class 0 whatever the features: only the strongest L2,
+    which leaves the bias alone to answer, scores it well, as with the full-batch probe."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(10, 64))
+    y = np.where(rng.random(1200) < 0.4, 0, rng.integers(1, 10, 1200)).astype(np.int32)
+    x = (0.5 * centres[y] + rng.normal(size=(1200, 64))).astype(np.float32)[None]
+    mislabelled = y.copy()
+    mislabelled[900:1000] = 0
+    args = dict(layers=1, dim=64, batch_size=100, heldout_fraction=0.1)
+    chosen = streamed.sweep(_passes(x[:, :1000], mislabelled[:1000], 100), 1000, _passes(x[:, 1000:], y[1000:], 100),
+                            10, **args)[0]  # fmt: skip
+    assert chosen["l2"] == max(linear.L2_GRID), chosen
+    clean = streamed.sweep(_passes(x[:, :1000], y[:1000], 100), 1000, _passes(x[:, 1000:], y[1000:], 100), 10, **args)
+    assert clean[0]["l2"] < max(linear.L2_GRID), clean
+    # a score is over the real rows the predicate picks: 200 test rows in batches of 128 (56 of padding), a
+    # classifier that always answers class 0
+    always_0 = (jnp.zeros((1, 1, 64, 10)), jnp.zeros((1, 1, 10)).at[..., 0].set(1.0))
+    mean, std = jnp.zeros((1, 64)), jnp.ones((1, 64))
+    scored = streamed.score(_passes(x[:, 1000:], y[1000:], 128), always_0, lambda i: i >= 0, mean, std)
+    np.testing.assert_allclose(scored, [[100 * np.mean(y[1000:] == 0)]], rtol=1e-6)
+    scored = streamed.score(_passes(x[:, 1000:], y[1000:], 128), always_0, lambda i: i >= 150, mean, std)
+    np.testing.assert_allclose(scored, [[100 * np.mean(y[1150:] == 0)]], rtol=1e-6)

@@ -37,7 +37,7 @@ GUARDS: dict[str, tuple[str, ...]] = {
     "igpt_jax/metrics.py": ("tests/test_metrics.py", "tests/test_workdir_files.py"),
     "igpt_jax/optim.py": ("tests/test_optim.py",),
     "igpt_jax/planner.py": ("tests/test_planner.py",),
-    "igpt_jax/probe/linear.py": ("tests/test_probe.py", "tests/test_streamed_probe.py"),
+    "igpt_jax/probe/linear.py": ("tests/test_probe.py", "tests/test_streamed_probe.py", "tests/test_probe_features.py"),
     "igpt_jax/probe/streamed.py": ("tests/test_streamed_probe.py", "tests/test_probe_features.py"),
     "igpt_jax/resume.py": ("tests/test_resume_rules.py", "tests/test_resume_process.py"),
     "igpt_jax/run_lock.py": ("tests/test_run_lock.py", "tests/test_workdir_files.py"),
