@@ -34,8 +34,14 @@ def flops_per_token(config: ml_collections.ConfigDict) -> float:
     return 6 * matmul + attention_flops_per_token(config)
 
 
+CPU_PEAK_SIDE, CPU_PEAK_SECONDS = 2048, 1.0  # the matmul timed for a CPU's peak, and for how long at least
+
+
 def _measured_cpu_peak(
-    n: int = 2048, min_seconds: float = 1.0, min_repeats: int = 5, clock: Callable[[], float] = time.perf_counter
+    n: int = CPU_PEAK_SIDE,
+    min_seconds: float = CPU_PEAK_SECONDS,
+    min_repeats: int = 5,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[float, int]:
     """(FLOP/s of the fastest jitted fp32 n x n matmul, how many were timed). Timed for at least `min_seconds` after
     a warm-up call, best not mean: a single short timing swung 3x between runs here (1.1e11 against 3.4e11), and the
@@ -61,7 +67,8 @@ def peak_flops_per_device() -> tuple[float, str]:
     if device.platform == "cpu":
         peak, repeats = _measured_cpu_peak()
         return peak / jax.local_device_count(), (
-            f"this CPU's fp32 matmul throughput, the best of {repeats} timed 2048x2048 matmuls over 1 s, "
+            f"this CPU's fp32 matmul throughput, the best of {repeats} timed {CPU_PEAK_SIDE}x{CPU_PEAK_SIDE} matmuls "
+            f"over {CPU_PEAK_SECONDS:g} s, "
             "split over its JAX devices"
         )
     return float("nan"), f"unknown peak for {device.device_kind}"

@@ -133,7 +133,9 @@ def test_a_cpus_peak_is_its_measured_matmul_rate_shared_by_its_devices(monkeypat
     monkeypatch.setattr(jax, "local_device_count", lambda: 8)
     monkeypatch.setattr(metrics, "_measured_cpu_peak", lambda: (8e11, 6))
     value, source = metrics.peak_flops_per_device()
-    assert value == 1e11 and "the best of 6 timed 2048x2048 matmuls" in source
+    assert value == 1e11 and source == (
+        "this CPU's fp32 matmul throughput, the best of 6 timed 2048x2048 matmuls over 1 s, split over its JAX devices"
+    )
 
 
 def test_an_unknown_accelerators_peak_is_nan_and_named(monkeypatch):
@@ -157,16 +159,16 @@ def test_the_cpu_peak_is_xlas_matmul_flops_over_the_fastest_timing(monkeypatch):
             def block_until_ready(self, now=now, durations=durations):
                 now[0] += next(durations)
 
-        monkeypatch.setattr(jax, "jit", lambda f: lambda a: Result())
+        monkeypatch.setattr(jax, "jit", lambda f: lambda a: (f(a), Result())[1])  # the matmul runs, untimed
         rate, timed = metrics._measured_cpu_peak(n, min_seconds, min_repeats, clock=lambda now=now: now[0])
         assert (rate, timed) == (xla / 0.125, repeats)
 
 
 def test_the_progress_line_reads_the_records_numbers():
     train = {"step": 40, "loss": 2.08951, "bits_per_token": 3.01453, "tokens_per_sec": 131072.4, "mfu": 0.4567}
-    line = metrics.progress_line(train | {"eta_seconds": 90.0}, 1000, "splash")
+    line = metrics.progress_line(train | {"eta_seconds": 600.0}, 1000, "splash")
     assert line == (
-        "step 40/1000  loss 2.0895 nats (3.015 bits)  131072 tokens/s  MFU 45.7%  ETA 1.5 min  attention splash"
+        "step 40/1000  loss 2.0895 nats (3.015 bits)  131072 tokens/s  MFU 45.7%  ETA 10.0 min  attention splash"
     )
     assert metrics.progress_line(train, 1000).endswith("MFU 45.7%  ETA ?")  # no ETA yet, no kernel named
     tuned = train | {"accuracy": 0.625, "generative_loss": 1.5, "classification_loss": 0.58951}
@@ -225,6 +227,20 @@ def test_one_process_writes_by_default_and_append_row_adds_one_row(tmp_path):
     board.Reload()
     (image,) = board.Images("samples")
     assert (image.step, image.width, image.height) == (1, 4 + 2 * plots.GRID_GAP, 4 + 2 * plots.GRID_GAP)
+
+
+def test_a_modes_row_leaves_the_training_curve_in_tensorboard_whole(tmp_path):
+    """--mode=eval or probe appends a row with a writer of its own: it resumes nothing, so TensorBoard drops none
+    of the steps the training run logged."""
+    writer = metrics.MetricsWriter(tmp_path)
+    for step in range(1, 5):
+        writer.write({"step": step, "loss": float(step)})
+    writer.close()
+    metrics.append_row(tmp_path, {"mode": "probe", "step": 4, "accuracy": 70.0})
+    assert _scalars(tmp_path / "tensorboard") == {
+        "train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)],
+        "probe/accuracy": [(4, 70.0)],
+    }
 
 
 def test_on_gcs_a_forced_flush_makes_every_row_durable(gcs_here):

@@ -108,6 +108,13 @@ def test_rows_that_name_no_step_are_set_aside_as_broken_and_the_resumed_steps_ow
     assert (tmp_path / "metrics.jsonl").read_text() == _rows([json.dumps({"step": 1}), json.dumps({"step": 2})])
     assert (tmp_path / "metrics.superseded.jsonl").read_text() == _rows([json.dumps({"step": 3}), *broken])
     assert metrics.set_aside_superseded(storage.path(tmp_path / "none"), 0) == (0, 0)  # no metrics.jsonl yet
+    # a row cut inside a multi-byte character by kill -9 is set aside too, the rest read as UTF-8
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(
+            json.dumps({"step": 2, "note": "é"}, ensure_ascii=False).encode() + b"\n" + b'{"step": 3, "note": "\xc3'
+        )
+    assert metrics.set_aside_superseded(storage.path(tmp_path), 2) == (0, 1)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1]) == {"step": 2, "note": "é"}
     assert not (tmp_path / "none").exists()
 
 
