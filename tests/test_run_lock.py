@@ -40,6 +40,17 @@ def _write_holder(tmp_path, **fields) -> dict:
     return holder
 
 
+@pytest.fixture
+def now(monkeypatch) -> float:
+    """The lock's clock, stopped: the ages it reports are the ones the test wrote, however slow the machine."""
+    from types import SimpleNamespace
+
+    stopped = time.time()
+    clock = SimpleNamespace(time=lambda: stopped, strftime=time.strftime, localtime=time.localtime)
+    monkeypatch.setattr(run_lock, "time", clock)
+    return stopped
+
+
 def _takes_over(tmp_path, caplog, **kwargs) -> str:
     """Acquires over the lock in place and returns the reason the warning gave."""
     lock = _lock(tmp_path, **kwargs)
@@ -96,9 +107,9 @@ def test_the_start_time_is_read_past_a_process_name_with_parentheses_and_spaces(
     assert run_lock._process_start(DEAD_PID) is None
 
 
-def test_a_second_run_is_refused_in_one_line_naming_the_holder_and_the_ways_on(tmp_path):
+def test_a_second_run_is_refused_in_one_line_naming_the_holder_and_the_ways_on(tmp_path, now):
     started = datetime.datetime(2026, 3, 1, 9, 30, 15).timestamp()
-    _write_holder(tmp_path, host="pod-worker-7", pid=4242, started=started, heartbeat=time.time() - 42.2)
+    _write_holder(tmp_path, host="pod-worker-7", pid=4242, started=started, heartbeat=now - 42.2)
     with pytest.raises(run_lock.WorkdirLockedError) as refused:
         _lock(tmp_path, stale_seconds=300).acquire()
     assert str(refused.value) == (
@@ -118,9 +129,9 @@ def test_a_lock_whose_holder_is_gone_from_this_host_is_taken_over_at_once(tmp_pa
     assert _takes_over(tmp_path, caplog) == f"its holder, pid {os.getpid()} on this host, is gone"
 
 
-def test_a_live_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp_path, monkeypatch):
+def test_a_live_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp_path, monkeypatch, now):
     for start in (run_lock._process_start(os.getpid()), None):  # None: a holder on a kernel without /proc
-        _write_holder(tmp_path, process_start=start, heartbeat=time.time() - 10_000)
+        _write_holder(tmp_path, process_start=start, heartbeat=now - 10_000)
         with pytest.raises(run_lock.WorkdirLockedError, match="heartbeat 10000s ago"):
             _lock(tmp_path, stale_seconds=300).acquire()
 
@@ -133,24 +144,24 @@ def test_a_live_holder_on_this_host_keeps_its_lock_however_old_its_heartbeat(tmp
         _lock(tmp_path, stale_seconds=300).acquire()
 
 
-def test_another_hosts_or_boots_lock_is_judged_by_its_heartbeats_age(tmp_path, caplog):
+def test_another_hosts_or_boots_lock_is_judged_by_its_heartbeats_age(tmp_path, caplog, now):
     elsewhere = [{"host": "pod-worker-7", "pid": 4242}, {"boot_id": "before-the-reboot"}]  # same name, other boot
     for where in elsewhere:
         who = f"{where.get('host', socket.gethostname())} pid {where.get('pid', os.getpid())}"
-        _write_holder(tmp_path, **where, heartbeat=time.time() - 290)
+        _write_holder(tmp_path, **where, heartbeat=now - 290)
         with pytest.raises(run_lock.WorkdirLockedError, match=f"host {who} since .* \\(heartbeat 290s ago\\)"):
             _lock(tmp_path, stale_seconds=300).acquire()
-        _write_holder(tmp_path, **where, heartbeat=time.time() - 310)
+        _write_holder(tmp_path, **where, heartbeat=now - 310)
         reason = _takes_over(tmp_path, caplog, stale_seconds=300)
         assert reason == f"its holder ({who}) sent no heartbeat for 310s"
 
 
-def test_an_unreadable_lock_is_held_until_it_is_as_old_as_a_stale_heartbeat(tmp_path, caplog):
+def test_an_unreadable_lock_is_held_until_it_is_as_old_as_a_stale_heartbeat(tmp_path, caplog, now):
     (tmp_path / "lock.json").write_text('{"host": "pod-wor')  # a holder's write cut short, or garbage
     with pytest.raises(run_lock.WorkdirLockedError) as refused:
         _lock(tmp_path, stale_seconds=300).acquire()
     assert f"in use by another run: a run whose lock {tmp_path / 'lock.json'} is unreadable. " in str(refused.value)
-    old = time.time() - 400
+    old = now - 400
     os.utime(tmp_path / "lock.json", (old, old))
     assert _takes_over(tmp_path, caplog, stale_seconds=300) == "unreadable and 400s old"
 
