@@ -127,13 +127,13 @@ def test_a_batch_that_does_not_split_names_the_numbers_and_the_axes():
     assert sharding.batch_sharding(config, _mesh(fsdp=-1), 2).spec == PartitionSpec(None, None)
 
 
-def test_a_dimension_the_mesh_cannot_divide_is_replicated_with_one_warning(caplog):
+def test_a_dimension_the_mesh_cannot_divide_is_replicated_with_one_warning(caplog, monkeypatch):
     """4 heads over tensor=8: the heads dimension is replicated (memory on every device, said once per parameter
     and mesh), while the MLP's 128 hidden units stay split 8 ways."""
     mesh = _mesh(fsdp=1, tensor=8)
     rules = [("heads", "tensor"), ("mlp", "tensor")]
     state = nnx.state(model_lib.abstract(tiny_config()), nnx.Param)  # 2 layers, width 32, 4 heads of 8
-    sharding._WARNED.clear()
+    monkeypatch.setattr(sharding, "_WARNED", set())  # warned once per process: as if none had been before
     with caplog.at_level("WARNING", logger="igpt_jax.sharding"):
         shardings = sharding.variable_shardings(state, mesh, rules)
         sharding.variable_shardings(state, mesh, rules)  # the same parameters again: no second warning

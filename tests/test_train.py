@@ -214,8 +214,9 @@ def test_synthetic_data_trains_without_a_palette(tmp_path, capsys, caplog):
     assert took > 0.05  # compilation included, though log_every_steps=1 resets the interval clock at that step
 
 
-def test_a_dimension_the_mesh_cannot_split_is_named(caplog):
+def test_a_dimension_the_mesh_cannot_split_is_named(caplog, monkeypatch):
     config = fashion_config(mesh__ici={"data": 1, "fsdp": 1, "tensor": 8})  # 4 heads over tensor=8
+    monkeypatch.setattr(sharding, "_WARNED", set())  # warned once per process: as if none had been before
     with caplog.at_level(logging.WARNING):
         steps.make_setup(config, sharding.make_mesh(config))
     warned = [r.getMessage() for r in caplog.records if "replicated there instead of sharded" in r.getMessage()]
