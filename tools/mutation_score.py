@@ -75,6 +75,7 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
             + listed("pytest_add_cli_args_test_selection", tests)
             + "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
             "forkserver_warmup = none\n"
+            "debug = true\n"  # pytest's own report in the output: what failed when a clean run fails
         )
 
 
