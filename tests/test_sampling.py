@@ -19,7 +19,8 @@ from tolerances import float32_chain, transformer_terms
 
 from igpt_jax import model as model_lib
 from igpt_jax import plots, sampling, sharding, steps
-from igpt_jax.data import get_source
+from igpt_jax.data import get_source, sources
+from igpt_jax.evaluators import base
 
 
 def _with_random_head(model: model_lib.IGPT, scale: float = 0.3) -> model_lib.IGPT:
@@ -289,3 +290,99 @@ def test_a_completion_is_given_the_top_rows_of_its_image_and_draws_the_rest(monk
     assert drawn["rows"] == 3 and completions.shape == originals.shape == (6, 6, 6, 3)
     np.testing.assert_array_equal(completions[:, :3], originals[:, :3])
     assert (completions[:, 3:] != originals[:, 3:]).any(axis=(1, 2, 3)).all()  # 18 drawn tokens of 16 colours each
+
+
+@pytest.mark.parametrize(
+    ("length", "layers", "blocks"),
+    [(1024, 4, 8), (1024, 8, 4), (1024, 16, 2), (1024, 24, 1), (36, 2, 4), (30, 2, 2), (25, 2, 1), (64, 32, 1)],
+)
+def test_the_cache_is_cut_into_the_most_blocks_that_divide_it_within_the_unrolling_budget(length, layers, blocks):
+    """Blocks of 8, 4, 2 or 1 positions' share; layers x blocks unrolled attention calls stay at most 32."""
+    assert sampling.cache_blocks(length, layers) == blocks
+
+
+def test_a_sampling_batch_is_the_images_wanted_within_the_cap_rounded_up_to_the_batch_shards():
+    config = tiny_config()
+    config.batch_size = 64
+    eight = sharding.make_mesh(config)  # fsdp over the 8 devices: 8 batch shards
+    assert sampling.batch_size(config, eight, 3) == 8
+    assert sampling.batch_size(config, eight, 20) == 24
+    assert sampling.batch_size(config, eight, 100) == 64  # config.batch_size caps it
+    assert sampling.batch_size(config, eight, 100, cap=12) == 16
+    assert sampling.batch_size(config, sharding.make_mesh(config, jax.devices()[:1]), 5) == 5
+
+
+def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full():
+    config = tiny_config(image_size=5)
+    setup, mesh = _setup(config, jax.devices()[:1])
+    reported = []
+    sampler = sampling.make_sampler(setup, 8, top_k=0, num_colours=16, progress=reported.append)
+    with jax.set_mesh(mesh):
+        jax.block_until_ready(sampler(_params(setup), np.zeros((8, 25), np.int32), 0, np.arange(8), 0, 1.0))
+    jax.effects_barrier()
+    assert sorted(int(i) for i in reported) == [0, 5, 10, 15, 20]  # the start of each of the 5 rows
+    bar = sampling.Progress(calls=2, length=25, desc="test")
+    bar.position(10)
+    bar.position(5)  # another device reporting an earlier row: the bar never goes back
+    assert bar.bar.n == 10
+    bar.next_call()
+    assert bar.bar.n == 25
+    bar.close()
+    assert bar.bar.n == bar.bar.total == 50
+
+
+def test_generate_pads_the_last_batch_asks_to_stop_before_each_and_reports_each_call():
+    """7 prompts in batches of 4: two calls, the second padded with one row that is dropped; a completion keeps
+    its prompt's given tokens; a stop asked for before the second batch abandons the rest."""
+    config = tiny_config(image_size=4)
+    setup, mesh = _setup(config, jax.devices()[:1])
+    params = _params(setup)
+    sampler = sampling.make_sampler(setup, 4, top_k=0, num_colours=16)
+    prompts = np.asarray(jax.random.randint(jax.random.key(2), (7, 16), 0, 16), np.int32)
+    calls = []
+
+    class Calls:
+        def next_call(self):
+            calls.append(len(calls))
+
+    with jax.set_mesh(mesh):
+        tokens = sampling.generate(sampler, params, prompts, 8, np.arange(7), 0, 1.0, progress=Calls())
+        alone = sampling.generate(sampler, params, prompts[4:5], 8, np.arange(4, 5), 0, 1.0)
+        asked = []
+        with pytest.raises(base.Abandoned):
+            sampling.generate(sampler, params, prompts, 8, np.arange(7), 0, 1.0,
+                              stop=lambda: asked.append(1) or len(asked) > 1)  # fmt: skip
+    assert tokens.shape == (7, 16) and calls == [0, 1] and len(asked) == 2
+    np.testing.assert_array_equal(tokens[:, :8], prompts[:, :8])
+    np.testing.assert_array_equal(tokens[4], alone[0])  # image 4 drawn alone or in a padded batch: the same
+
+
+def test_tokens_render_through_the_palette_or_as_grey_levels():
+    clusters = np.array([[-1.0, -1.0, -1.0], [1.0, 0.0, -1.0]], np.float32)
+    coloured = sampling.render(np.array([[0, 1, 1, 0]]), clusters, 2)
+    np.testing.assert_array_equal(coloured.reshape(4, 3), [[0, 0, 0], [255, 128, 0], [255, 128, 0], [0, 0, 0]])
+    grey = sampling.render(np.array([[0, 1, 2, 3]]), None, 4)  # 4 levels: 0, 85, 170, 255
+    assert grey.shape == (1, 2, 2, 3)
+    np.testing.assert_array_equal(grey[0, ..., 0], [[0, 85], [170, 255]])
+    assert (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_the_originals_are_the_eval_splits_first_images_as_tokens():
+    config = override(tiny_config(image_size=4), data__dataset="synthetic", data__eval_split="test")
+    source = sources.Synthetic(config)
+    tokens = sampling.held_out_tokens(config, source, None, 3)
+    np.testing.assert_array_equal(tokens, source.get("test", np.arange(3)))
+    assert tokens.dtype == np.int32
+
+
+def test_an_unconditional_grid_is_as_square_as_it_goes_with_blank_cells_white():
+    images = np.zeros((5, 4, 4, 3), np.uint8)
+    grid = np.asarray(Image.open(io.BytesIO(sampling.unconditional_grid(images))))
+    scale = sampling._scale(4)
+    assert scale == 24  # a 4x4 image drawn at 96 pixels a side
+    cell = 4 * scale + plots.GRID_GAP
+    assert grid.shape[:2] == (2 * cell + plots.GRID_GAP, 3 * cell + plots.GRID_GAP)  # 2 rows of 3 for 5 images
+    corner = plots.GRID_GAP
+    assert (grid[corner, corner + 2 * cell] == 0).all()  # the fifth image: black
+    assert (grid[corner + cell, corner + 2 * cell] == 255).all()  # the sixth cell: blank
+    assert sampling._scale(28) == 3 and sampling._scale(64) == 1 and sampling._scale(200) == 1
