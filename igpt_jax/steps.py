@@ -93,8 +93,10 @@ def init_params(setup: Setup, seed: int | None = None) -> dict:
 
 def with_fresh_optimizer(setup: Setup, step: jax.Array, params: dict) -> State:
     """A state around restored parameters with a new optimizer state, built in its shards (`config.restore='params'`
-    when the checkpoint's optimizer state belongs to another optimizer recipe). Adam's moments start from zero;
-    its step counts are set to `step`, so the learning-rate schedule goes on where the checkpoint left it."""
+    when the checkpoint's optimizer state belongs to another optimizer recipe). Adam's moments start from zero; every
+    step count is set to `step`, so the learning-rate schedule goes on where the checkpoint left it, and Adam's bias
+    correction is that of step `step` too: its first updates from the zero moments are about 0.45 of a full step
+    (b1 0.9, b2 0.95), growing back over some 20 steps, rather than full-size steps at a mid-run learning rate."""
 
     def build(step, params):
         def count_at_step(path, leaf):
