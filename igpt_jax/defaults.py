@@ -32,7 +32,7 @@ def parse_arg(arg: str | None, **defaults) -> dict:
         try:
             out[key] = ARG_KEYS[key](value)
         except ValueError:
-            raise ValueError(f"config argument {key}={value!r} is not a {ARG_KEYS[key].__name__}") from None
+            raise ValueError(f"config argument {key}={value!r} is not of type {ARG_KEYS[key].__name__}") from None
     return out
 
 

@@ -32,7 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # at the measured revision is left out (and said so), so an older commit can be measured with the same table.
 GUARDS: dict[str, tuple[str, ...]] = {
     "igpt_jax/checkpoint.py": ("tests/test_recovery.py", "tests/test_train.py", "tests/test_checkpoint.py"),
-    "igpt_jax/defaults.py": ("tests/test_config_and_cli.py", "tests/test_presets.py", "tests/test_resume_rules.py"),
+    "igpt_jax/defaults.py": (
+        "tests/test_defaults.py",
+        "tests/test_config_and_cli.py",
+        "tests/test_presets.py",
+        "tests/test_resume_rules.py",
+    ),
     "igpt_jax/finetune.py": ("tests/test_finetune.py",),
     "igpt_jax/metrics.py": ("tests/test_metrics.py", "tests/test_workdir_files.py"),
     "igpt_jax/optim.py": ("tests/test_optim.py",),
