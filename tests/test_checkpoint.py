@@ -1,0 +1,250 @@
+"""The Checkpointer on its own, in seconds (tests/test_recovery.py runs it inside real runs): what a restore returns,
+which step it picks, how many it keeps, a failed save's message, reads retried before a verdict, the palette a step
+was trained with, checkpoints of an earlier version, and the one-line causes it reports."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from helpers import override, tiny_config
+
+from igpt_jax import checkpoint, palette, resume, sharding, steps, storage
+
+CLUSTERS = np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3)
+
+
+@pytest.fixture(scope="module")
+def setup() -> steps.Setup:
+    config = override(tiny_config(), checkpoint_every_steps=1, keep_checkpoints=2)
+    return steps.make_setup(config, sharding.make_mesh(config, jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def state(setup) -> steps.State:
+    return jax.device_get(steps.init_state(setup))
+
+
+def _at(state: steps.State, step: int, setup: steps.Setup) -> steps.State:
+    """The state at `step`, its parameters marked by the step, in its shards."""
+    marked = jax.tree.map(lambda x: x + step if x.dtype == np.float32 else x, state) | {"step": np.int32(step)}
+    return jax.device_put(marked, setup.state_shardings)
+
+
+def _saved(tmp_path, setup, state, at=(10, 20), config=None) -> checkpoint.Checkpointer:
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), config or setup.config)
+    for step in at:
+        ckpt.save(step, _at(state, step, setup), CLUSTERS)
+    ckpt.check_saves(block=True)
+    return ckpt
+
+
+def _equal(a, b) -> bool:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(np.array_equal(x, y) for x, y in pairs)
+
+
+def test_the_newest_step_comes_back_as_saved_with_its_palettes_fingerprint(tmp_path, setup, state):
+    ckpt = _saved(tmp_path, setup, state)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    older = ckpt.restore_latest(setup.abstract_state, step=10)
+    ckpt.close()
+    assert (restored.step, ckpt.latest_step()) == (20, 20) and _equal(restored.state, _at(state, 20, setup))
+    assert older.step == 10 and _equal(older.state, _at(state, 10, setup))
+    assert restored.plan == resume.Plan(params_only=False, accepted_changes=[])
+    assert restored.palette is None and restored.palette_fingerprint == palette.fingerprint(CLUSTERS)
+    leaf = restored.state["params"]["wte"]
+    assert leaf.sharding == setup.abstract_state["params"]["wte"].sharding  # onto the current layout
+
+
+def test_the_newest_keep_checkpoints_are_kept_and_each_holds_the_config_it_was_saved_with(tmp_path, setup, state):
+    ckpt = _saved(tmp_path, setup, state, at=(10, 20, 30))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["20", "30"]  # keep_checkpoints=2
+    assert ckpt.saved_config(30) == resume.as_saved(setup.config)
+    with pytest.raises(checkpoint.CheckpointReadError) as absent:
+        ckpt.restore_latest(setup.abstract_state, step=10)
+    assert str(absent.value) == f"no checkpoint {tmp_path}/checkpoints/10: the workdir holds [20, 30]"
+    ckpt.close()
+    assert checkpoint.Checkpointer(storage.path(tmp_path / "empty"), setup.config).restore_latest(
+        setup.abstract_state
+    ) is None  # fmt: skip
+
+
+def test_params_only_restores_the_step_and_parameters_and_a_mode_that_only_reads_does_the_same(tmp_path, setup, state):
+    ckpt = _saved(tmp_path, setup, state)
+    restored = ckpt.restore_latest(setup.abstract_state, params_only=True)
+    assert restored.plan.params_only is False  # the optimizer state fits: restored too
+    assert set(restored.state) == {"step", "params", "opt_state"}
+    reader = steps.make_setup(setup.config, setup.mesh, train=False)  # no optimizer state to restore into
+    read = ckpt.restore_latest(reader.abstract_state, params_only=True)
+    ckpt.close()
+    assert set(read.state) == {"step", "params"} and int(read.state["step"]) == 20
+    assert _equal(read.state["params"], _at(state, 20, setup)["params"])
+    clipped = override(setup.config.copy_and_resolve_references(), optimizer__grad_clip_norm=1.0, restore="params")
+    other = steps.make_setup(clipped, setup.mesh)
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), clipped)
+    restored = ckpt.restore_latest(other.abstract_state)  # params_only from config.restore
+    ckpt.close()
+    assert restored.plan.params_only and set(restored.state) == {"step", "params"}
+
+
+def test_a_broken_step_is_left_in_place_for_a_mode_that_only_reads_and_a_step_asked_for_is_an_error(
+    tmp_path, setup, state, caplog
+):
+    ckpt = _saved(tmp_path, setup, state)
+    (tmp_path / "checkpoints" / "20" / "state" / "_METADATA").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+        restored = ckpt.restore_latest(setup.abstract_state, set_aside=False)
+    assert restored.step == 10 and sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"checkpoint {tmp_path}/checkpoints/20 is broken (")
+    assert line.endswith("); left in place, trying the one before")
+    with pytest.raises(checkpoint.CheckpointReadError) as error:
+        ckpt.restore_latest(setup.abstract_state, step=20, set_aside=False)
+    assert str(error.value) == f"checkpoint {tmp_path}/checkpoints/20 is broken (see the warning above)"
+    assert ckpt.restore_latest(setup.abstract_state).step == 10  # a run sets it aside
+    ckpt.close()
+    (aside,) = os.listdir(tmp_path / "unreadable_checkpoints")
+    assert aside.startswith("20-") and sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+
+
+def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(tmp_path, setup, state, monkeypatch):
+    ckpt = _saved(tmp_path, setup, state, at=(10,))
+    slept = []
+    monkeypatch.setattr(checkpoint.time, "sleep", slept.append)
+
+    def unavailable():
+        raise ValueError("UNAVAILABLE: connection reset by peer")
+
+    with pytest.raises(checkpoint.CheckpointReadError) as error:
+        ckpt._read(10, "arrays", unavailable)
+    assert slept == list(checkpoint.RETRY_DELAYS) == [1.0, 3.0]
+    where = f"{tmp_path}/checkpoints/10"
+    assert str(error.value) == (
+        f"cannot read checkpoint {where} (arrays): ValueError: UNAVAILABLE: connection reset by peer. Stopped without "
+        "training: nothing was moved, and no step was redone from scratch. Relaunch when the storage answers again, "
+        f"or move {where} aside by hand to resume from the checkpoint before it."
+    )
+    calls = []
+
+    def second_time_lucky():
+        calls.append(1)
+        if len(calls) == 1:
+            unavailable()
+        return "read"
+
+    slept.clear()
+    assert ckpt._read(10, "arrays", second_time_lucky) == "read" and slept == [1.0]
+    ckpt.close()
+
+
+def test_a_checkpoint_of_an_earlier_version_brings_its_palette_copy(tmp_path, setup, state):
+    """Before the fingerprint, a step held a copy of the palette: it is returned, and its fingerprint is the copy's."""
+    manager = ocp.CheckpointManager(
+        tmp_path / "checkpoints",
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "palette": ocp.PyTreeCheckpointHandler(),
+                       "config": ocp.JsonCheckpointHandler()},
+    )  # fmt: skip
+    items = {"state": ocp.args.PyTreeSave(_at(state, 5, setup)), "palette": ocp.args.PyTreeSave({"clusters": CLUSTERS})}
+    manager.save(5, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(resume.as_saved(setup.config))))
+    manager.wait_until_finished()
+    manager.close()
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    ckpt.close()
+    np.testing.assert_array_equal(restored.palette, CLUSTERS)
+    assert restored.palette_fingerprint == palette.fingerprint(CLUSTERS) and restored.step == 5
+
+
+def test_a_step_saved_without_a_palette_has_no_fingerprint_and_one_without_state_metadata_is_broken(
+    tmp_path, setup, state
+):
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
+    ckpt.save(7, _at(state, 7, setup), None)  # token data sets: no palette
+    ckpt.close()
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    assert (restored.step, restored.palette, restored.palette_fingerprint) == (7, None, None)
+    assert not (tmp_path / "checkpoints" / "7" / "palette_fingerprint").exists()
+    os.remove(tmp_path / "checkpoints" / "7" / "state" / "_METADATA")
+    with pytest.raises(FileNotFoundError, match="no readable metadata for the state"):
+        ckpt._metadata(7)
+    ckpt.close()
+
+
+def _refuse_from(step: int, monkeypatch):
+    original = ocp.PyTreeCheckpointHandler.async_save
+
+    async def full_disk(self, directory, *args, **kwargs):
+        if f"/checkpoints/{step}" in os.fspath(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(directory))
+        return await original(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", full_disk)
+
+
+def test_a_failed_save_is_reported_by_the_next_check_naming_the_step_the_cause_and_what_is_intact(
+    tmp_path, setup, state, monkeypatch
+):
+    ckpt = _saved(tmp_path, setup, state, at=(10,))
+    _refuse_from(20, monkeypatch)
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        ckpt.save(20, _at(state, 20, setup), CLUSTERS)
+        ckpt.check_saves(block=True)
+    message = str(error.value)
+    assert message.startswith(f"saving checkpoint 20 to {tmp_path}/checkpoints/20 failed: ")
+    assert "No space left on device" in message
+    assert message.endswith(
+        ". Stopped; checkpoint 10 is intact. Fix the storage and relaunch the same command to resume from the "
+        "newest one."
+    )
+    ckpt.check_saves(block=True)  # reported once: nothing pending any more
+    assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == ["10"]  # 20 never finalized
+
+
+def test_nothing_is_pending_before_a_save_and_a_save_in_flight_is_left_alone(tmp_path, setup, state):
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
+    ckpt.check_saves()  # nothing saved yet
+    ckpt.save(10, _at(state, 10, setup), CLUSTERS)
+    ckpt.check_saves()  # in flight or done: either way no error
+    ckpt.close()  # waits for it
+    assert ckpt.manager.all_steps() == [10]
+
+
+@pytest.mark.parametrize(
+    ("steps_left", "words"),
+    [(None, "earlier checkpoints were not touched"), ([], "no earlier checkpoint exists"),
+     ([10], "checkpoint 10 is intact"), ([10, 20], "checkpoints 10, 20 are intact")],
+)  # fmt: skip
+def test_what_a_failed_save_leaves_intact_is_said_plainly(steps_left, words):
+    assert checkpoint._intact(steps_left) == words
+
+
+def test_a_cause_is_one_line_that_leads_with_the_oss_words():
+    assert checkpoint.cause(OSError(errno.ENOSPC, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+    wrapped = ValueError("Error writing tensorstore array\nunderneath: No space left on device")
+    assert checkpoint.cause(wrapped) == "ValueError: No space left on device (Error writing tensorstore array)"
+    assert checkpoint.cause(RuntimeError("")) == "RuntimeError: RuntimeError"
+    assert checkpoint.cause(KeyError("x" * 1000)) == "KeyError: " + ("'" + "x" * 1000)[:400]
+    late = RuntimeError("y" * 100 + " Permission denied")  # the words past the first 80 characters: brought forward
+    assert checkpoint.cause(late) == f"RuntimeError: Permission denied ({'y' * 100} Permission denied)"
+
+
+def test_a_chain_of_causes_is_walked_once_each():
+    inner = OSError(errno.EIO, "Input/output error")
+    outer = ValueError("reading failed")
+    outer.__cause__ = inner
+    outer.__context__ = inner
+    inner.__context__ = outer  # a cycle, as a re-raise inside a handler can make
+    assert checkpoint._chain(outer) == [outer, inner]
+    assert checkpoint._agree(True, False) == (True, False) and checkpoint._agree(False, True) == (False, True)
+    missing_item = KeyError("Item 'state' was not found in the checkpoint")
+    assert checkpoint._is_corrupt(missing_item) and not checkpoint._is_corrupt(KeyError("other"))
+    assert not checkpoint._is_corrupt(ValueError("shape mismatch"))  # neither broken files nor storage: a bug
