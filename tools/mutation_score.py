@@ -6,13 +6,14 @@
 The tracked files at REV (default HEAD: commit what is to be measured) are copied into a temporary folder, so
 mutmut's `mutants/` never lands in the checkout; mutmut (the `mutation` extra) mutates only MODULE, maps each mutant
 to the listed tests that reach its function, and runs them, two at a time (each in a process forked from a server
-that holds no JAX state). The tests run as in the default test run (`-m "not slow"` from setup.cfg).
+that has imported the heavy libraries, PRELOAD, but started no JAX backend). The tests run as in the default test
+run (`-m "not slow"` from setup.cfg).
 
 Prints one JSON object per module: killed, survived, no_tests (mutants in functions that none of the tests reach in
 the pytest process itself: code reached only inside a subprocess the test starts counts here too), the score
 killed / (killed + survived + no_tests), the survivors' names and the seconds it took; `mutmut show NAME` in the
-printed folder shows a survivor's diff. Slow and outside the test run: optim.py's 118 mutants take about 3 minutes
-on 2 cores, the whole table a few hours.
+printed folder shows a survivor's diff. Slow and outside the test run: optim.py's 118 mutants take under 4 minutes
+on 2 cores, the whole table hours.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ GUARDS: dict[str, tuple[str, ...]] = {
 
 
 ALSO_COPY = ("configs", "launch", "tools", "benchmarks", "docs", "README.md")  # what tests read besides the package
+# Imported once by the server that forks a process per mutant (none of them starts a JAX backend, so the forks are
+# safe): 2.4x faster than importing them again for every mutant (optim.py: 3:44 against 9:00, same verdicts).
+PRELOAD = ("numpy", "scipy", "jax", "jax.numpy", "flax", "flax.nnx", "optax", "ml_collections", "orbax.checkpoint",
+           "tensorstore", "etils.epath", "tensorflow", "tensorflow_datasets", "torch", "transformers", "PIL.Image",
+           "matplotlib", "sklearn.linear_model", "pytest")  # fmt: skip
+# JAX reads these when it is imported (before tests/conftest.py could set them): the test run's own settings
+ENVIRONMENT = {
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"  # the first character of mutmut's progress lines
 
 
@@ -71,6 +83,7 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
     def listed(key: str, values) -> str:  # setup.cfg's lists are one value a line (space-joined is one argument)
         return f"{key} =\n" + "".join(f"    {value}\n" for value in values)
 
+    (tree / "mutation_preload.txt").write_text("\n".join(PRELOAD) + "\n")
     with open(tree / "setup.cfg", "a") as f:
         f.write(
             "\n[mutmut]\n"
@@ -79,7 +92,8 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
             + listed("also_copy", ALSO_COPY)
             + listed("pytest_add_cli_args_test_selection", tests)
             + "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
-            "forkserver_warmup = none\n"
+            "forkserver_warmup = import\n"
+            "preload_modules_file = mutation_preload.txt\n"
             "debug = true\n"  # pytest's own report in the output: what failed when a clean run fails
         )
 
@@ -95,7 +109,10 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
     _configure(tree, module, tests)
     mutmut = [sys.executable, "-m", "mutmut"]
     children = str(os.cpu_count() or 1)
-    run = subprocess.run([*mutmut, "run", "--max-children", children], cwd=tree, capture_output=True, text=True)
+    environment = os.environ | ENVIRONMENT
+    run = subprocess.run(
+        [*mutmut, "run", "--max-children", children], cwd=tree, capture_output=True, text=True, env=environment
+    )
     if run.returncode:  # its output without the progress spinner: a test that fails unmutated is named in it
         lines = (run.stdout + run.stderr).splitlines()
         (tree / "mutmut-run.log").write_text("\n".join(line for line in lines if line[:1] not in SPINNER))
