@@ -3,6 +3,9 @@ All from abstract states (jax.eval_shape): nothing is trained here; tests/test_r
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 from helpers import fashion_config
 
@@ -174,3 +177,22 @@ def test_the_checkpoints_recipe_replaces_the_command_lines_and_the_steering_keys
     assert config.data.sizes == (3, 4) and isinstance(config.data.sizes, tuple)  # the config's own type
     assert (config.data.data_dir, config.evals.eval.examples, dict(config.mesh.ici)) == ("/elsewhere", 8, {"data": 8})
     assert "retired_key" not in config.model and current.seed == 0  # the command line's config is left as it was
+
+
+def test_a_step_counter_of_another_type_is_named_and_params_only_cannot_help():
+    config = fashion_config()
+    saved = _tree(config) | {"step": ((), "int64")}
+    with pytest.raises(resume.CheckpointMismatchError) as error:
+        resume.plan("W", 20, resume.as_saved(config), config, saved, _tree(config), False)
+    assert str(error.value) == (
+        "checkpoint W does not fit this config: its state differs from what this config builds: step: 1 arrays "
+        "differ in shape or dtype (e.g. step: saved int64[], this config int32[]). Nothing was moved or deleted. "
+        "Ways on: another --workdir."
+    )
+
+
+def test_a_value_json_cannot_hold_is_saved_as_its_text():
+    config = fashion_config()
+    config.data.mix = np.float32(0.5)  # a key a config file of the user's computed with NumPy
+    saved = resume.as_saved(config)
+    assert saved["data"]["mix"] == "0.5" and json.loads(json.dumps(saved)) == saved
