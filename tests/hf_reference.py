@@ -39,3 +39,14 @@ def loss(hf, tokens: np.ndarray) -> tuple[float, float]:
     targets = torch.tensor(tokens).reshape(-1).long()
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)
     return float(nll), max(float(logits.abs().max()), float(nll))
+
+
+def probe_features(hf, tokens: np.ndarray) -> np.ndarray:
+    """float64 [L + 1, n, d]: the paper's probe features from Hugging Face's forward pass, the mean over positions of
+    block l's ln_1 output (its input stream normed) for l < L, and of ln_f's output for l = L. Hugging Face's hidden
+    states are the blocks' inputs and, last, ln_f's output."""
+    with torch.no_grad():
+        hidden = hf(_with_sos(hf, tokens), output_hidden_states=True).hidden_states
+        blocks = hf.transformer.h
+        normed = [blocks[i].ln_1(hidden[i]) for i in range(len(blocks))] + [hidden[-1]]
+        return np.stack([h.mean(dim=1).numpy() for h in normed])

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hf_reference
 import jax
 import numpy as np
 import pytest
@@ -154,10 +155,30 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
     assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 3 + 1
     assert json.loads((workdir / "probe" / "step_00000010.json").read_text()) == probe  # the history's record
-    at_end_of_training, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]
+    _, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]  # the training run's, then the mode's
     assert row["best_accuracy"] == probe["best_accuracy"] and row["step"] == 10 and row["evaluator"] == "probe"
     assert [row[f"layer_{layer}"] for layer in "012"] == [probe["layers"][layer]["accuracy"] for layer in "012"]
-    assert at_end_of_training == row  # the same probe of the same checkpoint: the same numbers
+
+    # Each layer's accuracy, from none of our code but the data and the palette: Hugging Face's float64 features of
+    # the exported checkpoint, scikit-learn's logistic regression at the strength the probe chose. Our L-BFGS stops
+    # at scikit-learn's gradient rule and runs on float32 features, so an image near a class boundary may go either
+    # way: 2 of the 100 test images, 2 points.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    hf = hf_reference.export(workdir, tmp_path / "hf")
+    clusters = np.load(workdir / "palette.npy")
+    source = get_source(fashion_config(image_size=8))
+    x, y = {}, {}
+    for split, n in (("train", 300), ("test", 100)):
+        tokens = np.asarray(palette.quantize(source.get(split, np.arange(n), None), clusters))
+        x[split], y[split] = hf_reference.probe_features(hf, tokens), source.labels(split, np.arange(n))
+    for layer in range(3):
+        scaler = StandardScaler().fit(x["train"][layer])
+        C = 1 / (probe["layers"][str(layer)]["l2"] * 300)
+        fitted = LogisticRegression(C=C, max_iter=10_000).fit(scaler.transform(x["train"][layer]), y["train"])
+        reference = 100 * fitted.score(scaler.transform(x["test"][layer]), y["test"])
+        assert abs(probe["layers"][str(layer)]["accuracy"] - reference) <= 2, (layer, probe["layers"], reference)
 
 
 def test_features_are_standardised_with_trains_moments_and_a_constant_feature_stays_finite():
