@@ -94,6 +94,9 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
             + "process_isolation = forkserver\n"  # JAX's threads do not survive a fork of a process that ran it
             "forkserver_warmup = import\n"
             "preload_modules_file = mutation_preload.txt\n"
+            # a mutant's CPU time may exceed its tests' in the clean run by one-time set-up the clean run did once
+            # for all (libtpu's start: 8 s): 30 s more before a mutant counts as timed out
+            "timeout_constant = 30\n"
             "debug = true\n"  # pytest's own report in the output: what failed when a clean run fails
         )
 
