@@ -162,9 +162,13 @@ def test_the_roofline_is_xlas_cost_against_the_chips_published_peak_and_bandwidt
     tokens = 64 * 64
     analytic = metrics.flops_per_token(config) * tokens
     assert report["tokens_per_step"] == tokens and report["analytic_flops_per_step"] == analytic
-    assert report["xla_flops_per_device"] == pytest.approx(flops, rel=0.01)  # 1 and 2 layers extrapolated to 2
+    # the 1- and 2-layer compiles extrapolated to 2 layers against the 2-layer step compiled whole: the same ops, but
+    # XLA may fuse the whole step differently, which moves a few elementwise FLOPs (under 1%) and what fusions read
+    # (bytes, under 5%), as test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks found for 4 layers
+    assert report["xla_flops_per_device"] == pytest.approx(flops, rel=0.01)
     assert report["xla_bytes_accessed_per_device"] == pytest.approx(bytes_accessed, rel=0.05)
     assert report["xla_over_analytic_flops"] == pytest.approx(4 * flops / analytic, rel=0.01)
+    # the rest is the report's own float64 arithmetic on those numbers: pytest's default rel=1e-6
     compute = max(report["xla_flops_per_device"], analytic / 4)
     r = report["roofline"]
     memory = report["xla_bytes_accessed_per_device"] / V5P_BANDWIDTH
