@@ -220,3 +220,34 @@ def test_a_class_too_small_for_its_draw_is_named_and_one_draw_has_no_spread():
     x, y = _clustered(200, d=8, classes=2, seed=7)
     (layer,) = linear.low_data(x[None], y, x[None], y, 2, per_class=10, draws=1, seed=0, heldout_fraction=0.2)
     assert layer["std"] == 0.0 and layer["mean"] == layer["accuracies"][0] > 50
+
+
+def test_the_sweep_shows_its_progress_only_when_asked(capsys):
+    x, y = _clustered(200, d=8, seed=8)
+    linear.sweep(x[None, :150], y[:150], x[None, 150:], y[150:], 10, heldout_fraction=0.2, progress=False)
+    assert capsys.readouterr().err == ""
+    linear.sweep(x[None, :150], y[:150], x[None, 150:], y[150:], 10, heldout_fraction=0.2)
+    err = capsys.readouterr().err
+    assert "probe: L2 sweep" in err and f"{len(linear.L2_GRID)}/{len(linear.L2_GRID)}" in err
+
+
+def test_low_data_draws_come_from_before_the_held_out_end_are_seeded_and_reported_to_a_thousandth():
+    """Class 9 lives only in the held-out end (the last 20% of train): a draw of every class cannot be made from
+    the rows before it. Otherwise the same seed draws the same subsets, and two draws have their spread."""
+    x, y = _clustered(300, d=8, classes=9, seed=9)
+    labels = np.concatenate([y[:240], np.full(60, 9)]).astype(np.int32)
+    with pytest.raises(ValueError, match="^class 9 has 0 examples to draw 4 labels per class from$"):
+        linear.low_data(x[None], labels, x[None], labels, 10, per_class=4, draws=1, seed=0, heldout_fraction=0.2)
+    args = dict(per_class=5, draws=2, seed=3, heldout_fraction=0.2)
+    first = linear.low_data(x[None], y, x[None, :30], y[:30], 9, **args)  # 30 test images: thirds of a point
+    assert linear.low_data(x[None], y, x[None, :30], y[:30], 9, **args) == first
+    (layer,) = first
+    assert layer["std"] == round(float(np.std(layer["accuracies"], ddof=1)), 3) > 0
+    assert all(round(a, 3) == a for a in layer["accuracies"] + [layer["mean"], layer["std"]])
+    # 210 train images, the last 42 held out, and 90 test images: neither score is a round number
+    (full,) = linear.sweep(x[None, :210], y[:210], x[None, 210:], y[210:], 9, heldout_fraction=0.2, progress=False)
+    assert round(full["accuracy"], 3) == full["accuracy"] and round(full["heldout_accuracy"], 3) == full[
+        "heldout_accuracy"
+    ]  # fmt: skip
+    exactly = np.array([0] * 4 + [1] * 4)
+    assert sorted(linear.balanced_subset(exactly, 4, 2, np.random.default_rng(0))) == list(range(8))
