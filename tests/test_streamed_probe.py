@@ -178,3 +178,54 @@ def test_scores_count_the_chosen_rows_only_and_the_l2_is_chosen_on_the_end_of_tr
     np.testing.assert_allclose(scored, [[100 * np.mean(y[1000:] == 0)]], rtol=1e-6)  # a count over 200: exact
     scored = streamed.score(_passes(x[:, 1000:], y[1000:], 128), always_0, lambda i: i >= 150, mean, std)
     np.testing.assert_allclose(scored, [[100 * np.mean(y[1150:] == 0)]], rtol=1e-6)  # a count over 50: exact
+
+
+def test_each_stage_of_the_sweep_uses_the_rows_the_protocol_names(monkeypatch, capsys):
+    """The grid of strengths trains on train's rows before its held-out end and is scored on that end; the chosen
+    strength is trained again on every train row and scored on every test row; padding (-1) is never used. Scores
+    are counts over exactly those rows, and each stage's progress bar says what it is."""
+    x, y = _clustered(130, d=8, seed=11)
+    rows = {}
+    fit, score = streamed.fit, streamed.score
+
+    def recording_fit(passes, in_fit, l2, *args):
+        rows.setdefault("fit", []).append(np.flatnonzero(in_fit(np.arange(-1, 120))) - 1)
+        return fit(passes, in_fit, l2, *args)
+
+    def recording_score(passes, params, in_score, mean, std):
+        rows.setdefault("score", []).append(np.flatnonzero(in_score(np.arange(-1, 120))) - 1)
+        scores = score(passes, params, in_score, mean, std)
+        rows.setdefault("scores", []).append(scores)
+        return scores
+
+    monkeypatch.setattr(streamed, "fit", recording_fit)
+    monkeypatch.setattr(streamed, "score", recording_score)
+    args = dict(layers=1, dim=8, batch_size=32, heldout_fraction=0.2, settings=streamed.Settings(epochs=2))
+    (result,) = streamed.sweep(_passes(x[None, :100], y[:100], 32), 100, _passes(x[None, 100:], y[100:], 32), 10,
+                               **args)  # fmt: skip
+    grid_rows, refit_rows = rows["fit"]
+    heldout_rows, test_rows = rows["score"]
+    np.testing.assert_array_equal(grid_rows, np.arange(80))
+    np.testing.assert_array_equal(heldout_rows, np.arange(80, 120))  # the held-out end: rows 80 .. 99 of train
+    np.testing.assert_array_equal(refit_rows, np.arange(120))
+    np.testing.assert_array_equal(test_rows, np.arange(120))
+    heldout_scores, test_scores = rows["scores"]
+    assert result["heldout_accuracy"] == round(float(heldout_scores.max(axis=0)[0]), 3)  # the best strength's
+    assert result["l2"] == linear.L2_GRID[int(np.argmax(heldout_scores[:, 0]))]
+    assert result["accuracy"] == round(float(test_scores[0, 0]), 3)
+    assert set(result) == {"accuracy", "l2", "heldout_accuracy"}
+    # 20 held-out and 30 test rows: counts over exactly those, to a thousandth of a point (30 gives thirds)
+    assert (result["heldout_accuracy"] * 20 / 100).is_integer()
+    assert abs(result["accuracy"] * 30 / 100 - round(result["accuracy"] * 30 / 100)) < 1e-4
+    assert round(result["accuracy"], 3) == result["accuracy"]
+    err = capsys.readouterr().err
+    assert "probe: SGD, L2 grid" in err and "probe: SGD, refit" in err
+
+
+def test_a_score_over_one_row_is_all_or_nothing():
+    x, _ = _clustered(10, d=8, seed=12)
+    y = np.arange(10, dtype=np.int32) % 3  # row 3 is class 0, row 4 class 1
+    always_0 = (jnp.zeros((1, 1, 8, 10)), jnp.zeros((1, 1, 10)).at[..., 0].set(1.0))
+    mean, std = jnp.zeros((1, 8)), jnp.ones((1, 8))
+    assert streamed.score(_passes(x[None], y, 4), always_0, lambda i: i == 3, mean, std)[0, 0] == 100.0
+    assert streamed.score(_passes(x[None], y, 4), always_0, lambda i: i == 4, mean, std)[0, 0] == 0.0
