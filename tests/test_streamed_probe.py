@@ -7,6 +7,7 @@ import json
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import fashion_config
 from tolerances import float32_chain
 
@@ -229,3 +230,21 @@ def test_a_score_over_one_row_is_all_or_nothing():
     mean, std = jnp.zeros((1, 8)), jnp.ones((1, 8))
     assert streamed.score(_passes(x[None], y, 4), always_0, lambda i: i == 3, mean, std)[0, 0] == 100.0
     assert streamed.score(_passes(x[None], y, 4), always_0, lambda i: i == 4, mean, std)[0, 0] == 0.0
+
+
+def test_moments_of_one_row_and_of_a_constant_feature():
+    """One real row (the rest padding): its features are the mean; a feature that never varies gets the 1e-6 floor,
+    so standardising divides by a positive number."""
+    x = np.array([[[1.0, 2.0], [5.0, 2.0], [9.0, 2.0]]], np.float32)  # [1 layer, 3 rows, 2 features]
+    y = np.zeros(3, np.int32)
+
+    def one_real_row():
+        yield jnp.asarray(x[None]), y, np.array([0, -1, -1])
+
+    mean, std = streamed.moments(one_real_row, 1, 2)
+    np.testing.assert_array_equal(np.asarray(mean), [[1.0, 2.0]])
+    np.testing.assert_allclose(np.asarray(std), [[1e-6, 1e-6]], rtol=1e-6)
+    mean, std = streamed.moments(_passes(x, y, 2), 1, 2)
+    assert float(std[0, 1]) == pytest.approx(1e-6, rel=1e-6)  # 4 - 4: exact in float32
+    # a float32 mean of 3 squares up to 81, then a square root (which halves the relative error)
+    assert float(std[0, 0]) == pytest.approx(np.std([1, 5, 9]) + 1e-6, abs=float32_chain(3, 81.0))
