@@ -45,7 +45,7 @@ def now(monkeypatch) -> float:
     """The lock's clock, stopped: the ages it reports are the ones the test wrote, however slow the machine."""
     from types import SimpleNamespace
 
-    stopped = time.time()
+    stopped = float(int(time.time()))  # whole seconds: etils gives a file's mtime in whole seconds
     clock = SimpleNamespace(time=lambda: stopped, strftime=time.strftime, localtime=time.localtime)
     monkeypatch.setattr(run_lock, "time", clock)
     return stopped
