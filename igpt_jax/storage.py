@@ -103,7 +103,7 @@ def kvstore(location: epath.Path) -> dict:
     if not is_remote(text):
         return {"driver": "file", "path": text}
     parsed = urllib.parse.urlparse(text)
-    if parsed.scheme not in ("gs", "gcs"):
+    if parsed.scheme != "gs":
         raise NotImplementedError(f"{location}: arrays are stored on local paths and gs:// only")
     return {"driver": "gcs", "bucket": parsed.netloc, "path": parsed.path.lstrip("/")}
 
@@ -125,7 +125,7 @@ def check_reachable(location: str | os.PathLike, what: str = "--workdir") -> Non
     the likely cause; nothing for local paths. Asks the network first (a name lookup, or a connection to the
     emulator of STORAGE_EMULATOR_HOST), then whether the bucket exists."""
     text = os.fspath(location)
-    if _scheme(epath.Path(text)) not in ("gs", "gcs"):
+    if _scheme(epath.Path(text)) != "gs":
         return
     bucket = urllib.parse.urlparse(text).netloc
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -175,6 +175,8 @@ def write_text(location: epath.Path, text: str) -> None:
 def create_exclusive(location: epath.Path, data: bytes) -> bool:
     """Creates `location` with `data` if nothing is there; False if something is. Atomic against other hosts:
     O_EXCL on local disks, an if-generation-match=0 precondition on GCS."""
+    if is_remote(location) and _scheme(location) != "gs":  # refused before anything is touched
+        raise NotImplementedError(f"{location}: exclusive create is implemented for local paths and gs:// only")
     location.parent.mkdir(parents=True, exist_ok=True)
     if not is_remote(location):
         try:
@@ -184,8 +186,6 @@ def create_exclusive(location: epath.Path, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
-    if _scheme(location) not in ("gs", "gcs"):
-        raise NotImplementedError(f"{location}: exclusive create is implemented for local paths and gs:// only")
     import fsspec
 
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 
 import numpy as np
@@ -170,9 +171,135 @@ def test_a_missing_bucket_and_an_unreachable_service_are_named(gcs_here, monkeyp
 def test_a_service_that_does_not_answer_is_given_up_on_after_reach_seconds(monkeypatch):
     """Connected, but the bucket question hangs: the check stops after REACH_SECONDS, not after gcsfs's retries."""
     monkeypatch.setattr(storage.socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda s: 0})())
-    monkeypatch.setattr(storage, "_bucket_exists", lambda bucket: time.sleep(5))
+    threads = []
+
+    def hang(bucket):
+        threads.append(threading.current_thread().name)  # named for a stack dump
+        time.sleep(5)
+
+    monkeypatch.setattr(storage, "_bucket_exists", hang)
     monkeypatch.setattr(storage, "REACH_SECONDS", 0.5)
     start = time.monotonic()
-    with pytest.raises(storage.UnreachableError, match=r"^--workdir=gs://b/run: the storage service gave no answer "):
+    with pytest.raises(storage.UnreachableError) as failed:
         storage.check_reachable("gs://b/run")
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 2 and threads[0].startswith("reach")
+    assert str(failed.value) == (
+        "--workdir=gs://b/run: the storage service gave no answer about bucket b in 0 s. Nothing was written."
+    )
+
+
+def test_files_are_created_with_every_missing_parent_folder(tmp_path):
+    deep = tmp_path / "a" / "b"
+    storage.write_text(storage.path(deep / "config.json"), "{}")
+    assert storage.create_exclusive(storage.path(tmp_path / "c" / "d" / "lock.json"), b"x")
+    storage.AppendOnlyFile(storage.path(tmp_path / "e" / "f" / "metrics.jsonl")).close()
+    assert (deep / "config.json").exists() and (tmp_path / "e" / "f" / "metrics.jsonl").exists()
+
+
+def test_a_write_that_cannot_even_start_reports_its_own_error(tmp_path, monkeypatch):
+    """The temporary file could not be created: the error is that failure, not a second one about the temporary
+    file that is not there to remove."""
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage, "open", refused, raising=False)
+    with pytest.raises(OSError) as failed:
+        storage.write_text(storage.path(tmp_path / "config.json"), "new")
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == os.fspath(tmp_path / "config.json")
+
+
+class _FullDisk:
+    """A file object whose writes, flushes and close fail as a full disk's do: with no file name."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    flush = close = lambda self: _FullDisk.write(self, b"")
+
+
+def test_a_full_disk_under_an_append_only_file_is_reported_once_naming_it(tmp_path):
+    location = storage.path(tmp_path / "metrics.jsonl")
+    appended = storage.AppendOnlyFile(location)
+    appended._file.close()
+    appended._file = _FullDisk()
+    for action in (lambda: appended.append(b"row\n"), appended.flush, appended.close):
+        with pytest.raises(OSError) as failed:
+            action()
+        assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, os.fspath(location))
+
+
+def test_other_object_stores_are_refused_before_anything_is_touched():
+    with pytest.raises(NotImplementedError) as refused:
+        storage.create_exclusive(storage.path("s3://b/lock.json"), b"x")
+    assert str(refused.value) == "s3://b/lock.json: exclusive create is implemented for local paths and gs:// only"
+    spec = storage.kvstore(storage.path("gs://bucket/run/probe_features"))
+    assert spec == {"driver": "gcs", "bucket": "bucket", "path": "run/probe_features"}  # relative to the bucket
+
+
+def test_a_gcs_append_only_file_uploads_after_min_flush_seconds_and_rewrites_only_what_changed(gcs_here, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(storage.time, "monotonic", lambda: now[0])
+    location = storage.path(f"{gcs_here}/events")
+    fresh = storage.AppendOnlyFile(location)  # a new object: empty, nothing to upload yet
+    fresh.append(b"a")
+    now[0] += 9.9
+    fresh.flush()
+    assert not location.exists()
+    now[0] += 0.1  # 10 s after it opened: the default spacing
+    fresh.flush()
+    assert location.read_bytes() == b"a"
+    every = storage.AppendOnlyFile(location, min_flush_seconds=0)  # uploads at every flush, clock stopped or not
+    for row in (b"b", b"c"):
+        every.append(row)
+        every.flush()
+        assert location.read_bytes().endswith(row)
+    every.close()
+    untouched = storage.AppendOnlyFile(location)
+    location.write_bytes(b"replaced by another writer")
+    untouched.close()  # nothing appended: the object is not rewritten
+    assert location.read_bytes() == b"replaced by another writer"
+
+
+def test_check_reachable_asks_googles_service_with_a_bounded_wait_unless_an_emulator_is_named(monkeypatch):
+    asked = []
+
+    def unreachable(address, timeout=None):
+        asked.append((address, timeout))
+        raise OSError("Temporary failure in name resolution")  # no errno, no strerror: the text is the cause
+
+    monkeypatch.setattr(storage.socket, "create_connection", unreachable)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    with pytest.raises(storage.UnreachableError) as failed:
+        storage.check_reachable("gs://bucket/run")
+    assert asked == [(("storage.googleapis.com", 443), 10.0)]
+    assert str(failed.value) == (
+        "--workdir=gs://bucket/run: cannot reach the storage service at storage.googleapis.com:443 (Temporary "
+        "failure in name resolution): no network, no DNS. Nothing was written."
+    )
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1")
+    with pytest.raises(storage.UnreachableError):
+        storage.check_reachable("gs://bucket/run")
+    assert asked[-1] == (("127.0.0.1", 80), 10.0)  # an emulator's URL without a port: HTTP's
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (RuntimeError("HTTP 401"), "no valid credentials (gcloud auth application-default login, or "
+                                   "GOOGLE_APPLICATION_CREDENTIALS)"),
+        (RuntimeError(""), "RuntimeError: "),
+        (RuntimeError("x" * 300 + "\nsecond line"), "RuntimeError: " + "x" * 200),
+    ],
+)  # fmt: skip
+def test_the_cause_of_a_refused_bucket_is_one_line(monkeypatch, error, why):
+    monkeypatch.setattr(storage.socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda s: 0})())
+    error.__cause__ = ValueError("wrapped")  # gcsfs's errors come wrapped: the words are searched in the chain
+
+    def refuse(bucket):
+        raise error
+
+    monkeypatch.setattr(storage, "_bucket_exists", refuse)
+    with pytest.raises(storage.UnreachableError) as failed:
+        storage.check_reachable("gs://b/run")
+    assert str(failed.value) == f"--workdir=gs://b/run: {why}. Nothing was written."
