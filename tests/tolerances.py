@@ -28,3 +28,10 @@ def transformer_terms(*, layers: int, width: int, head_dim: int, positions: int,
     mlp_ratio * width); then ln_f (width)."""
     per_layer = 5 * width + head_dim + 2 * positions + mlp_ratio * width
     return layers * per_layer + width
+
+
+def float32_pair(terms: int, scale: float, lam: float = LAMBDA) -> float:
+    """Absolute tolerance between two float32 computations of one exact value that sum in different orders or
+    blockings (another library, another sharding, a cache): each is within `float32_chain` of the exact value, so
+    they are within twice that of each other."""
+    return 2 * float32_chain(terms, scale, lam)
