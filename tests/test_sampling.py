@@ -325,14 +325,18 @@ def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full():
         jax.block_until_ready(sampler(_params(setup), np.zeros((8, 25), np.int32), 0, np.arange(8), 0, 1.0))
     jax.effects_barrier()
     assert sorted(int(i) for i in reported) == [0, 5, 10, 15, 20]  # the start of each of the 5 rows
-    bar = sampling.Progress(calls=2, length=25, desc="test")
+    bar = sampling.Progress(calls=3, length=25, desc="test")
+    assert bar.bar.desc == "test" and bar.bar.total == 75
     bar.position(10)
     bar.position(5)  # another device reporting an earlier row: the bar never goes back
     assert bar.bar.n == 10
     bar.next_call()
     assert bar.bar.n == 25
+    bar.next_call()
+    bar.position(5)  # the third call's row 5
+    assert bar.bar.n == 55
     bar.close()
-    assert bar.bar.n == bar.bar.total == 50
+    assert bar.bar.n == bar.bar.total == 75
 
 
 def test_generate_pads_the_last_batch_asks_to_stop_before_each_and_reports_each_call():
@@ -368,7 +372,8 @@ def test_tokens_render_through_the_palette_or_as_grey_levels():
     grey = sampling.render(np.array([[0, 1, 2, 3]]), None, 4)  # 4 levels: 0, 85, 170, 255
     assert grey.shape == (1, 2, 2, 3)
     np.testing.assert_array_equal(grey[0, ..., 0], [[0, 85], [170, 255]])
-    assert (grey[..., 0] == grey[..., 2]).all()
+    assert (grey[..., 0] == grey[..., 2]).all() and grey.dtype == np.uint8
+    np.testing.assert_array_equal(sampling.render(np.array([[0, 1, 1, 0]]), None, 2)[0, ..., 0], [[0, 255], [255, 0]])
 
 
 def test_the_originals_are_the_eval_splits_first_images_as_tokens():
@@ -377,6 +382,8 @@ def test_the_originals_are_the_eval_splits_first_images_as_tokens():
     tokens = sampling.held_out_tokens(config, source, None, 3)
     np.testing.assert_array_equal(tokens, source.get("test", np.arange(3)))
     assert tokens.dtype == np.int32
+    available = source.num_examples("test")
+    assert len(sampling.held_out_tokens(config, source, None, available + 5)) == available  # no more than there are
 
 
 def test_an_unconditional_grid_is_as_square_as_it_goes_with_blank_cells_white():
@@ -390,3 +397,5 @@ def test_an_unconditional_grid_is_as_square_as_it_goes_with_blank_cells_white():
     assert (grid[corner, corner + 2 * cell] == 0).all()  # the fifth image: black
     assert (grid[corner + cell, corner + 2 * cell] == 255).all()  # the sixth cell: blank
     assert sampling._scale(28) == 3 and sampling._scale(64) == 1 and sampling._scale(200) == 1
+    for side in range(1, 97):  # the largest whole enlargement that stays within 96 pixels a side
+        assert side * sampling._scale(side) <= 96 < side * (sampling._scale(side) + 1), side
