@@ -65,8 +65,8 @@ class Sampler:
     tokens [batch, N] int32 on the devices; prompt [batch, N] (only positions < given are read) and image_ids [batch]
     are host arrays, the same on every process. The first call compiles (timed as `compile_seconds`)."""
 
-    def __init__(self, fn: Callable, batch: int, length: int, rows: NamedSharding):
-        self.fn, self.batch, self.length, self.rows = fn, batch, length, rows
+    def __init__(self, fn: Callable, batch: int, rows: NamedSharding):
+        self.fn, self.batch, self.rows = fn, batch, rows
         self.compiled = None
         self.compile_seconds = 0.0
 
@@ -159,7 +159,7 @@ def make_sampler(
         in_shardings=(setup.state_shardings["params"], batch_sharding, scalar, rows, scalar, scalar),
         out_shardings=batch_sharding,
     )
-    return Sampler(fn, batch, length, rows)
+    return Sampler(fn, batch, rows)
 
 
 def batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, wanted: int, cap: int = 0) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import hf_reference
 import jax
@@ -316,17 +317,24 @@ def test_a_sampling_batch_is_the_images_wanted_within_the_cap_rounded_up_to_the_
     assert sampling.batch_size(config, sharding.make_mesh(config, jax.devices()[:1]), 5) == 5
 
 
-def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full():
+def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full(monkeypatch):
     config = tiny_config(image_size=5)
     setup, mesh = _setup(config, jax.devices()[:1])
     reported = []
     sampler = sampling.make_sampler(setup, 8, top_k=0, num_colours=16, progress=reported.append)
+    params = _params(setup)
+    assert sampler.compile_seconds == 0.0  # nothing compiled yet
     with jax.set_mesh(mesh):
-        jax.block_until_ready(sampler(_params(setup), np.zeros((8, 25), np.int32), 0, np.arange(8), 0, 1.0))
+        started = time.perf_counter()
+        jax.block_until_ready(sampler(params, np.zeros((8, 25), np.int32), 0, np.arange(8), 0, 1.0))
+        first_call = time.perf_counter() - started
+        compile_seconds = sampler.compile_seconds
+        jax.block_until_ready(sampler(params, np.zeros((8, 25), np.int32), 0, np.arange(8), 0, 1.0))
     jax.effects_barrier()
-    assert sorted(int(i) for i in reported) == [0, 5, 10, 15, 20]  # the start of each of the 5 rows
+    assert 0 < compile_seconds < first_call and sampler.compile_seconds == compile_seconds  # the first call's part
+    assert sorted(int(i) for i in reported) == [0, 0, 5, 5, 10, 10, 15, 15, 20, 20]  # each of the 5 rows, per call
     bar = sampling.Progress(calls=3, length=25, desc="test")
-    assert bar.bar.desc == "test" and bar.bar.total == 75
+    assert bar.bar.desc == "test" and bar.bar.total == 75 and bar.bar.unit == " positions" and not bar.bar.disable
     bar.position(10)
     bar.position(5)  # another device reporting an earlier row: the bar never goes back
     assert bar.bar.n == 10
@@ -337,6 +345,8 @@ def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full():
     assert bar.bar.n == 55
     bar.close()
     assert bar.bar.n == bar.bar.total == 75
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert sampling.Progress(calls=1, length=25, desc="test").bar.disable  # one bar for a run: process 0's
 
 
 def test_generate_pads_the_last_batch_asks_to_stop_before_each_and_reports_each_call():
@@ -374,6 +384,8 @@ def test_tokens_render_through_the_palette_or_as_grey_levels():
     np.testing.assert_array_equal(grey[0, ..., 0], [[0, 85], [170, 255]])
     assert (grey[..., 0] == grey[..., 2]).all() and grey.dtype == np.uint8
     np.testing.assert_array_equal(sampling.render(np.array([[0, 1, 1, 0]]), None, 2)[0, ..., 0], [[0, 255], [255, 0]])
+    # 8 levels: whole steps of 255 // 7 = 36, so every level is exactly a uint8 and evenly spaced
+    np.testing.assert_array_equal(sampling.render(np.array([[0, 1, 6, 7]]), None, 8)[0, ..., 0], [[0, 36], [216, 252]])
 
 
 def test_the_originals_are_the_eval_splits_first_images_as_tokens():
@@ -384,6 +396,24 @@ def test_the_originals_are_the_eval_splits_first_images_as_tokens():
     assert tokens.dtype == np.int32
     available = source.num_examples("test")
     assert len(sampling.held_out_tokens(config, source, None, available + 5)) == available  # no more than there are
+
+
+def test_the_originals_of_an_image_data_set_are_its_pixels_through_the_palette():
+    class Images:  # black and white images: their tokens are the black and the white colour's
+        kind = "images"
+
+        def num_examples(self, split):
+            return 3
+
+        def get(self, split, indices, rngs):
+            assert split == "test" and rngs is None
+            return np.stack([np.full((4, 4, 3), 255 * (i % 2), np.uint8) for i in indices])
+
+    config = override(tiny_config(image_size=4), data__eval_split="test")
+    clusters = np.array([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], np.float32)  # white, black (pixels scaled to [-1, 1])
+    tokens = sampling.held_out_tokens(config, Images(), clusters, 5)
+    assert tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, [[1] * 16, [0] * 16, [1] * 16])
 
 
 def test_an_unconditional_grid_is_as_square_as_it_goes_with_blank_cells_white():
