@@ -140,6 +140,29 @@ def test_the_same_seed_gives_the_same_images_on_1_and_8_devices_with_params_shar
     assert (other != one).mean() > 0.3  # a different seed draws different images
 
 
+def test_draws_from_rows_of_very_different_scale_follow_each_rows_softmax():
+    """softmax is shift-invariant, and so must the draw be: rows of logits near +1000 and near -1000 (exp of either
+    overflows or underflows float32) in one batch each follow softmax, 3 to 1, within 5 standard errors."""
+    n = 20_000
+    row = jnp.array([0.0, np.log(3.0), -np.inf], jnp.float32)  # the third has no colour
+    logits = jnp.concatenate([jnp.broadcast_to(row + 1000, (n, 3)), jnp.broadcast_to(row - 1000, (n, 3))])
+    keys = jax.random.split(jax.random.key(4), 2 * n)
+    tokens = np.asarray(sampling.choose(logits, keys, jnp.float32(1.0), top_k=0, num_colours=2))
+    for half in (tokens[:n], tokens[n:]):
+        assert set(np.unique(half)) <= {0, 1}
+        assert abs(np.mean(half == 1) - 0.75) <= 5 * np.sqrt(0.75 * 0.25 / n), np.mean(half == 1)
+
+
+@pytest.mark.parametrize(("uniform", "expected"), [(0.0, 1), (np.nextafter(np.float32(1), np.float32(0)), 3)])
+def test_a_uniform_at_either_end_of_its_range_draws_a_kept_token(monkeypatch, uniform, expected):
+    """Tokens 0 and 4 are outside the top 3 (weight 0): a draw of exactly 0 takes the first token kept (1), one just
+    below 1 the last (3); never a token the filter removed."""
+    monkeypatch.setattr(jax.random, "uniform", lambda key: jnp.float32(uniform))
+    logits = jnp.array([[-3.0, 1.0, 0.5, 2.0, -4.0]], jnp.float32)
+    token = sampling.choose(logits, jax.random.split(jax.random.key(0), 1), jnp.float32(1.0), top_k=3, num_colours=5)
+    assert int(token[0]) == expected
+
+
 def test_an_image_depends_on_its_index_not_on_the_batch_it_was_drawn_in():
     """16 images drawn 8 at a time (generate's two calls) are the 16 drawn at once: each image's randomness comes from
     its index, so the second call does not repeat the first's draws."""
