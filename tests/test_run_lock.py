@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
 import psutil
 import pytest
 
@@ -154,6 +156,21 @@ def test_another_hosts_or_boots_lock_is_judged_by_its_heartbeats_age(tmp_path, c
         _write_holder(tmp_path, **where, heartbeat=now - 310)
         reason = _takes_over(tmp_path, caplog, stale_seconds=300)
         assert reason == f"its holder ({who}) sent no heartbeat for 310s"
+    # the default: stale after 300 s (10 missed beats of 30 s), one second past it is enough
+    _write_holder(tmp_path, **elsewhere[0], heartbeat=now - 300)
+    with pytest.raises(run_lock.WorkdirLockedError, match="heartbeat 300s ago"):
+        _lock(tmp_path).acquire()
+    _write_holder(tmp_path, **elsewhere[0], heartbeat=now - 301)
+    assert _takes_over(tmp_path, caplog) == "its holder (pod-worker-7 pid 4242) sent no heartbeat for 301s"
+
+
+def test_a_lock_written_without_a_heartbeat_or_start_is_judged_as_never_beating(tmp_path, caplog, now):
+    """A holder record cut down to who holds it (another tool, an older writer): no heartbeat is as old as can be."""
+    holder = _write_holder(tmp_path, host="pod-worker-7", pid=4242)
+    del holder["heartbeat"], holder["started"]
+    (tmp_path / "lock.json").write_text(json.dumps(holder))
+    reason = _takes_over(tmp_path, caplog, stale_seconds=300)
+    assert reason == f"its holder (pod-worker-7 pid 4242) sent no heartbeat for {now:.0f}s"
 
 
 def test_an_unreadable_lock_is_held_until_it_is_as_old_as_a_stale_heartbeat(tmp_path, caplog, now):
@@ -161,6 +178,9 @@ def test_an_unreadable_lock_is_held_until_it_is_as_old_as_a_stale_heartbeat(tmp_
     with pytest.raises(run_lock.WorkdirLockedError) as refused:
         _lock(tmp_path, stale_seconds=300).acquire()
     assert f"in use by another run: a run whose lock {tmp_path / 'lock.json'} is unreadable. " in str(refused.value)
+    os.utime(tmp_path / "lock.json", (now - 300, now - 300))  # as old as a stale heartbeat, not older: held
+    with pytest.raises(run_lock.WorkdirLockedError):
+        _lock(tmp_path, stale_seconds=300).acquire()
     old = now - 400
     os.utime(tmp_path / "lock.json", (old, old))
     assert _takes_over(tmp_path, caplog, stale_seconds=300) == "unreadable and 400s old"
@@ -285,6 +305,43 @@ def test_acquire_everywhere_takes_the_lock_in_one_process_and_refuses_with_the_h
             run_lock.acquire_everywhere(storage.path(tmp_path))
     finally:
         lock.release()
+
+
+def test_every_process_learns_process_0s_verdict_and_only_process_0_takes_the_lock(tmp_path, monkeypatch):
+    from jax.experimental import multihost_utils
+
+    sent = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or np.int32(1))
+    monkeypatch.setattr(jax, "process_index", lambda: 1)  # process 0 was refused; this one tried nothing
+    with pytest.raises(run_lock.WorkdirLockedError, match=f"^workdir {tmp_path} is in use by another run \\(process 0"):
+        run_lock.acquire_everywhere(storage.path(tmp_path))
+    assert sent == [0] and not (tmp_path / "lock.json").exists()
+
+    monkeypatch.setattr(jax, "process_index", lambda: 0)  # process 0 takes a free workdir and says so
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or x)
+    lock = run_lock.acquire_everywhere(storage.path(tmp_path), stale_seconds=7, heartbeat_seconds=1)
+    try:
+        assert sent == [0, 0] and _read(tmp_path)["token"] == lock._token
+        assert (lock.stale_seconds, lock.heartbeat_seconds) == (7, 1)
+        _write_holder(tmp_path)  # now another run holds it: process 0 tells the others it was refused
+        with pytest.raises(run_lock.WorkdirLockedError, match="in use by another run: host"):
+            run_lock.acquire_everywhere(storage.path(tmp_path))
+        assert sent == [0, 0, 1]
+    finally:
+        lock.release()
+
+
+def test_asking_whether_a_holder_is_alive_sends_it_no_signal(tmp_path):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert run_lock._alive(child.pid, None)
+        time.sleep(0.5)
+        assert child.poll() is None  # a real signal (SIGHUP) would have ended it
+    finally:
+        child.kill()
+        child.wait()
+    assert not run_lock._alive(child.pid, None)
 
 
 def test_the_lock_protocol_holds_on_a_gcs_bucket(gcs_here):
