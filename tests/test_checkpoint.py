@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -111,6 +112,59 @@ def test_a_broken_step_is_left_in_place_for_a_mode_that_only_reads_and_a_step_as
     ckpt.close()
     (aside,) = os.listdir(tmp_path / "unreadable_checkpoints")
     assert aside.startswith("20-") and sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
+
+
+def test_the_config_of_a_broken_step_reads_as_none_and_leaves_it_in_place(tmp_path, setup, state, caplog):
+    """saved_config serves relaunch checks, which only read: a broken step is never moved by them."""
+    ckpt = _saved(tmp_path, setup, state)
+    (tmp_path / "checkpoints" / "20" / "state" / "_METADATA").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+        assert ckpt.saved_config(10) is not None and ckpt.saved_config(20) is None
+    assert (
+        sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
+        and not (tmp_path / "unreadable_checkpoints").exists()
+    )
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"checkpoint {tmp_path}/checkpoints/20 is broken (")
+    ckpt.close()
+
+
+def test_the_saved_config_is_read_with_retries_and_named_in_the_error(tmp_path, setup, state, monkeypatch):
+    ckpt = _saved(tmp_path, setup, state, at=(10,))
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ckpt, "_metadata", lambda step: (_ for _ in ()).throw(ValueError("UNAVAILABLE: try later")))
+    with pytest.raises(
+        checkpoint.CheckpointReadError, match=f"^cannot read checkpoint {tmp_path}/checkpoints/10 \\(config\\): "
+    ):
+        ckpt.saved_config(10)
+    ckpt.close()
+
+
+def test_each_broken_step_set_aside_gets_its_own_folder_named_by_step_and_time(tmp_path, setup, state):
+    ckpt = _saved(tmp_path, setup, state)
+    found = []
+    for step in (20, 10):  # two in one run: the second finds unreadable_checkpoints/ already there
+        (tmp_path / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{not json")
+        found.append(getattr(ckpt.restore_latest(setup.abstract_state), "step", None))
+    ckpt.close()
+    assert found == [10, None]  # then nothing is left to resume from
+    aside = sorted(os.listdir(tmp_path / "unreadable_checkpoints"))
+    assert [a.split("-")[0] for a in aside] == ["10", "20"]
+    assert all(re.fullmatch(r"\d+-\d{8}-\d{6}", a) for a in aside), aside  # step-YYYYmmdd-HHMMSS
+
+
+def test_a_save_that_fails_without_an_error_or_a_listing_says_so(tmp_path, setup, state, monkeypatch):
+    """Orbax may end a save unfinalized without an exception, and the storage may refuse to list what is left."""
+    ckpt = _saved(tmp_path, setup, state, at=(10,))
+    message = str(ckpt._save_error(20, None))
+    assert "failed: Orbax did not finalize it (see its log above). Stopped; checkpoint 10 is intact." in message
+    monkeypatch.setattr(ckpt.manager, "reload", lambda: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    message = str(ckpt._save_error(20, OSError(errno.ENOSPC, "No space left on device")))
+    assert (
+        "failed: OSError: [Errno 28] No space left on device. Stopped; earlier checkpoints were not touched." in message
+    )
+    monkeypatch.undo()
+    ckpt.close()
 
 
 def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(tmp_path, setup, state, monkeypatch):
