@@ -167,6 +167,40 @@ def test_a_save_that_fails_without_an_error_or_a_listing_says_so(tmp_path, setup
     ckpt.close()
 
 
+def test_a_restore_places_every_array_in_the_states_shards_and_names_what_it_could_not_read(
+    tmp_path, setup, state, monkeypatch
+):
+    ckpt = _saved(tmp_path, setup, state)
+    restored = ckpt.restore_latest(setup.abstract_state)
+    placed = jax.tree.map(lambda x, s: x.sharding == s, restored.state, setup.state_shardings)
+    assert all(jax.tree.leaves(placed))
+    monkeypatch.setattr(checkpoint.time, "sleep", lambda s: None)
+    where = f"{tmp_path}/checkpoints/20"
+    unavailable = ValueError("UNAVAILABLE: connection reset by peer")
+    with monkeypatch.context() as m:
+        metadata = ckpt._metadata(20)
+        m.setattr(ckpt, "_metadata", lambda step: metadata)  # read before the storage stopped answering
+        m.setattr(ckpt.manager, "restore", lambda *a, **k: (_ for _ in ()).throw(unavailable))
+        with pytest.raises(checkpoint.CheckpointReadError, match=f"^cannot read checkpoint {where} \\(arrays\\): "):
+            ckpt.restore_latest(setup.abstract_state)
+    with monkeypatch.context() as m:
+        m.setattr(ckpt, "_metadata", lambda step: (_ for _ in ()).throw(unavailable))
+        with pytest.raises(checkpoint.CheckpointReadError, match=f"^cannot read checkpoint {where} \\(metadata\\): "):
+            ckpt.restore_latest(setup.abstract_state)
+    ckpt.close()
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_named_in_the_refusal(tmp_path, setup, state):
+    _saved(tmp_path, setup, state).close()
+    wider = override(tiny_config(embed_dim=64), checkpoint_every_steps=1, keep_checkpoints=2)
+    other = steps.make_setup(wider, sharding.make_mesh(wider, jax.devices()[:1]))
+    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), wider)
+    with pytest.raises(resume.CheckpointMismatchError, match=f"{tmp_path}/checkpoints/20"):
+        ckpt.restore_latest(other.abstract_state)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]  # nothing moved
+
+
 def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(tmp_path, setup, state, monkeypatch):
     ckpt = _saved(tmp_path, setup, state, at=(10,))
     slept = []
@@ -289,6 +323,12 @@ def test_a_cause_is_one_line_that_leads_with_the_oss_words():
     assert checkpoint.cause(KeyError("x" * 1000)) == "KeyError: " + ("'" + "x" * 1000)[:400]
     late = RuntimeError("y" * 100 + " Permission denied")  # the words past the first 80 characters: brought forward
     assert checkpoint.cause(late) == f"RuntimeError: Permission denied ({'y' * 100} Permission denied)"
+    near = RuntimeError("y" * 63 + " Permission denied")  # the words end at character 81: brought forward
+    assert checkpoint.cause(near) == f"RuntimeError: Permission denied ({near})"
+    within = RuntimeError("y" * 62 + " Permission denied")  # they end at character 80: the line already leads with them
+    assert checkpoint.cause(within) == f"RuntimeError: {within}"
+    long = RuntimeError("z" * 300 + " Permission denied")  # what they came from: its first 200 characters
+    assert checkpoint.cause(long) == f"RuntimeError: Permission denied ({'z' * 200})"
 
 
 def test_a_chain_of_causes_is_walked_once_each():
@@ -302,3 +342,24 @@ def test_a_chain_of_causes_is_walked_once_each():
     missing_item = KeyError("Item 'state' was not found in the checkpoint")
     assert checkpoint._is_corrupt(missing_item) and not checkpoint._is_corrupt(KeyError("other"))
     assert not checkpoint._is_corrupt(ValueError("shape mismatch"))  # neither broken files nor storage: a bug
+
+
+def _raised(error: BaseException, cause: BaseException | None, context: BaseException | None) -> BaseException:
+    error.__cause__, error.__context__ = cause, context
+    return error
+
+
+def test_broken_files_and_a_storage_that_fails_are_told_apart_through_every_link_of_the_chain():
+    broken = ValueError("Error decoding the checkpoint's index")
+    for chain in ((broken, RuntimeError("cleanup")), (RuntimeError("cleanup"), broken)):  # `from`, or while handling
+        error = _raised(RuntimeError("restore failed"), *chain)
+        assert set(map(id, checkpoint._chain(error))) == {id(error), *map(id, chain)}
+        assert checkpoint._is_corrupt(error)
+    assert checkpoint._is_corrupt(ValueError("DATA_LOSS: checksum mismatch in chunk 3"))
+    # the storage failing wins over words about data: reading again may succeed
+    assert not checkpoint._is_corrupt(OSError(errno.EIO, "I/O failed"))  # EIO, without the usual words
+    assert not checkpoint._is_corrupt(ValueError("UNAVAILABLE: Unexpected end of stream from the server"))
+    deep = ValueError("level 0")
+    for level in range(1, 30):  # a pathological chain: walked to a bound, not to its end
+        deep = _raised(ValueError(f"level {level}"), deep, None)
+    assert len(checkpoint._chain(deep)) == 20
