@@ -108,7 +108,12 @@ def test_a_broken_step_is_left_in_place_for_a_mode_that_only_reads_and_a_step_as
     with pytest.raises(checkpoint.CheckpointReadError) as error:
         ckpt.restore_latest(setup.abstract_state, step=20, set_aside=False)
     assert str(error.value) == f"checkpoint {tmp_path}/checkpoints/20 is broken (see the warning above)"
-    assert ckpt.restore_latest(setup.abstract_state).step == 10  # a run sets it aside
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+        assert ckpt.restore_latest(setup.abstract_state).step == 10  # a run sets it aside
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"checkpoint {tmp_path}/checkpoints/20 is broken (JSONDecodeError: ")
+    assert line.endswith(f"); moving it to {tmp_path}/unreadable_checkpoints and trying the one before")
     ckpt.close()
     (aside,) = os.listdir(tmp_path / "unreadable_checkpoints")
     assert aside.startswith("20-") and sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]
@@ -201,7 +206,9 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_named_in_the_refusal(tmp_p
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]  # nothing moved
 
 
-def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(tmp_path, setup, state, monkeypatch):
+def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(
+    tmp_path, setup, state, monkeypatch, caplog
+):
     ckpt = _saved(tmp_path, setup, state, at=(10,))
     slept = []
     monkeypatch.setattr(checkpoint.time, "sleep", slept.append)
@@ -209,9 +216,13 @@ def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(tmp
     def unavailable():
         raise ValueError("UNAVAILABLE: connection reset by peer")
 
-    with pytest.raises(checkpoint.CheckpointReadError) as error:
+    with pytest.raises(checkpoint.CheckpointReadError) as error, caplog.at_level(logging.WARNING):
         ckpt._read(10, "arrays", unavailable)
     assert slept == list(checkpoint.RETRY_DELAYS) == [1.0, 3.0]
+    assert [r.getMessage() for r in caplog.records if r.name == "igpt_jax.checkpoint"] == [
+        f"reading checkpoint 10 (arrays) failed (ValueError: UNAVAILABLE: connection reset by peer); retrying in {s}s"
+        for s in (1, 3)
+    ]
     where = f"{tmp_path}/checkpoints/10"
     assert str(error.value) == (
         f"cannot read checkpoint {where} (arrays): ValueError: UNAVAILABLE: connection reset by peer. Stopped without "
