@@ -65,7 +65,7 @@ def test_the_default_rules_split_every_parameter_over_fsdp_and_the_batch_over_da
 @pytest.mark.parametrize(
     ("arg", "parsed"),
     [(None, {}), ("", {}), ("48", {"image_size": 48}), ("image_size=64", {"image_size": 64}),
-     (" image_size = 96", {"image_size": 96})],
+     (" image_size = 96", {"image_size": 96}), ("32,image_size=48", {"image_size": 48})],  # parts: the last wins
 )  # fmt: skip
 def test_the_config_argument_sets_the_image_side(arg, parsed):
     assert defaults.parse_arg(arg, image_size=32, num_layers=4) == {"image_size": 32, "num_layers": 4} | parsed
