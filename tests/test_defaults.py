@@ -62,6 +62,17 @@ def test_the_default_rules_split_every_parameter_over_fsdp_and_the_batch_over_da
     assert sharding.batch_sharding(config, mesh, 2).spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
 
 
+def test_the_default_rules_place_each_logical_axis_on_the_mesh_axes_the_readme_names():
+    """Tensor parallelism splits the MLP, the heads and the vocabulary; the sequence axis splits positions and holds
+    weight shards with fsdp; activations' width and the layer stack are never split."""
+    rules, axes = defaults.make_config().logical_axis_rules, ("data", "fsdp", "sequence", "tensor")
+    expected = {"act_batch": ("data", "fsdp"), "act_len": "sequence", "act_embed": None, "embed": ("fsdp", "sequence"),
+                "mlp": "tensor", "heads": "tensor", "kv": None, "vocab": "tensor", "layers": None}  # fmt: skip
+    placed = {name: sharding.logical_to_spec((name,), rules, axes)[0] for name in expected}
+    assert placed == expected
+    assert {name for name, _ in rules} == set(expected)
+
+
 @pytest.mark.parametrize(
     ("arg", "parsed"),
     [(None, {}), ("", {}), ("48", {"image_size": 48}), ("image_size=64", {"image_size": 64}),
