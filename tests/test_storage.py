@@ -192,6 +192,9 @@ def test_files_are_created_with_every_missing_parent_folder(tmp_path):
     deep = tmp_path / "a" / "b"
     storage.write_text(storage.path(deep / "config.json"), "{}")
     assert storage.create_exclusive(storage.path(tmp_path / "c" / "d" / "lock.json"), b"x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "c" / "d" / "lock.json").stat().st_mode & 0o777 == 0o644 & ~umask  # a plain file, not executable
     storage.AppendOnlyFile(storage.path(tmp_path / "e" / "f" / "metrics.jsonl")).close()
     assert (deep / "config.json").exists() and (tmp_path / "e" / "f" / "metrics.jsonl").exists()
 
@@ -235,6 +238,7 @@ def test_other_object_stores_are_refused_before_anything_is_touched():
     assert str(refused.value) == "s3://b/lock.json: exclusive create is implemented for local paths and gs:// only"
     spec = storage.kvstore(storage.path("gs://bucket/run/probe_features"))
     assert spec == {"driver": "gcs", "bucket": "bucket", "path": "run/probe_features"}  # relative to the bucket
+    assert storage.kvstore(storage.path("gs://bucket/XL/run"))["path"] == "XL/run"  # only the leading slash goes
 
 
 def test_a_gcs_append_only_file_uploads_after_min_flush_seconds_and_rewrites_only_what_changed(gcs_here, monkeypatch):
