@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/mutation_score.py igpt_jax/optim.py tests/test_optim.py [--rev REV] [--out FILE]
     .venv/bin/python tools/mutation_score.py --all [--rev REV] [--out FILE]   # every module of GUARDS, in turn
+    .venv/bin/python tools/mutation_score.py igpt_jax/finetune.py --sample 60   # a seeded random 60 of its mutants
 
 The tracked files at REV (default HEAD: commit what is to be measured) are copied into a temporary folder, so
 mutmut's `mutants/` never lands in the checkout; mutmut (the `mutation` extra) mutates only MODULE, maps each mutant
@@ -14,13 +15,19 @@ the pytest process itself: code reached only inside a subprocess the test starts
 killed / (killed + survived + no_tests), the survivors' names and the seconds it took; `mutmut show NAME` in the
 printed folder shows a survivor's diff. Slow and outside the test run: optim.py's 118 mutants take under 4 minutes
 on 2 cores, the whole table hours.
+
+--sample N runs a seeded random N of the module's mutants (Acree's and Budd's mutant sampling: the score of a random
+sample estimates the whole's; the JSON gives its 95% interval). It is for modules whose tests
+are whole runs (finetune.py's: about a minute a mutant on 2 cores, 6 hours for all 363).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -101,7 +108,28 @@ def _configure(tree: Path, module: str, tests: list[str]) -> None:
         )
 
 
-def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
+def _sample_of_mutants(tree: Path, module: str, size: int, seed: int) -> tuple[list[str], int]:
+    """A seeded random `size` of MODULE's mutant names, and how many there are: mutmut generates them in the tree
+    (the run that follows finds them up to date)."""
+    generate = (
+        "import json, sys; from pathlib import Path; from mutmut.__main__ import create_file_mutants; "
+        "result = create_file_mutants(Path(sys.argv[1])); "
+        "sys.exit(repr(result.error) if result.error else None)"
+    )
+    subprocess.run([sys.executable, "-c", generate, module], cwd=tree, check=True, capture_output=True)
+    names = sorted(json.loads((tree / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"])
+    return sorted(random.Random(seed).sample(names, min(size, len(names)))), len(names)
+
+
+def _wilson(rate: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson interval of a score over n mutants drawn at random (unlike rate +- z * standard error, it stays
+    inside [0, 1] and does not shrink to a point when every sampled mutant was killed)."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(centre - half, 3), round(centre + half, 3)]
+
+
+def score(module: str, tests: list[str], rev: str = "HEAD", sample: int = 0, seed: int = 0) -> dict:
     started = time.perf_counter()
     tree = Path(tempfile.mkdtemp(prefix="mutation_"))
     _copy_tree(rev, tree)
@@ -117,8 +145,9 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
     cache = {"JAX_COMPILATION_CACHE_DIR": str(tree / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}  # fmt: skip
     environment = os.environ | ENVIRONMENT | cache
+    chosen, generated = _sample_of_mutants(tree, module, sample, seed) if sample else ([], None)
     run = subprocess.run(
-        [*mutmut, "run", "--max-children", children], cwd=tree, capture_output=True, text=True, env=environment
+        [*mutmut, "run", "--max-children", children, *chosen], cwd=tree, capture_output=True, text=True, env=environment
     )
     if run.returncode:  # its output without the progress spinner: a test that fails unmutated is named in it
         lines = (run.stdout + run.stderr).splitlines()
@@ -129,6 +158,10 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
     results = subprocess.run([*mutmut, "results"], cwd=tree, check=True, capture_output=True, text=True).stdout
     survivors = [line.split(":")[0].strip() for line in results.splitlines() if line.strip().endswith(": survived")]
     judged = stats["killed"] + stats["survived"] + stats["no_tests"]
+    rate = stats["killed"] / judged if judged else None
+    sampled = (
+        {"sample": {"of": generated, "seed": seed, "interval_95": _wilson(rate, judged)}} if sample and judged else {}
+    )
     return {
         "module": module,
         "tests": tests,
@@ -138,7 +171,8 @@ def score(module: str, tests: list[str], rev: str = "HEAD") -> dict:
         "survived": stats["survived"],
         "no_tests": stats["no_tests"],
         "timeout": stats["timeout"],
-        "score": round(stats["killed"] / judged, 3) if judged else None,
+        "score": round(rate, 3) if judged else None,
+        **sampled,
         "survivors": survivors,
         "seconds": round(time.perf_counter() - started),
         "folder": str(tree),
@@ -151,6 +185,8 @@ def main() -> None:
     parser.add_argument("tests", nargs="*", help="the test files or node ids that guard it (default: GUARDS')")
     parser.add_argument("--all", action="store_true", help="every module of GUARDS against its tests, in turn")
     parser.add_argument("--rev", default="HEAD", help="the commit to measure (default HEAD)")
+    parser.add_argument("--sample", type=int, default=0, help="only a seeded random N of each module's mutants")
+    parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--out", help="also write the JSON here (with --all: one object per line, as each ends)")
     args = parser.parse_args()
     if args.all == bool(args.module):
@@ -159,7 +195,7 @@ def main() -> None:
         parser.error(f"{args.module} has no tests in GUARDS; name them after it")
     todo = GUARDS.items() if args.all else [(args.module, args.tests or GUARDS[args.module])]
     for module, tests in todo:
-        result = score(module, list(tests), args.rev)
+        result = score(module, list(tests), args.rev, args.sample, args.seed)
         print(json.dumps(result, indent=2), flush=True)
         if args.out:
             with open(args.out, "a" if args.all else "w") as f:
