@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import report  # noqa: E402
 
-from configs import fashion_mnist  # noqa: E402
+from igpt_jax.configs import fashion_mnist  # noqa: E402
 from igpt_jax.data import get_source, pipeline  # noqa: E402
 from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir  # noqa: E402
 

@@ -82,7 +82,7 @@ def _model_shape(c) -> list[str]:
             f"config.model.image_size={m.image_size} needs {m.image_size**2} positions but "
             f"config.model.num_positions={m.num_positions}; allowed: image_size**2 <= num_positions "
             f"(set --config.model.num_positions={m.image_size**2}, or pass the size as the config "
-            f"argument, e.g. configs/igpt_l.py:{m.image_size})"
+            f"argument, e.g. --config=igpt_l:{m.image_size})"
         )
     return out
 

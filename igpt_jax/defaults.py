@@ -1,10 +1,10 @@
 """The complete config: every key the project reads, with iGPT-S defaults at 32x32.
 
-Library code builds configs from here (the converter describes an imported model with `make_config`); the config
-files in configs/ start from `make_config` too, through configs/base.py, and change only what differs, so a key
-exists in one place. A config file's `get_config(arg)` takes an optional argument after the file name on the command
-line: `--config=configs/igpt_l.py:48` or `--config=configs/igpt_l.py:image_size=48` sets the image side (and with it
-the context length and the position table). Any key can then be overridden: `--config.model.num_layers=2`.
+Library code builds configs from here (the converter describes an imported model with `make_config`); the presets
+in igpt_jax/configs/ start from `make_config` too, through igpt_jax/configs/base.py, and change only what differs, so
+a key exists in one place. A config file's `get_config(arg)` takes an optional argument after the preset's name or
+the file's path on the command line: `--config=igpt_l:48` or `--config=igpt_l:image_size=48` sets the image side (and
+with it the context length and the position table). Any key can then be overridden: `--config.model.num_layers=2`.
 """
 
 from __future__ import annotations

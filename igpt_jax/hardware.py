@@ -90,7 +90,7 @@ def _slice_shape(chips: int, dims: int) -> tuple[int, ...]:
 
 def topology_devices(name: str, num_slices: int = 1) -> list:
     """Abstract devices of `num_slices` slices of topology `name`, for compiling on a host without them (libtpu:
-    `pip install igpt_jax[tpu]`)."""
+    `pip install igpt_jax[plan]`)."""
     from jax.experimental import topologies
 
     chip, shape = topology_shape(name)

@@ -1,4 +1,4 @@
-"""Command-line entry point: `python -m igpt_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR --mode=MODE`.
+"""Command-line entry point: `igpt --config=PRESET[:ARG] --workdir=DIR --mode=MODE` (or `python -m igpt_jax.main`).
 
 Also installed as the console script `igpt`. The config is checked before anything is built or compiled; a bad
 key or value exits with status 2 and one message naming it. Modes are a registry (MODES: name -> the function of
@@ -16,7 +16,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt_jax import config_checks
+from igpt_jax import config_checks, configs
 
 # Every mode (README: Command line): name -> "module:function", the function of (config, workdir) that is the mode.
 # Modules are imported when their mode runs: config errors come before JAX loads. eval, probe and sample run the
@@ -53,12 +53,13 @@ def known_errors() -> dict[type[BaseException], int]:
         storage,
         workdir,
     )
-    from igpt_jax.data import preprocess
+    from igpt_jax.data import preprocess, sources
 
     usage = (
         sharding.MeshError,
         FileNotFoundError,
         preprocess.DecodeError,
+        sources.NeedsTensorFlowError,
         distributed.ProgramMismatchError,
         resume.CheckpointMismatchError,
         run_lock.WorkdirLockedError,
@@ -113,7 +114,10 @@ def _newest_checkpoint(workdir: str) -> str:
 
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/fashion_mnist.py or configs/igpt_l.py:48.", lock_config=True
+    "config",
+    None,
+    f"A preset ({', '.join(configs.names())}) or a config file's path, with an optional :ARG, e.g. igpt_l:48.",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (local or gs://).")
 _MODE = flags.DEFINE_string("mode", "train", f"One of {', '.join(ALL_MODES)}.")
@@ -151,8 +155,21 @@ def check_mode(mode: str) -> str:
     _fail(f"--mode={mode} is unknown; allowed: {', '.join(ALL_MODES)}")
 
 
+def with_preset_paths(argv: list[str]) -> list[str]:
+    """argv with a preset's name after --config (`--config=igpt_l:48` or `--config igpt_l:48`) replaced by its
+    installed file's path, which is what ml_collections' config flag loads."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + configs.resolve(arg[len("--config=") :])
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = configs.resolve(out[i + 1])
+    return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; a bad config file, key or value becomes one line that says what is allowed."""
+    argv = with_preset_paths(argv)
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - any failure here is a usage error, reported in one line
@@ -180,7 +197,7 @@ def _explain_flag_error(argv: list[str], error: Exception) -> str:
 
 def _load_config_arg(argv: list[str]) -> ml_collections.ConfigDict | None:
     """The config that --config=PATH[:ARG] in argv names, or None if there is none or it does not load."""
-    spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    spec = next((a.split("=", 1)[1] for a in with_preset_paths(argv)[1:] if a.startswith("--config=")), None)
     if spec is None:
         return None
     path, _, arg = spec.partition(":")
@@ -250,7 +267,9 @@ def main(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001
         _fail(_explain_flag_error([], e))
     if config is None:
-        _fail("--config is required, e.g. --config=configs/fashion_mnist.py")
+        _fail(
+            f"--config is required: a preset ({', '.join(configs.names())}) or a config file (--config=fashion_mnist)"
+        )
     if not _WORKDIR.value:
         _fail("--workdir is required: where checkpoints, metrics and samples go")
     mode = check_mode(_MODE.value)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up this checkout on one Linux machine: a .venv with igpt_jax and its test extras, plus Debian's
-# Fashion-MNIST (the offline default data set) when apt is available. Idempotent: rerunning only checks.
-# Usage: bash launch/setup_local.sh [EXTRAS]   (EXTRAS default: test; e.g. "test,tpu" for compile-only TPU)
+# Sets up this checkout on one Linux machine: a .venv with igpt_jax and its test extras at the versions the tests
+# pass with (constraints.txt), plus Debian's Fashion-MNIST (the offline default data set) when apt is available.
+# Idempotent: rerunning only checks.
+# Usage: bash launch/setup_local.sh [EXTRAS]   (EXTRAS default: test; "data" is enough to train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-test}"
@@ -15,5 +16,5 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[${extras}]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
 echo "setup: ready; activate with: source .venv/bin/activate"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import ml_collections
 
-from configs import base
+from igpt_jax.configs import base
 
 
 def tiny_config(*, image_size: int = 4, objective: str = "ar", **model) -> ml_collections.ConfigDict:
@@ -39,7 +39,7 @@ TFDS_TEST_DIR = os.path.join(tempfile.gettempdir(), "igpt_jax_test_tfds")
 
 def fashion_config(*, image_size: int = 8, total_steps: int = 30, **overrides) -> ml_collections.ConfigDict:
     """A tiny model on real Fashion-MNIST (Debian's files), resized to image_size: trains in seconds on CPU."""
-    from configs import fashion_mnist
+    from igpt_jax.configs import fashion_mnist
 
     config = fashion_mnist.get_config(str(image_size))
     config.model.num_layers, config.model.embed_dim, config.model.num_heads = 2, 32, 4

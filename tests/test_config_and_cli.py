@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import override
 
-from configs import fashion_mnist, igpt_s
-from igpt_jax import config_checks
+from igpt_jax import config_checks, configs
+from igpt_jax.configs import fashion_mnist, igpt_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,3 +176,33 @@ def test_cli_refuses_missing_config_file():
 def test_cli_refuses_bad_config_argument():
     line = _one_line_error(_cli("--config=configs/igpt_s.py:size=3", "--workdir=/tmp/x"))
     assert "config argument 'size' is unknown; allowed: ['image_size']" in line, line
+
+
+def test_a_preset_is_named_by_its_short_name_in_either_flag_form_and_a_path_is_left_as_given():
+    from igpt_jax import main
+
+    assert configs.names() == ["fashion_mnist", "igpt_l", "igpt_m", "igpt_s", "igpt_xl"]
+    argv = ["igpt", "--config=igpt_l:48", "--mode=train", "--config", "igpt_s", "--config=mine.py:3", "--config=nope"]
+    assert main.with_preset_paths(argv) == [
+        "igpt",
+        f"--config={configs.FOLDER / 'igpt_l.py'}:48",
+        "--mode=train",
+        "--config",
+        str(configs.FOLDER / "igpt_s.py"),
+        "--config=mine.py:3",
+        "--config=nope",
+    ]
+
+
+def test_a_preset_named_by_its_short_name_is_read_from_any_directory(tmp_path):
+    """The same one-line refusal as the file's path gives: the preset was found and loaded, from outside a checkout."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", "--config=igpt_s:size=3", "--workdir=x"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "config argument 'size' is unknown; allowed: ['image_size']" in _one_line_error(result)

@@ -336,8 +336,8 @@ def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_pat
 def _hf_loss(hf, workdir, side: int, examples: int) -> tuple[float, float]:
     """Hugging Face's float64 loss (and its scale) on the first `examples` test images, quantized with the
     workdir's palette."""
-    from configs import fashion_mnist
     from igpt_jax import sampling
+    from igpt_jax.configs import fashion_mnist
     from igpt_jax.data import get_source
 
     config = fashion_mnist.get_config(str(side))

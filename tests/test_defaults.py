@@ -8,8 +8,8 @@ import math
 import jax
 import pytest
 
-from configs import base
 from igpt_jax import config_checks, defaults, sharding, steps
+from igpt_jax.configs import base
 
 
 def test_the_defaults_are_the_papers_igpt_s_recipe():

@@ -12,9 +12,9 @@ import pytest
 from flax import nnx
 from helpers import tiny_config
 
-from configs import igpt_l
 from igpt_jax import metrics, objectives, plots
 from igpt_jax import model as model_lib
+from igpt_jax.configs import igpt_l
 
 
 def test_flops_per_token_match_xla_for_a_training_step():

@@ -14,7 +14,7 @@ from helpers import override, read_metrics, run_main, tiny_config
 
 from igpt_jax import hardware, metrics, planner
 
-pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[tpu])")
+pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[plan])")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 

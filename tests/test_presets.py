@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from configs import fashion_mnist, igpt_l, igpt_m, igpt_s, igpt_xl
 from igpt_jax import config_checks, model
+from igpt_jax.configs import fashion_mnist, igpt_l, igpt_m, igpt_s, igpt_xl
 
 # Parameters by shape: wte V*d + wpe P*d + sos d + L * (q, k, v, out 4d^2 + MLP 8d^2 + two gains 2d) + ln_f d
 # + head d*V, with V = 512 colours and P = 1024 positions at 32x32 (4096 for XL at 64x64). The paper's rounded

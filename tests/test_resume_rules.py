@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import fashion_config
 
-from configs import base
 from igpt_jax import resume, sharding, steps
+from igpt_jax.configs import base
 
 
 def _tree(config) -> dict:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import fashion_config, read_metrics
 
-from configs import igpt_l
 from igpt_jax import checkpoint, sharding, steps, storage, train
+from igpt_jax.configs import igpt_l
 from igpt_jax.data import get_source, order, pipeline
 
 

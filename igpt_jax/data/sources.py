@@ -9,6 +9,7 @@ order a pure function of (seed, step): TFDS datasets are prepared as ArrayRecord
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -84,6 +85,11 @@ def _debian_fashion_mnist(manual_dir: str, url_infos: dict) -> None:
     debian_fashion_mnist.ensure_manual_files(manual_dir, url_infos)
 
 
+class NeedsTensorFlowError(RuntimeError):
+    """A TFDS data set that is not prepared yet, where TensorFlow is not installed: TFDS's preparation reads and
+    writes through TensorFlow (reading a prepared ArrayRecord data set does not)."""
+
+
 class TfdsSource:
     """A TFDS image dataset, prepared once (ArrayRecord) under config.data.data_dir and read by index."""
 
@@ -118,6 +124,12 @@ class TfdsSource:
             raise FileNotFoundError(
                 f"{self.spec.name} needs its downloaded files in config.data.manual_dir={self.manual_dir}: "
                 f"expected {' and/or '.join(self.spec.manual_files)}, found none"
+            )
+        if importlib.util.find_spec("tensorflow") is None:
+            raise NeedsTensorFlowError(
+                f"{self.spec.name} is not prepared in {self.builder.data_dir} and preparing it needs TensorFlow: "
+                "pip install 'igpt_jax[data]' here, or prepare it where TensorFlow is (`tfds build "
+                f"{self.spec.name} --file_format=array_record --data_dir=DIR`) and set config.data.data_dir=DIR"
             )
         if self.spec.offline_prepare is not None:
             self.spec.offline_prepare(self.manual_dir, type(self.builder).url_infos)

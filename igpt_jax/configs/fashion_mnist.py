@@ -1,14 +1,14 @@
 """The offline default: a small iGPT on Fashion-MNIST (Debian's `dataset-fashion-mnist`, no network needed).
 
 Sized to learn visibly in minutes on a 2-core CPU: 4 layers of width 128 at the images' native 28x28 (784 tokens).
-`configs/fashion_mnist.py:32` (or 48, 64) resizes the images and sets the context to match. The images are grayscale
+`--config=fashion_mnist:32` (or 48, 64) resizes the images and sets the context to match. The images are grayscale
 with 256 levels, so a 16-colour palette (k-means on gray levels) keeps the softmax small without visible banding.
 """
 
 from __future__ import annotations
 
-from configs import base
 from igpt_jax import evaluators
+from igpt_jax.configs import base
 
 
 def get_config(arg: str | None = None):

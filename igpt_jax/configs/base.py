@@ -1,7 +1,7 @@
 """The base config file: every key with its default (igpt_jax/defaults.py), iGPT-S at 32x32.
 
 Other config files call `base.make_config(...)` with what differs and `base.parse_arg(arg)` for the command line's
-`:ARG` (`--config=configs/igpt_l.py:48`).
+`:ARG` (`--config=igpt_l:48`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Batch 64 for 2M steps in the paper.
 
 from __future__ import annotations
 
-from configs import base
+from igpt_jax.configs import base
 
 
 def get_config(arg: str | None = None):

@@ -2,7 +2,7 @@
 
 Learning rate: the paper searched 0.01, 0.003, 0.001, ... downward per model (Table 5); this is our starting point.
 
-Images beyond the paper's 64x64 (`configs/igpt_l.py:96`, `:128`, `:192`) get what `--mode=compile` found to fit a
+Images beyond the paper's 64x64 (`--config=igpt_l:96`, `:128`, `:192`) get what `--mode=compile` found to fit a
 v5p:4x4x4 (64 chips), one image per chip: global batch 64, bf16 compute, full remat (192x192 with splash: 10.3 GiB a
 chip). More chips than images need the sequence split: `--config.mesh.ici.sequence=4` spreads 96x96 at batch 64 over
 256 chips with ring attention (10.3 GiB a chip on v5p:8x8x4). The README's "Long images" section has the table.
@@ -10,7 +10,7 @@ chip). More chips than images need the sequence split: `--config.mesh.ici.sequen
 
 from __future__ import annotations
 
-from configs import base
+from igpt_jax.configs import base
 
 LONG_IMAGE = 64  # sides above the paper's largest get the long-image settings
 

@@ -5,7 +5,7 @@ Learning rate: the paper searched 0.01, 0.003, 0.001, ... downward per model (Ta
 
 from __future__ import annotations
 
-from configs import base
+from igpt_jax.configs import base
 
 
 def get_config(arg: str | None = None):
