@@ -248,3 +248,36 @@ def test_reduced_jpeg_decoding_matches_full_decoding():
     fast = preprocess.imagenet_eval(preprocess.open_image(jpeg.getvalue(), "a"), "a", 32, None, False)
     full = preprocess.imagenet_eval(preprocess.open_image(png.getvalue(), "b"), "b", 32, None, False)
     assert np.abs(fast.astype(int) - full.astype(int)).mean() < 3
+
+
+# Runs igpt with TensorFlow unimportable, as where only the package's own requirements are installed.
+WITHOUT_TENSORFLOW = """
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoTensorFlow())
+from igpt_jax import main
+sys.argv = ["igpt", *sys.argv[1:]]
+main.run()
+"""
+
+
+def test_a_data_set_to_prepare_without_tensorflow_is_refused_in_one_line_naming_the_ways_on(tmp_path):
+    data_dir = tmp_path / "tfds"
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TENSORFLOW, "--config=fashion_mnist:8", f"--workdir={tmp_path / 'run'}",
+         f"--config.data.data_dir={data_dir}"],
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("igpt: ")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines == [
+        f"igpt: fashion_mnist is not prepared in {data_dir}/fashion_mnist/3.0.1 and preparing it needs TensorFlow: "
+        "pip install 'igpt_jax[data]' here, or prepare it where TensorFlow is (`tfds build fashion_mnist "
+        f"--file_format=array_record --data_dir=DIR`) and set config.data.data_dir=DIR"
+    ]
+    assert not (data_dir / "fashion_mnist" / "3.0.1").exists()  # nothing that looks prepared

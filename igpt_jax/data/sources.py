@@ -90,6 +90,15 @@ class NeedsTensorFlowError(RuntimeError):
     writes through TensorFlow (reading a prepared ArrayRecord data set does not)."""
 
 
+def _tensorflow_installed() -> bool:
+    """Whether TensorFlow can be imported, without importing it (seconds): an environment may also hide an
+    installed one (a None in sys.modules, an import hook that refuses it)."""
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class TfdsSource:
     """A TFDS image dataset, prepared once (ArrayRecord) under config.data.data_dir and read by index."""
 
@@ -125,7 +134,7 @@ class TfdsSource:
                 f"{self.spec.name} needs its downloaded files in config.data.manual_dir={self.manual_dir}: "
                 f"expected {' and/or '.join(self.spec.manual_files)}, found none"
             )
-        if importlib.util.find_spec("tensorflow") is None:
+        if not _tensorflow_installed():
             raise NeedsTensorFlowError(
                 f"{self.spec.name} is not prepared in {self.builder.data_dir} and preparing it needs TensorFlow: "
                 "pip install 'igpt_jax[data]' here, or prepare it where TensorFlow is (`tfds build "
