@@ -81,8 +81,8 @@ SUPERSEDED_FILE = "metrics.superseded.jsonl"
 class MetricsWriter:
     """One JSON object per record into workdir/metrics.jsonl, and scalars to TensorBoard (process 0 only).
 
-    Both go through `storage.AppendOnlyFile`, so a gs:// workdir gets them too. `flush(force=True)` before each
-    checkpoint save makes every record up to the saved step durable."""
+    Both reach a gs:// workdir through `storage.AppendOnlyFile` (igpt_jax/tensorboard.py). `flush(force=True)`
+    before each checkpoint save makes every record up to the saved step durable."""
 
     def __init__(self, workdir: str | os.PathLike, *, resumed_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -105,6 +105,11 @@ class MetricsWriter:
         """PNGs to TensorBoard under their tags (process 0)."""
         if self.enabled:
             self._tb.images(step, dict(pngs))
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        """Markdown to TensorBoard under `tag` (process 0): the run's config at its first step."""
+        if self.enabled:
+            self._tb.text(step, tag, text)
 
     def flush(self, *, force: bool = False) -> None:
         if self.enabled:

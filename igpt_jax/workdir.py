@@ -43,11 +43,16 @@ RESERVED_NAMES = frozenset(
 )
 
 
+def config_text(config: ml_collections.ConfigDict) -> str:
+    """config.json's content: the config as the checkpoint's recipe records it."""
+    return json.dumps(resume.as_saved(config), indent=2) + "\n"
+
+
 def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: int) -> None:
     """Writes config.json (process 0), keeping a differing previous one as config_history/<time>-step<step>.json."""
     if jax.process_index() != 0:
         return
-    text = json.dumps(resume.as_saved(config), indent=2) + "\n"
+    text = config_text(config)
     current = workdir / CONFIG_FILE
     if current.exists():
         previous = current.read_bytes()

@@ -3,6 +3,7 @@ is divided by, metrics.jsonl and TensorBoard as written, the step clock and the 
 
 from __future__ import annotations
 
+import io
 import json
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import tiny_config
+from PIL import Image
 
 from igpt_jax import metrics, objectives, plots
 from igpt_jax import model as model_lib
@@ -241,6 +243,41 @@ def test_a_modes_row_leaves_the_training_curve_in_tensorboard_whole(tmp_path):
         "train/loss": [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)],
         "probe/accuracy": [(4, 70.0)],
     }
+
+
+def test_on_gcs_tensorboard_reads_back_scalars_images_text_and_the_purge_on_resume(gcs_here, tmp_path):
+    """Event files written into a gs:// workdir (a first run's steps 1..4, its picture at 2 and config text at 1, then
+    a relaunch from step 2 redoing 3 and 4) are what tensorboard's own reader makes of a local copy of the bucket."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from igpt_jax import storage
+
+    workdir = storage.path(gcs_here)
+    first = metrics.MetricsWriter(workdir, enabled=True)
+    first.text(1, "config", "```json\n{}\n```")
+    for step in range(1, 5):
+        first.write({"step": step, "loss": float(step)})
+    grid = np.zeros((1, 1, 4, 4, 3), np.uint8)
+    grid[..., 0] = 255  # red
+    first.images(2, {"samples": plots.image_grid(grid, scale=1)})
+    first.close()
+    again = metrics.MetricsWriter(workdir, resumed_step=2, enabled=True)
+    for step in (3, 4):
+        again.write({"step": step, "loss": 10.0 * step})
+    again.close()
+    local = tmp_path / "tensorboard"
+    local.mkdir()
+    for events in (workdir / "tensorboard").iterdir():
+        (local / events.name).write_bytes(events.read_bytes())
+    assert len(list(local.iterdir())) == 2  # a file per run
+    assert _scalars(local) == {"train/loss": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
+    board = event_accumulator.EventAccumulator(str(local), size_guidance={event_accumulator.TENSORS: 0})
+    board.Reload()
+    (image,) = board.Images("samples")
+    with Image.open(io.BytesIO(image.encoded_image_string)) as png:
+        assert image.step == 2 and png.getpixel((plots.GRID_GAP, plots.GRID_GAP))[:3] == (255, 0, 0)
+    (text,) = board.Tensors("config/text_summary")
+    assert text.step == 1 and text.tensor_proto.string_val == [b"```json\n{}\n```"]
 
 
 def test_on_gcs_a_forced_flush_makes_every_row_durable(gcs_here):

