@@ -53,11 +53,13 @@ def _per_image_loss(hf, tokens: np.ndarray) -> torch.Tensor:
     return ce.mean(dim=1)
 
 
-def _tolerance(config, scale: float) -> float:
+def _tolerance(config, scale: float, last_sum: int | None = None) -> float:
+    """float32's bound on the network's chain of sums, and a last sum of `last_sum` terms after it (default: the
+    softmax's over the vocabulary)."""
     m = config.model
     terms = transformer_terms(layers=m.num_layers, width=m.embed_dim, head_dim=m.embed_dim // m.num_heads,
                               positions=m.image_size**2)  # fmt: skip
-    return float32_chain(terms + m.vocab_size, scale)  # + the softmax's sum over the vocabulary
+    return float32_chain(terms + (m.vocab_size if last_sum is None else last_sum), scale)
 
 
 def _sum_error(grads: dict, norm: float) -> float:
@@ -187,3 +189,66 @@ def test_parameters_are_the_seeds_and_the_state_layout_is_the_setups():
     evaluation = steps.make_setup(config, setup.mesh, train=False)
     assert set(evaluation.abstract_state) == {"step", "params"}
     assert evaluation.replicated.spec == jax.sharding.PartitionSpec()
+
+
+def _normed_inputs(hf, tokens: np.ndarray) -> np.ndarray:
+    """Hugging Face's float64 n^l [L + 1, n, N, d] on the shifted sequence (SOS first): block l's ln_1 output for
+    l < L, ln_f's output for l = L (its hidden_states hold each block's input, then ln_f's output)."""
+    sos = np.full((len(tokens), 1), hf.config.vocab_size - 1)
+    with torch.no_grad():
+        hidden = hf(
+            torch.tensor(np.concatenate([sos, tokens[:, :-1]], axis=1)), output_hidden_states=True
+        ).hidden_states
+        blocks = hf.transformer.h
+        return np.stack([blocks[i].ln_1(hidden[i]).numpy() for i in range(len(blocks))] + [hidden[-1].numpy()])
+
+
+def test_the_feature_and_token_steps_are_hugging_faces_normed_block_inputs():
+    """The probe's features f^l (n^l averaged over positions) for the layers asked, in their order, and the attentive
+    probe's n^l at every position, against Hugging Face's float64 forward pass on the same tokens."""
+    config = _config()
+    setup = _setup(config)
+    params = jax.device_get(steps.init_params(setup))
+    tokens = np.asarray(jax.random.randint(jax.random.key(4), (8, 16), 0, 16), np.int32)
+    normed = _normed_inputs(_hugging_face(params, config), tokens)
+    batch, key = {"tokens": jnp.asarray(tokens)}, jax.random.key(0)
+    with jax.set_mesh(setup.mesh):
+        features = np.asarray(steps.make_feature_step(setup, (2, 0, 1))(params, batch, None, key))
+        layer_1 = np.asarray(steps.make_token_step(setup, 1)(params, batch, None, key))
+    pooled = normed.mean(axis=2)  # [L + 1, n, d]
+    assert features.shape == (3, 8, 32) and features.dtype == np.float32
+    # the chain up to ln_f (at most the whole network's), then the mean over the 16 positions
+    atol = _tolerance(config, np.abs(pooled).max(), last_sum=16)
+    np.testing.assert_allclose(features, pooled[[2, 0, 1]], atol=atol, rtol=0)
+    assert layer_1.shape == (8, 16, 32)
+    np.testing.assert_allclose(layer_1, normed[1], atol=_tolerance(config, np.abs(normed).max(), last_sum=0), rtol=0)
+
+
+def test_the_predict_step_is_the_argmax_of_the_class_head_on_hugging_faces_pooled_ln_f():
+    config = _config(model__num_classes=5)
+    setup = _setup(config)
+    params = jax.device_get(steps.init_params(setup))
+    params["classifier"] = np.asarray(jax.random.normal(jax.random.key(9), params["classifier"].shape), np.float32)
+    tokens = np.asarray(jax.random.randint(jax.random.key(5), (8, 16), 0, 16), np.int32)
+    logits = _normed_inputs(_hugging_face(params, config), tokens)[-1].mean(axis=1) @ params["classifier"]
+    with jax.set_mesh(setup.mesh):
+        predicted = np.asarray(steps.make_predict_step(setup)(params, {"tokens": jnp.asarray(tokens)}, None, None))
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    # no near-tie that rounding could flip: the chain, the mean over 16 positions, then the head's sum over d = 32
+    clear = top_two[:, 1] - top_two[:, 0] > 2 * _tolerance(config, np.abs(logits).max(), last_sum=16 + 32)
+    assert clear.sum() >= 6 and predicted.dtype == np.int32
+    np.testing.assert_array_equal(predicted[clear], logits.argmax(axis=1)[clear])
+    assert len(set(logits.argmax(axis=1))) > 1  # a head that predicts one class would not tell the argmax's axis
+
+
+def test_a_train_step_updates_the_state_in_place():
+    """The step donates the state it is given (its buffers are reused for the new one): without it a step would
+    hold two copies of the parameters and of Adam's moments at its peak."""
+    config = _config()
+    setup = _setup(config)
+    state = _state(setup)
+    tokens = jnp.zeros((8, 16), jnp.int32)
+    with jax.set_mesh(setup.mesh):
+        after, _ = steps.make_train_step(setup)(state, {"tokens": tokens}, None)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(after))
