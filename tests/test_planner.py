@@ -4,9 +4,12 @@ per-layer cost extrapolation equals an unscanned compile's count."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
+import time
 
 import jax
 import pytest
@@ -147,18 +150,36 @@ def planned(tmp_path_factory):
     config = override(tiny_config(image_size=8), batch_size=64, data__dataset="synthetic", model__embed_dim=128)
     config.model.attention, config.compile.topology = "xla", "v5p:2x2x1"
     workdir = tmp_path_factory.mktemp("plan")
-    report = planner.run(config, str(workdir))
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        report = planner.run(config, str(workdir))
+    run = {"seconds": time.perf_counter() - started, "printed": printed.getvalue()}
     devices = hardware.topology_devices("v5p:2x2x1")
     unrolled = planner._compile(override(config.copy_and_resolve_references(), model__scan_layers=False), devices, 1)
     memory = planner._compile(config, devices, 1)[0].memory_analysis()
-    return config, workdir, report, planner._cost(unrolled[0]), memory
+    return config, workdir, report, planner._cost(unrolled[0]), memory, run
+
+
+def test_the_report_is_printed_and_written_to_compile_json_and_one_metrics_row(planned):
+    """What --mode=compile leaves: the table on stdout, compile.json as the report (indented for reading), and one
+    metrics.jsonl row of mode compile at step 0 with the report's sections flattened (the mesh kept whole)."""
+    config, workdir, report, _, _, run = planned
+    assert run["printed"] == planner.table(report) + "\n"
+    text = (workdir / planner.COMPILE_JSON).read_text()
+    assert json.loads(text) == report and text == json.dumps(report, indent=2) + "\n"
+    (row,) = read_metrics(workdir)
+    assert row["mode"] == "compile" and row["step"] == 0 and row["mesh"] == report["mesh"]
+    assert row["roofline.mfu"] == report["roofline"]["mfu"] and "roofline" not in row
+    assert row["bytes_per_device.total"] == report["bytes_per_device"]["total"]
+    assert (report["chip"], report["slice_shape"], report["num_slices"]) == ("v5p", "2x2x1", 1)
+    assert 0 < report["compile_seconds"] < run["seconds"]
 
 
 def test_the_roofline_is_xlas_cost_against_the_chips_published_peak_and_bandwidth(planned):
     """Each of the 4 chips runs a quarter of the step: its time is the larger of XLA's FLOPs over v5p's 459 TFLOP/s
     (never less than a quarter of the analytic FLOPs) and its bytes over 2,765 GB/s (this small step: the bytes);
     MFU is the analytic FLOPs over that time at the 4 chips' peak."""
-    config, _, report, (flops, bytes_accessed), _ = planned
+    config, _, report, (flops, bytes_accessed), _, _ = planned
     tokens = 64 * 64
     analytic = metrics.flops_per_token(config) * tokens
     assert report["tokens_per_step"] == tokens and report["analytic_flops_per_step"] == analytic
@@ -179,7 +200,7 @@ def test_the_roofline_is_xlas_cost_against_the_chips_published_peak_and_bandwidt
 
 
 def test_the_memory_per_device_is_what_xla_allocates_and_the_chips_hbm_bounds_it(planned):
-    _, workdir, report, _, memory = planned
+    _, workdir, report, _, memory, _ = planned
     parts = report["bytes_per_device"]
     assert (parts["argument"], parts["output"], parts["temp"]) == (
         memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.temp_size_in_bytes
