@@ -5,6 +5,7 @@ exactly after a stop."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -95,11 +96,17 @@ def test_finetuning_starts_from_the_pretrained_parameters_and_a_zero_head(pretra
     np.testing.assert_array_equal(clusters, palette.load(pretrained / "palette.npy"))
 
 
-def test_finetune_learns_the_classes_leaves_the_pretrained_run_alone_and_resumes_exactly(pretrained, tmp_path):
+def test_finetune_learns_the_classes_leaves_the_pretrained_run_alone_and_resumes_exactly(
+    pretrained, tmp_path, caplog, capsys
+):
     full = tmp_path / "full"
     shutil.copytree(pretrained, full)
     before = {p.relative_to(full): p.read_bytes() for p in full.rglob("*") if p.is_file()}
-    result = finetune.run(_config(), str(full))
+    with caplog.at_level(logging.INFO, logger="igpt_jax.finetune"):
+        result = finetune.run(_config(), str(full))
+    saved = max(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"fine-tuning checkpoint {full / 'checkpoints'}/{saved} with a new 10-class head" in caplog.messages
+    assert capsys.readouterr().out.splitlines()[-1] == finetune.summary(result)
 
     rows = _rows(full / "finetune")
     assert sorted(rows) == list(range(1, 41))
