@@ -11,6 +11,7 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
+from typing import NamedTuple
 
 import ml_collections
 from absl import app, flags, logging
@@ -18,16 +19,21 @@ from ml_collections import config_flags
 
 from igpt_jax import config_checks, configs
 
-# Every mode (README: Command line): name -> "module:function", the function of (config, workdir) that is the mode.
-# Modules are imported when their mode runs: config errors come before JAX loads. eval, probe and sample run the
-# config's evaluators of their kind (igpt_jax/evaluators/).
-MODES: dict[str, str] = {
-    "train": "igpt_jax.train:run",
-    "eval": "igpt_jax.evaluators.runner:eval_mode",
-    "probe": "igpt_jax.evaluators.runner:probe_mode",
-    "finetune": "igpt_jax.finetune:run",
-    "sample": "igpt_jax.evaluators.runner:sample_mode",
-    "compile": "igpt_jax.planner:run",
+
+class Mode(NamedTuple):
+    target: str  # "module:function", the function of (config, workdir) that is the mode
+    summary: str  # its line in --help
+
+
+# Every mode (README: Command line). Modules are imported when their mode runs: config errors come before JAX loads.
+# eval, probe and sample run the config's evaluators of their kind (igpt_jax/evaluators/).
+MODES: dict[str, Mode] = {
+    "train": Mode("igpt_jax.train:run", "train to config.total_steps, resuming from the workdir's newest checkpoint"),
+    "eval": Mode("igpt_jax.evaluators.runner:eval_mode", "the held-out loss of the newest checkpoint"),
+    "probe": Mode("igpt_jax.evaluators.runner:probe_mode", "the linear (or attentive) probe of the newest checkpoint"),
+    "finetune": Mode("igpt_jax.finetune:run", "fine-tune the newest checkpoint with a class head, then score test"),
+    "sample": Mode("igpt_jax.evaluators.runner:sample_mode", "samples and completions of the newest checkpoint"),
+    "compile": Mode("igpt_jax.planner:run", "compile the train step for config.compile.topology: memory, speed"),
 }
 ALL_MODES = tuple(MODES)
 
@@ -80,7 +86,7 @@ def known_errors() -> dict[type[BaseException], int]:
 
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs a mode; every known way for it to stop becomes one line and an exit status."""
-    module_name, _, function = MODES[mode].partition(":")
+    module_name, _, function = MODES[mode].target.partition(":")
     mode_fn = getattr(importlib.import_module(module_name), function)
     from igpt_jax import interrupts, storage
 
@@ -120,7 +126,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples (local or gs://).")
-_MODE = flags.DEFINE_string("mode", "train", f"One of {', '.join(ALL_MODES)}.")
+_MODE = flags.DEFINE_enum("mode", "train", ALL_MODES, "What to do with the workdir (the modes above).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",
     None,
@@ -148,13 +154,6 @@ def _exit(message: str, code: int) -> None:
     os._exit(code)
 
 
-def check_mode(mode: str) -> str:
-    """`mode` if there is one of that name, or a one-line exit naming those there are."""
-    if mode in MODES:
-        return mode
-    _fail(f"--mode={mode} is unknown; allowed: {', '.join(ALL_MODES)}")
-
-
 def with_preset_paths(argv: list[str]) -> list[str]:
     """argv with a preset's name after --config (`--config=igpt_l:48` or `--config igpt_l:48`) replaced by its
     installed file's path, which is what ml_collections' config flag loads."""
@@ -167,8 +166,31 @@ def with_preset_paths(argv: list[str]) -> list[str]:
     return out
 
 
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
+
+
+def help_text() -> str:
+    """What `igpt --help` prints: usage, the modes, the presets, examples and this module's flags."""
+    modes = "".join(f"  {name:<10}{mode.summary}\n" for name, mode in MODES.items())
+    return (
+        "igpt: Image GPT (Chen et al., 2020) in JAX: train, evaluate, probe, fine-tune, sample or plan a run.\n\n"
+        "usage: igpt --config=PRESET[:ARG] --workdir=DIR [--mode=MODE] [--config.KEY=VALUE ...]\n\n"
+        f"modes (--mode, default train):\n{modes}\n"
+        f"presets (--config): {', '.join(configs.names())}, or the path of a config file with a get_config(arg)\n\n"
+        "examples:\n"
+        "  igpt --config=fashion_mnist --workdir=runs/fm\n"
+        "  igpt --config=igpt_s:48 --workdir=gs://BUCKET/s48 --config.batch_size=256 --config.model.remat=full\n"
+        "  igpt --config=fashion_mnist --workdir=runs/fm --mode=probe --config.evals.probe.test_examples=5000\n\n"
+        f"flags:\n{flags.FLAGS.module_help(__name__).strip()}\n"
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing; a bad config file, key or value becomes one line that says what is allowed."""
+    """absl flag parsing; a bad config file, key or value becomes one line that says what is allowed. --help prints
+    help_text() and exits 0 (absl's own prints only the main script's flags, none for a console script, and exits 1)."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(help_text(), end="")
+        sys.exit(0)
     argv = with_preset_paths(argv)
     try:
         return flags.FLAGS(argv)
@@ -178,6 +200,10 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def _explain_flag_error(argv: list[str], error: Exception) -> str:
     from igpt_jax import evaluators
+
+    mode = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--mode=")), None)
+    if mode is not None and mode not in MODES:
+        return f"--mode={mode} is unknown; allowed: {', '.join(ALL_MODES)}"
 
     for arg in argv[1:]:
         if arg.startswith("--config.") and "=" in arg:
@@ -258,8 +284,6 @@ def main(argv: list[str]) -> None:
     sys.unraisablehook = _quiet_closed_loops
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags look like --config=... --workdir=... --mode=...")
-    if _MODE.value not in ALL_MODES:
-        check_mode(_MODE.value)  # exits, naming the modes
     try:
         config = _CONFIG.value
         if config is not None:
@@ -272,7 +296,7 @@ def main(argv: list[str]) -> None:
         )
     if not _WORKDIR.value:
         _fail("--workdir is required: where checkpoints, metrics and samples go")
-    mode = check_mode(_MODE.value)
+    mode = _MODE.value
     try:
         config_checks.check(config, mode)
     except config_checks.ConfigError as e:

@@ -206,3 +206,34 @@ def test_a_preset_named_by_its_short_name_is_read_from_any_directory(tmp_path):
         timeout=120,
     )
     assert "config argument 'size' is unknown; allowed: ['image_size']" in _one_line_error(result)
+
+
+# Parses one of --help's examples as igpt would and checks its config, without running the mode.
+CHECK_EXAMPLE = """
+import sys
+from igpt_jax import config_checks, main
+main.parse_flags(["igpt", *sys.argv[1:]])
+config_checks.check(main._CONFIG.value, main._MODE.value)
+"""
+
+
+def test_help_exits_0_with_the_modes_presets_flags_and_examples_that_parse(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.main", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    from igpt_jax import main
+
+    lines = result.stdout.splitlines()
+    for name, mode in main.MODES.items():
+        assert f"  {name:<10}{mode.summary}" in lines
+    assert any(line.startswith("presets (--config): fashion_mnist, igpt_l, igpt_m, igpt_s, igpt_xl") for line in lines)
+    for flag in ("--config", "--workdir", "--mode", "--coordinator_address", "--num_processes", "--process_id"):
+        assert any(line.startswith(f"  {flag}:") for line in lines), flag
+    examples = [line.split()[1:] for line in lines if line.startswith("  igpt ")]
+    assert len(examples) == 3 and any(a.startswith("--config.") for a in examples[1])
+    for example in examples:
+        checked = subprocess.run(
+            [sys.executable, "-c", CHECK_EXAMPLE, *example], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        assert checked.returncode == 0, (example, checked.stderr[-2000:])
