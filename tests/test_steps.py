@@ -252,3 +252,21 @@ def test_a_train_step_updates_the_state_in_place():
         after, _ = steps.make_train_step(setup)(state, {"tokens": tokens}, None)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(after))
+
+
+def test_a_bert_models_features_tokens_and_predictions_see_the_mask_its_key_draws():
+    """BERT's probe and fine-tuning protocol: the inputs are masked, by a mask drawn from the step's key, so two keys
+    give two views of the same images (the same key, the same view); a left-to-right model has no mask to draw."""
+    config = _config(model__num_classes=5)
+    config.objective = "bert"
+    setup = _setup(config)
+    params = jax.device_get(steps.init_params(setup))
+    params["classifier"] = np.asarray(jax.random.normal(jax.random.key(9), params["classifier"].shape), np.float32)
+    batch = {"tokens": jax.random.randint(jax.random.key(6), (64, 16), 0, 16)}
+    made = {"features": steps.make_feature_step(setup, (0, 2)), "tokens": steps.make_token_step(setup, 1),
+            "predictions": steps.make_predict_step(setup)}  # fmt: skip
+    with jax.set_mesh(setup.mesh):
+        for name, step in made.items():
+            one, again, two = (np.asarray(step(params, batch, None, jax.random.key(k))) for k in (1, 1, 2))
+            np.testing.assert_array_equal(one, again, err_msg=name)
+            assert (one != two).any(), name
