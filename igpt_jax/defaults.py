@@ -54,6 +54,11 @@ def make_config(
     c.keep_checkpoints = 3
     # A process with no progress for this long exits (stacks dumped), so a stuck host cannot hang the others. 0: off.
     c.watchdog_seconds = 1800
+    # JAX's persistent compilation cache: a relaunch (after a preemption, or a mode on the same checkpoint) loads the
+    # compiled steps instead of compiling them again. 'auto': JAX_COMPILATION_CACHE_DIR where the environment sets
+    # it, else compilation_cache/ beside the workdir (for a gs:// workdir, in the bucket: it outlives a preempted
+    # TPU VM's disk); a path; '': off.
+    c.compilation_cache_dir = "auto"
     # What a relaunch restores from the workdir's newest checkpoint: 'all' (step, parameters, optimizer state) or
     # 'params' (step and parameters; the optimizer state too where it still fits, else a new one), which also
     # accepts config changes that 'all' refuses (see igpt_jax/resume.py).

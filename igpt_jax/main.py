@@ -312,8 +312,25 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         _fail(str(e))
     logging.info("processes: %s", how)
+    cache = use_compilation_cache(config.compilation_cache_dir, _WORKDIR.value)
+    logging.info("compilation cache: %s", cache or "off")
     logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
     _run_mode(mode, config, _WORKDIR.value)
+
+
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+    """Points JAX's persistent compilation cache where config.compilation_cache_dir says (see igpt_jax/defaults.py);
+    returns the folder, or None when it is off."""
+    import jax
+
+    from igpt_jax import storage
+
+    if setting == "auto":
+        setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.fspath(
+            storage.path(workdir).parent / "compilation_cache"
+        )
+    jax.config.update("jax_compilation_cache_dir", setting or None)  # None: off, even where the environment set one
+    return setting or None
 
 
 def run() -> None:

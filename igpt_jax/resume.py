@@ -30,6 +30,7 @@ ACCEPTED_CHANGES = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "watchdog_seconds",
+    "compilation_cache_dir",
     "microbatches",
     "restore",
     "checkpoint_step",
