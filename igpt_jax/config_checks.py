@@ -6,6 +6,7 @@ checks values and the relations between them.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Callable
 
@@ -178,6 +179,12 @@ def _sequence_split(c) -> list[str]:
     return [] if reason is None else [f"config.mesh ici.sequence x dcn.sequence = {shards}: {reason}"]
 
 
+def _wandb(c) -> list[str]:
+    if c.wandb.project and importlib.util.find_spec("wandb") is None:
+        return [f"config.wandb.project={c.wandb.project!r} needs wandb: pip install wandb (or 'igpt_jax[wandb]')"]
+    return []
+
+
 CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
     _positive_ints,
     _choices,
@@ -186,6 +193,7 @@ CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
     _training,
     _data,
     _mesh,
+    _wandb,
 )
 
 

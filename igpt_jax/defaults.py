@@ -59,6 +59,12 @@ def make_config(
     # it, else compilation_cache/ beside the workdir (for a gs:// workdir, in the bucket: it outlives a preempted
     # TPU VM's disk); a path; '': off.
     c.compilation_cache_dir = "auto"
+    # Weights & Biases (optional, `pip install wandb`): the metrics rows and pictures also go to the workdir's W&B run
+    # when a project is named; wandb's own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY) applies.
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = ""
+    c.wandb.entity = ""
+    c.wandb.name = ""  # the run's name in W&B; empty: the workdir's folder name
     # What a relaunch restores from the workdir's newest checkpoint: 'all' (step, parameters, optimizer state) or
     # 'params' (step and parameters; the optimizer state too where it still fits, else a new one), which also
     # accepts config changes that 'all' refuses (see igpt_jax/resume.py).

@@ -145,7 +145,7 @@ def test_once(rt: runtime.Runtime, f: ml_collections.ConfigDict) -> dict:
         rt.clusters_device, rt.mesh, predict_step=predict, masks=f.masks,
     )  # fmt: skip
     row = {"mode": "eval", "evaluator": TEST, "step": step, "heldout_accuracy": heldout_accuracy, **result}
-    metrics.append_row(rt.directory, row)
+    metrics.append_row(rt.directory, row, rt.config)
     return row
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import hardware, storage, tensorboard
+from igpt_jax import hardware, storage, tensorboard, wandb_run
 from igpt_jax.model import tokens_per_image
 
 
@@ -84,12 +84,21 @@ class MetricsWriter:
     Both reach a gs:// workdir through `storage.AppendOnlyFile` (igpt_jax/tensorboard.py). `flush(force=True)`
     before each checkpoint save makes every record up to the saved step durable."""
 
-    def __init__(self, workdir: str | os.PathLike, *, resumed_step: int = 0, enabled: bool | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        resumed_step: int = 0,
+        enabled: bool | None = None,
+        config: ml_collections.ConfigDict | None = None,
+    ):
+        """`config`: the run's, for its W&B settings (config.wandb; igpt_jax/wandb_run.py)."""
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
             workdir = storage.path(workdir)
             self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
             self._tb = tensorboard.EventWriter(workdir / "tensorboard", resumed_step=resumed_step)
+            self._wandb = wandb_run.open_run(config, workdir)
 
     def write(self, record: Mapping) -> None:
         if not self.enabled:
@@ -99,12 +108,16 @@ class MetricsWriter:
         prefix = record.get("evaluator") or record.get("mode", "train")
         scalars = {f"{prefix}/{k}": v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         self._tb.scalars(record["step"], scalars)
+        if self._wandb is not None:
+            self._wandb.log(record["step"], scalars)
         self.flush()
 
     def images(self, step: int, pngs: Mapping[str, bytes]) -> None:
         """PNGs to TensorBoard under their tags (process 0)."""
         if self.enabled:
             self._tb.images(step, dict(pngs))
+            if self._wandb is not None:
+                self._wandb.images(step, dict(pngs))
 
     def text(self, step: int, tag: str, text: str) -> None:
         """Markdown to TensorBoard under `tag` (process 0): the run's config at its first step."""
@@ -120,11 +133,14 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+            if self._wandb is not None:
+                self._wandb.close()
 
 
-def append_row(workdir: str | os.PathLike, record: Mapping) -> None:
-    """One record appended to metrics.jsonl and TensorBoard, for modes that write a single row (eval, probe)."""
-    writer = MetricsWriter(workdir)
+def append_row(workdir: str | os.PathLike, record: Mapping, config: ml_collections.ConfigDict | None = None) -> None:
+    """One record appended to metrics.jsonl and TensorBoard (and W&B, where `config` asks), for modes that write a
+    single row."""
+    writer = MetricsWriter(workdir, config=config)
     try:
         writer.write(record)
     finally:

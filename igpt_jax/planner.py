@@ -260,7 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         storage.write_text(directory / COMPILE_JSON, json.dumps(report, indent=2) + "\n")
         row = {k: v for k, v in _flat(report).items() if k != "search"}
-        metrics.append_row(directory, {"mode": "compile", "step": 0, **row})
+        metrics.append_row(directory, {"mode": "compile", "step": 0, **row}, config)
         print(table(report), flush=True)
         if "search" in report:
             print(plan_search.table(report["search"], report["bytes_per_device"]["hbm"] / GIB), flush=True)

@@ -147,7 +147,7 @@ def loop(rt: runtime.Runtime) -> dict:
                 broken,
                 metrics.SUPERSEDED_FILE,
             )
-    writer = metrics.MetricsWriter(directory, resumed_step=first_step)
+    writer = metrics.MetricsWriter(directory, resumed_step=first_step, config=config)
     writer.text(first_step, "config", f"```json\n{workdir.config_text(config)}```")  # TensorBoard's Text tab
     tokens_per_step = config.batch_size * model.tokens_per_image(config)
     flops_per_step = metrics.flops_per_token(config) * tokens_per_step

@@ -120,7 +120,7 @@ def run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> list
         chosen = build(rt, evaluators.of_kind(rt.config, kind))
         check_data(rt, chosen)
         stop_request = interrupts.StopRequest()
-        writer = metrics.MetricsWriter(rt.directory)
+        writer = metrics.MetricsWriter(rt.directory, config=rt.config)
         try:
             results = run(chosen, rt.params, rt.step, rt.directory, writer, stop_request.agreed)
         except base.Abandoned:
