@@ -144,10 +144,7 @@ def score(module: str, tests: list[str], rev: str = "HEAD", sample: int = 0, see
     # its executable instead of compiling it again (a tiny train step: 23 s, then 2 s)
     cache = {"JAX_COMPILATION_CACHE_DIR": str(tree / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}  # fmt: skip
-    # the processes tests start (igpt runs) import the mutated tree wherever they run, as the tests do; a commit from
-    # before the presets moved into the package (1a54e1f) also imports its top-level configs from there
-    search_path = os.pathsep.join(p for p in (str(tree / "mutants"), os.environ.get("PYTHONPATH")) if p)
-    environment = os.environ | ENVIRONMENT | cache | {"PYTHONPATH": search_path}
+    environment = os.environ | ENVIRONMENT | cache
     chosen, generated = _sample_of_mutants(tree, module, sample, seed) if sample else ([], None)
     run = subprocess.run(
         [*mutmut, "run", "--max-children", children, *chosen], cwd=tree, capture_output=True, text=True, env=environment
