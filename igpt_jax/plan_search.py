@@ -11,11 +11,15 @@ every device.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
+import time
 
 import ml_collections
 
 from igpt_jax import hardware, metrics, model, planner, sharding
+
+log = logging.getLogger(__name__)
 
 
 def _items(text: str) -> list[str]:
@@ -41,14 +45,18 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
     hbm, peak = chip.hbm_bytes / per_chip, chip.peak_flops / per_chip
     analytic = metrics.flops_per_token(config) * config.batch_size * model.tokens_per_image(config)
     rows = []
-    for remat, micro, split in itertools.product(
-        _items(c.search_remat), [int(m) for m in _items(c.search_microbatches)], _items(c.search_meshes)
-    ):
+    settings = list(
+        itertools.product(
+            _items(c.search_remat), [int(m) for m in _items(c.search_microbatches)], _items(c.search_meshes)
+        )
+    )
+    for number, (remat, micro, split) in enumerate(settings, 1):
         changes = {"model.remat": remat, "microbatches": micro, "mesh.ici": _mesh(split)}
         row = {"remat": remat, "microbatches": micro, "mesh": split}
         if config.batch_size % micro:
             continue
         target = planner._target_config(config, devices, c.num_slices, **changes)
+        started = time.perf_counter()
         try:
             _, mesh, parts, _ = planner.compile_memory(target, devices, c.num_slices)
         except sharding.MeshError as e:  # the split or the microbatch does not divide: not a candidate
@@ -56,6 +64,11 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
             continue
         row |= {"mesh_shape": {k: int(v) for k, v in mesh.shape.items()}, "gib_per_device": parts["total"] / (1 << 30)}
         row["fits"] = parts["total"] <= hbm
+        verdict = "fits" if row["fits"] else "does not fit"
+        log.info(  # each compile takes minutes for a large model: say which has ended
+            "search %d/%d: remat=%s microbatches=%d mesh=%s: %.2f GiB per device, %s (compiled in %.0f s)",
+            number, len(settings), remat, micro, split, row["gib_per_device"], verdict, time.perf_counter() - started,
+        )  # fmt: skip
         if row["fits"]:
             row["step_seconds"] = analytic * planner.RECOMPUTE.get(remat, 1.0) / len(devices) / peak
         rows.append(row)

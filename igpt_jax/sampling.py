@@ -171,14 +171,19 @@ def batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, wante
 
 class Progress:
     """One progress bar over every position of every sampling call; fed from the device (`position`) at each image
-    row. Several devices report the same position: the bar only moves forward."""
+    row. Several devices report the same position: the bar only moves forward. Its clock starts at the first report,
+    after the first call's compilation, so its rate and time left describe drawing alone."""
 
     def __init__(self, calls: int, length: int, desc: str):
         self.length = length
         self.call = 0
         self.bar = tqdm(total=calls * length, desc=desc, unit=" positions", disable=jax.process_index() != 0)
+        self._drawing = False
 
     def position(self, i) -> None:
+        if not self._drawing:  # the first row drawn: compilation is over
+            self.bar.reset(total=self.bar.total)
+            self._drawing = True
         done = self.call * self.length + int(i)
         if done > self.bar.n:
             self.bar.update(done - self.bar.n)

@@ -138,6 +138,10 @@ def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
     assert (best["remat"], best["fits"], worst["remat"], worst["fits"]) == ("full", True, "none", False)
     assert best["gib_per_device"] < 16 < worst["gib_per_device"] and best["step_seconds"] > 0
     assert "search: 1 of 2 settings fit" in result.stdout
+    assert "search 1/2: remat=none microbatches=1 mesh=fsdp: " in result.stderr  # each compile logged as it ends
+    assert (
+        "search 2/2: remat=full microbatches=1 mesh=fsdp: " in result.stderr and ", fits (compiled in " in result.stderr
+    )
 
 
 V5P_PEAK, V5P_BANDWIDTH, V5P_HBM = 459e12, 2765e9, 95 * 2**30  # Google's v5p figures: bf16 dense, HBM bytes/s, GiB

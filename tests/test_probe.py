@@ -154,6 +154,8 @@ def test_mode_probe_writes_probe_json_png_and_a_metrics_row(tmp_path):
     assert probe["best_accuracy"] == max(v["accuracy"] for v in probe["layers"].values())
     assert probe["baselines"]["raw_pixels"] > 30  # ten classes: chance is 10%
     assert f"probe step 10: best layer {probe['best_layer']} " in result.stdout
+    for probed in ("step 10", "the random init", "raw pixels"):  # each bar names what it probes
+        assert f"probe of {probed}: L2 sweep" in result.stderr
     assert _blobs((workdir / "probe.png").read_bytes(), plots.POINT) == 3 + 1
     assert json.loads((workdir / "probe" / "step_00000010.json").read_text()) == probe  # the history's record
     _, row = [r for r in read_metrics(workdir) if r.get("mode") == "probe"]  # the training run's, then the mode's

@@ -372,6 +372,23 @@ def test_progress_is_reported_at_every_image_row_and_the_bar_ends_full(monkeypat
     assert sampling.Progress(calls=1, length=25, desc="test").bar.disable  # one bar for a run: process 0's
 
 
+def test_the_bars_clock_starts_at_the_first_row_drawn_not_at_compilation(monkeypatch):
+    """A minute compiling, then 10 positions a second: the bar's rate and time left are the drawing's (its old clock
+    counted the compilation: 32 minutes left shown for a 42-second draw)."""
+    now = [1000.0]
+    import tqdm.std
+
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])  # the clock a bar takes when it is made
+    bar = sampling.Progress(calls=1, length=100, desc="test")
+    now[0] += 60.0  # compiling
+    bar.position(10)
+    now[0] += 1.0
+    bar.position(20)
+    assert bar.bar.format_dict["elapsed"] == pytest.approx(1.0)
+    assert bar.bar.format_dict["n"] == 20
+    bar.close()
+
+
 def test_generate_pads_the_last_batch_asks_to_stop_before_each_and_reports_each_call():
     """7 prompts in batches of 4: two calls, the second padded with one row that is dropped; a completion keeps
     its prompt's given tokens; a stop asked for before the second batch abandons the rest."""

@@ -104,14 +104,15 @@ def sweep(
     l2_grid: tuple[float, ...] = L2_GRID,
     progress: bool = True,
     stop: base.StopCheck = base.never,
+    name: str = "probe",
 ) -> list[dict]:
     """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}. train_x [L, n, d]; test_x [L, n, d], or
     [M, L, n, d] for M masks of each test image (the modal prediction is scored). `stop` is asked before every fit
-    (base.Abandoned)."""
+    (base.Abandoned); `name` says on the progress bar which features are probed."""
     train_x, test_x = standardize(train_x, test_x)
     n_fit = int(round(train_x.shape[1] * (1 - heldout_fraction)))
     scores, best = choose_l2(train_x[:, :n_fit], train_y[:n_fit], train_x[:, n_fit:], train_y[n_fit:], num_classes,
-                             l2_grid=l2_grid, progress=progress, stop=stop)  # fmt: skip
+                             l2_grid=l2_grid, progress=progress, stop=stop, name=name)  # fmt: skip
     base.check(stop)
     w, b = _fit_layers(train_x, train_y, jnp.asarray(best, jnp.float32), num_classes)
     test = np.asarray(accuracy(w, b, test_x, test_y, num_classes=num_classes))
@@ -121,12 +122,12 @@ def sweep(
     ]
 
 
-def choose_l2(fit_x, fit_y, heldout_x, heldout_y, num_classes: int, *, l2_grid, progress: bool, stop):
+def choose_l2(fit_x, fit_y, heldout_x, heldout_y, num_classes: int, *, l2_grid, progress: bool, stop, name="probe"):
     """(held-out accuracy [grid, L], each layer's best strength): one fit per strength of the grid, every layer at
     once; ties go to the smallest strength."""
     layers = fit_x.shape[0]
     scores = []
-    for l2 in tqdm(l2_grid, desc="probe: L2 sweep", disable=not progress):
+    for l2 in tqdm(l2_grid, desc=f"{name}: L2 sweep", disable=not progress):
         base.check(stop)
         w, b = _fit_layers(fit_x, fit_y, jnp.full((layers,), l2, jnp.float32), num_classes)
         scores.append(np.asarray(accuracy(w, b, heldout_x, heldout_y, num_classes=num_classes)))

@@ -178,8 +178,9 @@ class LinearProbe:
 
     # --- solvers
 
-    def _probe(self, train: cache.Cache, test: cache.Cache, positions, stop) -> list[dict]:
-        """Per-layer results for the layers at `positions` of the cached features (None: every cached layer)."""
+    def _probe(self, train: cache.Cache, test: cache.Cache, positions, stop, what: str) -> list[dict]:
+        """Per-layer results for the layers at `positions` of the cached features (None: every cached layer); `what`
+        names the features on the progress bars (the trained step, the random init, raw pixels)."""
         transform = features.scale_pixels if train.dtype == np.uint8 else (lambda x: x)
         pick = (lambda x: x) if positions is None else (lambda x: x[:, positions])
         if self.solver == "sgd":
@@ -195,12 +196,13 @@ class LinearProbe:
             return streamed.sweep(
                 stream(train), train.n, stream(test), self.source.num_classes(), layers=layers, dim=d,
                 batch_size=batch, heldout_fraction=heldout_fraction(self.entry), settings=settings,
+                name=f"probe of {what}",
             )  # fmt: skip
         train_x, train_y = train.gather(transform)
         test_x, test_y = test.gather(transform)
         return linear.sweep(
             pick(train_x)[0], train_y, pick(test_x), test_y, self.source.num_classes(),
-            heldout_fraction=heldout_fraction(self.entry), stop=stop,
+            heldout_fraction=heldout_fraction(self.entry), stop=stop, name=f"probe of {what}",
         )  # fmt: skip
 
     def _concat(self, train: cache.Cache, test: cache.Cache, stop) -> dict:
@@ -246,12 +248,14 @@ class LinearProbe:
             return accuracies, seconds
         start = time.perf_counter()
         train, test = (self.features("init", lambda: steps.init_params(self.setup), s, stop) for s in self.n)
-        accuracies["random_init"] = max(r["accuracy"] for r in self._probe(train, test, self._positions(), stop))
+        accuracies["random_init"] = max(
+            r["accuracy"] for r in self._probe(train, test, self._positions(), stop, "the random init")
+        )
         seconds["random_init"] = time.perf_counter() - start
         if self.source.kind == "images":
             start = time.perf_counter()
             train, test = (self.features("pixels", None, s, stop) for s in self.n)
-            accuracies["raw_pixels"] = self._probe(train, test, None, stop)[0]["accuracy"]
+            accuracies["raw_pixels"] = self._probe(train, test, None, stop, "raw pixels")[0]["accuracy"]
             seconds["raw_pixels"] = time.perf_counter() - start
         return accuracies, seconds
 
@@ -264,7 +268,7 @@ class LinearProbe:
         self.forward_passes, self.used = 0, []
         model = f"step_{step:08d}"
         train, test = (self.features(model, lambda: params, s, stop) for s in self.n)
-        per_layer = self._probe(train, test, self._positions(), stop)
+        per_layer = self._probe(train, test, self._positions(), stop, f"step {step}")
         seconds = {"trained": time.perf_counter() - start}
         extra = {}
         if self.entry.concat:

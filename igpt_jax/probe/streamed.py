@@ -131,19 +131,29 @@ def sweep(
     heldout_fraction: float,
     settings: Settings = Settings(),
     l2_grid: tuple[float, ...] = L2_GRID,
+    name: str = "probe",
 ) -> list[dict]:
-    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}, as linear.sweep returns them."""
+    """Per layer: {'accuracy' (test, %), 'l2', 'heldout_accuracy' (%)}, as linear.sweep returns them; `name` says on
+    the progress bars which features are probed."""
     n_fit = int(round(n_train * (1 - heldout_fraction)))
     batches = math.ceil(n_train / batch_size)
     mean, std = moments(train, layers, dim)
     grid = np.repeat(np.asarray(l2_grid, np.float32)[:, None], layers, axis=1)  # [G, L]
     params = fit(
-        train, lambda i: (i >= 0) & (i < n_fit), grid, mean, std, num_classes, batches, settings, "probe: SGD, L2 grid"
+        train,
+        lambda i: (i >= 0) & (i < n_fit),
+        grid,
+        mean,
+        std,
+        num_classes,
+        batches,
+        settings,
+        f"{name}: SGD, L2 grid",
     )
     scores = score(train, params, lambda i: i >= n_fit, mean, std)  # [G, L]
     best = [l2_grid[k] for k in np.argmax(scores, axis=0)]  # ties: the smallest L2 of the grid
     chosen = np.asarray(best, np.float32)[None]
-    params = fit(train, lambda i: i >= 0, chosen, mean, std, num_classes, batches, settings, "probe: SGD, refit")
+    params = fit(train, lambda i: i >= 0, chosen, mean, std, num_classes, batches, settings, f"{name}: SGD, refit")
     test_accuracy = score(test, params, lambda i: i >= 0, mean, std)[0]
     return [
         {
