@@ -2,7 +2,7 @@
 # igpt_jax on a Cloud TPU pod slice (or several slices: multislice), through gcloud from your workstation.
 #
 #   launch/tpu_pod.sh [--dry-run] [--slices K] create NAME ZONE ACCELERATOR  # e.g. v5p-64; K > 1: multislice
-#   launch/tpu_pod.sh [--dry-run] [--slices K] setup  NAME ZONE   # copy this checkout, venv, install (idempotent)
+#   launch/tpu_pod.sh [--dry-run] [--slices K] setup  NAME ZONE   # copy the source, venv, install (idempotent)
 #   launch/tpu_pod.sh [--dry-run] [--slices K] run    NAME ZONE -- IGPT_FLAGS  # start on every worker, detached
 #   launch/tpu_pod.sh [--dry-run] [--slices K] status NAME ZONE   # which workers run, each one's last progress line
 #   launch/tpu_pod.sh [--dry-run] [--slices K] stop   NAME ZONE   # SIGTERM everywhere: they save and exit 0
@@ -86,12 +86,16 @@ case "$action" in
     fi
     ;;
   setup)
+    # the source only: the files git tracks, as they are in this checkout (not .venv, workdirs or logs)
+    source_tar="${TMPDIR:-/tmp}/igpt_jax_source.tar.gz"
+    (cd "$(dirname "$0")/.." && git ls-files -z | tar --null -T - -czf "$source_tar")
     for node in $(nodes); do
-      run gcloud compute tpus tpu-vm scp --recurse --zone="$zone" "${project_flag[@]}" --worker=all \
-        "$(cd "$(dirname "$0")/.." && pwd)" "$node:~/$repo_dir"
+      run gcloud compute tpus tpu-vm scp --zone="$zone" "${project_flag[@]}" --worker=all \
+        "$source_tar" "$node:~/igpt_jax_source.tar.gz"
     done
-    ssh_all "cd ~/$repo_dir && { [ -x .venv/bin/python ] || python3 -m venv .venv; } && \
-.venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e . 'jax[tpu]==0.10.2' && mkdir -p ~/igpt_logs"
+    ssh_all "mkdir -p ~/$repo_dir && tar -xzf ~/igpt_jax_source.tar.gz -C ~/$repo_dir && cd ~/$repo_dir && \
+{ [ -x .venv/bin/python ] || python3 -m venv .venv; } && .venv/bin/pip install -q --upgrade pip && \
+.venv/bin/pip install -q -c constraints.txt -e '.[tpu]' && mkdir -p ~/igpt_logs"
     ;;
   run)
     [[ "${1:-}" == "--" ]] && shift

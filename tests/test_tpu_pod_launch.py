@@ -81,3 +81,21 @@ def test_run_returns_at_once_training_goes_on_and_stop_saves_and_exits_0(tmp_pat
     assert (workdir / "checkpoints" / str(saved)).is_dir()
     assert not (workdir / "lock.json").exists()
     assert "not running" in _pod(env, "status").stdout
+
+
+def test_setup_copies_the_tracked_source_only(tmp_path):
+    """`setup` sends the files git tracks, as they are here, not the checkout's .venv, workdirs or logs."""
+    result = subprocess.run(
+        ["bash", "launch/tpu_pod.sh", "--dry-run", "setup", "igpt-l", "us-east5-a"],
+        cwd=ROOT, env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scp, ssh = result.stdout.splitlines()
+    assert f"{tmp_path}/igpt_jax_source.tar.gz" in scp and str(ROOT) not in scp
+    assert "tar\\ -xzf" in ssh and "-c\\ constraints.txt\\ -e\\ \\'.\\[tpu\\]\\'" in ssh
+    import tarfile
+
+    with tarfile.open(tmp_path / "igpt_jax_source.tar.gz") as sent:
+        names = set(sent.getnames())
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert names == set(tracked.split())
