@@ -390,3 +390,22 @@ def test_a_damaged_huggingface_folder_is_named_and_nothing_is_written(tmp_path, 
     with pytest.raises(convert.ConversionError, match=message):
         command.run(args)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_hub_id_for_src_is_one_line_saying_to_download_it_first(tmp_path, monkeypatch):
+    result = subprocess.run(
+        [sys.executable, "-m", "igpt_jax.convert", "--from=huggingface", "--src=openai/imagegpt-small",
+         f"--workdir={tmp_path / 'w'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "igpt: --src=openai/imagegpt-small is not a folder here but looks like a Hugging Face Hub id: download it "
+        "first (huggingface-cli download openai/imagegpt-small --local-dir DIR) and pass --src=DIR"
+    ]
+    assert not (tmp_path / "w").exists()
+    from igpt_jax.convert.__main__ import looks_like_a_hub_id
+
+    (tmp_path / "openai" / "imagegpt-small").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_a_hub_id("openai/imagegpt-small")  # a folder of that name here is the folder
+    assert not looks_like_a_hub_id("/abs/path") and not looks_like_a_hub_id("./a") and not looks_like_a_hub_id("a")

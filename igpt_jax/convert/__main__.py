@@ -1,8 +1,8 @@
-"""`python -m igpt_jax.convert`: pretrained weights into a workdir, or a workdir out to Hugging Face.
+"""`igpt-convert` (or `python -m igpt_jax.convert`): pretrained weights into a workdir, or a workdir to Hugging Face.
 
-    python -m igpt_jax.convert --from=openai --src=DIR/model.ckpt-1000000 --clusters=kmeans_centers.npy --workdir=W
-    python -m igpt_jax.convert --from=huggingface --src=HF_FOLDER [--clusters=...] --workdir=W
-    python -m igpt_jax.convert --to=huggingface --workdir=W --out=HF_FOLDER
+    igpt-convert --from=openai --src=DIR/model.ckpt-1000000 --clusters=kmeans_centers.npy --workdir=W
+    igpt-convert --from=huggingface --src=HF_FOLDER [--clusters=...] --workdir=W
+    igpt-convert --to=huggingface --workdir=W --out=HF_FOLDER
 
 An imported workdir holds checkpoint 0, config.json and palette.npy: --mode=eval, probe, sample and finetune use it
 as is, and --mode=train continues from it. Problems end in one line naming the variable, file or key (exit 2).
@@ -19,7 +19,7 @@ EXPORTERS = ("huggingface",)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m igpt_jax.convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="igpt-convert", description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", choices=IMPORTERS, help="import weights of this kind into --workdir")
     parser.add_argument("--to", dest="target", choices=EXPORTERS, help="export --workdir's newest checkpoint")
     parser.add_argument("--src", help="OpenAI: the checkpoint prefix (model.ckpt-N); Hugging Face: the folder")
@@ -35,7 +35,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--from={args.source} needs --src")
     if args.target and not args.out:
         parser.error("--to=huggingface needs --out")
+    if args.source == "huggingface" and looks_like_a_hub_id(args.src):
+        parser.exit(2, f"igpt: --src={args.src} is not a folder here but looks like a Hugging Face Hub id: download it "
+                       f"first (huggingface-cli download {args.src} --local-dir DIR) and pass --src=DIR\n")  # fmt: skip
     return args
+
+
+def looks_like_a_hub_id(src: str) -> bool:
+    """'openai/imagegpt-small': owner/name, not a path that exists here."""
+    parts = src.split("/")
+    return len(parts) == 2 and all(parts) and not src.startswith(".") and not os.path.exists(src)
 
 
 def run(args: argparse.Namespace) -> str:
