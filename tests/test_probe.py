@@ -231,6 +231,8 @@ def test_the_sweep_shows_its_progress_only_when_asked(capsys):
     linear.sweep(x[None, :150], y[:150], x[None, 150:], y[150:], 10, heldout_fraction=0.2)
     err = capsys.readouterr().err
     assert "probe: L2 sweep" in err and f"{len(linear.L2_GRID)}/{len(linear.L2_GRID)}" in err
+    linear.sweep(x[None, :150], y[:150], x[None, 150:], y[150:], 10, heldout_fraction=0.2, name="probe of raw pixels")
+    assert "probe of raw pixels: L2 sweep" in capsys.readouterr().err  # which features: a probe runs three sweeps
 
 
 def test_low_data_draws_come_from_before_the_held_out_end_are_seeded_and_reported_to_a_thousandth():
