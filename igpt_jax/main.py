@@ -254,7 +254,9 @@ class _QuietLibraries(std_logging.Filter):
     """Drops INFO chatter from Orbax and friends (every save logs ~20 lines); their warnings still show, as one line
     each: a failed save is reported by igpt_jax with its cause, not by 40 lines of Orbax's thread tracebacks."""
 
-    NOISY = ("orbax", "tensorstore", "etils", "absl/logging", "gcsfs")
+    # asyncio: "Task exception was never retrieved" with its traceback, for an Orbax write still in flight when a
+    # failed save was abandoned (a full disk: one run in a few)
+    NOISY = ("orbax", "tensorstore", "etils", "absl/logging", "gcsfs", "asyncio")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if not any(n in record.pathname for n in self.NOISY):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import subprocess
 import sys
@@ -237,3 +238,26 @@ def test_help_exits_0_with_the_modes_presets_flags_and_examples_that_parse(tmp_p
             [sys.executable, "-c", CHECK_EXAMPLE, *example], cwd=tmp_path, capture_output=True, text=True, timeout=120
         )
         assert checked.returncode == 0, (example, checked.stderr[-2000:])
+
+
+@pytest.mark.parametrize(
+    "pathname, message",
+    [
+        ("site-packages/orbax/checkpoint/_src/futures/future.py", "_SignalingThread.run() raised an exception: x"),
+        # an Orbax write still in flight when a failed save was abandoned, reported by asyncio when collected
+        ("lib/python3.11/asyncio/base_events.py", "Task exception was never retrieved\nfuture: <Task finished>"),
+    ],
+)
+def test_a_librarys_error_with_its_traceback_reaches_the_terminal_as_one_line(pathname, message):
+    """The terminal of a failed save shows igpt's one line with the cause; a library's own report of the same failure
+    is kept to one line, not a traceback into site-packages."""
+    from igpt_jax import main
+
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = std_logging.LogRecord("lib", std_logging.ERROR, pathname, 1, message, (), exc_info)
+    assert main._QuietLibraries().filter(record)
+    printed = std_logging.Formatter().format(record)
+    assert printed == f"{message.splitlines()[0]} (ValueError)"
