@@ -60,6 +60,7 @@ def known_errors() -> dict[type[BaseException], int]:
         workdir,
     )
     from igpt_jax.data import preprocess, sources
+    from igpt_jax.probe import linear
 
     usage = (
         sharding.MeshError,
@@ -73,6 +74,7 @@ def known_errors() -> dict[type[BaseException], int]:
         runtime.NoCheckpointError,
         hardware.TopologyError,
         workdir.DamagedFileError,
+        linear.TooFewLabelsError,
     )
     failures = (
         checkpoint.CheckpointSaveError,

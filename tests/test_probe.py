@@ -217,7 +217,9 @@ def test_the_held_out_accuracy_is_scikit_learns_at_the_chosen_strength_and_ties_
 
 def test_a_class_too_small_for_its_draw_is_named_and_one_draw_has_no_spread():
     labels = np.array([0] * 5 + [1] * 3)
-    with pytest.raises(ValueError, match="^class 1 has 3 examples to draw 4 labels per class from$"):
+    with pytest.raises(
+        linear.TooFewLabelsError, match="^a low-data probe of 4 labels per class: class 1 has 3 of the 8 "
+    ):
         linear.balanced_subset(labels, 4, 2, np.random.default_rng(0))
     x, y = _clustered(200, d=8, classes=2, seed=7)
     (layer,) = linear.low_data(x[None], y, x[None], y, 2, per_class=10, draws=1, seed=0, heldout_fraction=0.2)
@@ -240,7 +242,9 @@ def test_low_data_draws_come_from_before_the_held_out_end_are_seeded_and_reporte
     the rows before it. Otherwise the same seed draws the same subsets, and two draws have their spread."""
     x, y = _clustered(300, d=8, classes=9, seed=9)
     labels = np.concatenate([y[:240], np.full(60, 9)]).astype(np.int32)
-    with pytest.raises(ValueError, match="^class 9 has 0 examples to draw 4 labels per class from$"):
+    with pytest.raises(
+        linear.TooFewLabelsError, match="^a low-data probe of 4 labels per class: class 9 has 0 of the 240 "
+    ):
         linear.low_data(x[None], labels, x[None], labels, 10, per_class=4, draws=1, seed=0, heldout_fraction=0.2)
     args = dict(per_class=5, draws=2, seed=3, heldout_fraction=0.2)
     first = linear.low_data(x[None], y, x[None, :30], y[:30], 9, **args)  # 30 test images: thirds of a point

@@ -135,13 +135,21 @@ def choose_l2(fit_x, fit_y, heldout_x, heldout_y, num_classes: int, *, l2_grid, 
     return scores, [l2_grid[k] for k in np.argmax(scores, axis=0)]
 
 
+class TooFewLabelsError(ValueError):
+    """The probe's train images hold fewer of a class than a low-data probe draws: a setting to change."""
+
+
 def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of `per_class` examples of every class, drawn without replacement."""
     chosen = []
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} examples to draw {per_class} labels per class from")
+            raise TooFewLabelsError(
+                f"a low-data probe of {per_class} labels per class: class {c} has {len(members)} of the {len(labels)} "
+                "train images it draws from (those before the held-out end); raise the probe's train_examples or "
+                "lower its labels_per_class"
+            )
         chosen.append(rng.choice(members, per_class, replace=False))
     return np.sort(np.concatenate(chosen))
 
