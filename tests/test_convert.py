@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-import hf_reference
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TFDS_TEST_DIR, read_metrics, run_main
+from docs_commands import activated_env, checkout_like, command, commands, run_doc
+from helpers import ROOT, TFDS_TEST_DIR, read_metrics
 from tolerances import float32_chain, float32_pair, transformer_terms
 from transformers import (
     ImageGPTConfig,
@@ -291,63 +292,6 @@ def test_huggingface_classification_head_becomes_the_finetune_head(tmp_path):
     np.testing.assert_allclose(np.asarray(out["class_logits"]), expected, atol=atol, rtol=0)
 
 
-@pytest.mark.slow  # about 35 s: an import and three modes, each its own process
-def test_an_imported_workdir_runs_eval_sample_and_probe_without_training(tmp_path):
-    side = 8  # Fashion-MNIST resized to 8x8
-    hf = _random_hf(side=side)
-    hf.save_pretrained(tmp_path / "hf")
-    grey = np.linspace(-1, 1, VOCAB, dtype=np.float32)
-    np.save(tmp_path / "clusters.npy", np.stack([grey] * 3, axis=1))
-    workdir = tmp_path / "w"
-    imported = subprocess.run(
-        [sys.executable, "-m", "igpt_jax.convert", "--from=huggingface", f"--src={tmp_path / 'hf'}"]
-        + [f"--clusters={tmp_path / 'clusters.npy'}", "--dataset=fashion_mnist", f"--workdir={workdir}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert imported.returncode == 0, imported.stderr[-2000:]
-    assert imported.stdout.strip().endswith(str(workdir / "checkpoints" / "0"))
-    assert json.loads((workdir / "config.json").read_text())["model"]["embed_dim"] == D
-
-    common = ["--config=configs/fashion_mnist.py:8", f"--workdir={workdir}", f"--config.data.data_dir={TFDS_TEST_DIR}"]
-    modes = {
-        "eval": ["--config.evals.eval.examples=32"],
-        "sample": ["--config.evals.samples.num_images=4", "--config.evals.samples.completion_images=1"],
-        "probe": [
-            "--config.evals.probe.train_examples=100",
-            "--config.evals.probe.test_examples=50",
-            "--config.evals.probe.baselines=False",
-        ],
-    }
-    for mode, flags in modes.items():
-        result = run_main(f"--mode={mode}", *common, *flags)
-        assert result.returncode == 0, (mode, result.stderr[-2000:])
-    rows = read_metrics(workdir)
-    assert [r["mode"] for r in rows] == ["eval", "sample", "probe"] and all(r["step"] == 0 for r in rows)
-    assert (workdir / "samples" / "step_00000000.png").exists()
-    # the held-out loss is Hugging Face's own (float64) on the same 32 test images, quantized with the clusters
-    reference, scale = _hf_loss(hf, workdir, side, examples=32)
-    terms = transformer_terms(layers=LAYERS, width=D, head_dim=D // HEADS, positions=side * side) + VOCAB + 32 * 64
-    assert abs(rows[0]["loss"] - reference) <= float32_chain(terms, scale), (rows[0]["loss"], reference)
-
-
-def _hf_loss(hf, workdir, side: int, examples: int) -> tuple[float, float]:
-    """Hugging Face's float64 loss (and its scale) on the first `examples` test images, quantized with the
-    workdir's palette."""
-    from igpt_jax import sampling
-    from igpt_jax.configs import fashion_mnist
-    from igpt_jax.data import get_source
-
-    config = fashion_mnist.get_config(str(side))
-    config.data.data_dir = TFDS_TEST_DIR
-    tokens = sampling.held_out_tokens(config, get_source(config), np.load(workdir / "palette.npy"), examples)
-    loss = hf_reference.loss(hf.double(), tokens)
-    hf.float()
-    return loss
-
-
 def test_an_import_never_writes_into_a_workdir_that_holds_checkpoints(tmp_path):
     hf = _random_hf()
     hf.save_pretrained(tmp_path / "hf")
@@ -409,3 +353,94 @@ def test_a_hub_id_for_src_is_one_line_saying_to_download_it_first(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     assert not looks_like_a_hub_id("openai/imagegpt-small")  # a folder of that name here is the folder
     assert not looks_like_a_hub_id("/abs/path") and not looks_like_a_hub_id("./a") and not looks_like_a_hub_id("a")
+
+
+# --- The docs' commands (docs/weights.md), run as written with a test's sizes after them
+
+
+@pytest.mark.slow  # about a minute: an import and four modes, each its own process
+def test_openais_weights_walk_through(tmp_path):
+    """OpenAI's files where the docs put them, imported by the docs' command, then eval, probe, sample and finetune by
+    theirs, with no training: the held-out loss is OpenAI's own forward pass's (float64) on the same test images
+    quantized with OpenAI's clusters. The docs' data set (cifar10) would be downloaded: the test names Fashion-MNIST's,
+    read from the test data folder, and sizes the evaluators to a few images; the model's shape comes from the
+    checkpoint, as the docs say."""
+    here = checkout_like(tmp_path / "checkout")
+    (here / "downloads").mkdir()
+    variables = _openai_variables(np.random.default_rng(3), bert=False)
+    _save_tf1(here / "downloads" / "model.ckpt-1000000", variables)
+    clusters = np.random.default_rng(4).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    np.save(here / "downloads" / "kmeans_centers.npy", clusters)
+    env = activated_env()
+    imported = run_doc(command("--from=openai"), here, "--dataset=fashion_mnist", env=env)
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    workdir = here / "workdir" / "igpt_s"
+    assert imported.stdout.strip().endswith(str(Path("workdir") / "igpt_s" / "checkpoints" / "0"))
+
+    data = [f"--config.data.data_dir={TFDS_TEST_DIR}", "--config.data.eval_split=test"]
+    sizes = {
+        "eval": ["--config.evals.eval.examples=32"],
+        "probe": [
+            "--config.evals.probe.dataset=fashion_mnist",
+            "--config.evals.probe.train_examples=100",
+            "--config.evals.probe.test_examples=50",
+            "--config.evals.probe.baselines=False",
+        ],
+        "sample": ["--config.evals.samples.num_images=2", "--config.evals.samples.completion_images=1"],
+        "finetune": [
+            "--config.finetune.dataset=fashion_mnist",
+            "--config.finetune.steps=2",
+            "--config.finetune.warmup_steps=1",
+            "--config.finetune.eval_every_steps=1",
+            "--config.finetune.checkpoint_every_steps=1",
+            "--config.finetune.heldout_examples=32",
+            "--config.finetune.test_examples=32",
+        ],
+    }
+    modes = commands("--config=configs/igpt_s.py --workdir=workdir/igpt_s")
+    assert [doc.argv()[3].split("=")[1] for doc in modes] == list(sizes)
+    for doc, (mode, flags) in zip(modes, sizes.items(), strict=True):
+        result = run_doc(doc, here, *data, *flags, env=env)
+        assert result.returncode == 0, (mode, result.stderr[-3000:])
+    rows = read_metrics(workdir)
+    assert [r["mode"] for r in rows] == ["eval", "probe", "sample"] and all(r["step"] == 0 for r in rows)
+    assert json.loads((workdir / "probe.json").read_text())["checkpoint_step"] == 0
+    assert (workdir / "samples" / "step_00000000.png").exists()
+    assert "finetune: test accuracy " in result.stdout
+
+    reference, scale = _openai_loss(variables, clusters, examples=32)
+    terms = transformer_terms(layers=LAYERS, width=D, head_dim=D // HEADS, positions=SIDE * SIDE) + VOCAB + 32 * 16
+    assert abs(rows[0]["loss"] - reference) <= float32_chain(terms, scale), (rows[0]["loss"], reference)
+
+
+def _openai_loss(variables: dict[str, np.ndarray], clusters: np.ndarray, examples: int) -> tuple[float, float]:
+    """OpenAI's forward pass's float64 mean next-token loss on the first Fashion-MNIST test images at SIDE x SIDE,
+    quantized with `clusters`, and the scale of the sums behind it (the largest |logit| or the loss)."""
+    from igpt_jax import sampling
+    from igpt_jax.configs import fashion_mnist
+    from igpt_jax.data import get_source
+
+    config = fashion_mnist.get_config(str(SIDE))
+    config.data.data_dir = TFDS_TEST_DIR
+    tokens = sampling.held_out_tokens(config, get_source(config), clusters, examples)
+    logits = _openai_forward({k: v.astype(np.float64) for k, v in variables.items()}, tokens)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    loss = float(-np.take_along_axis(log_probs, tokens[..., None], axis=-1).mean())
+    return loss, max(float(np.abs(logits).max()), loss)
+
+
+def test_a_hugging_face_folder_imports_as_the_docs_say(tmp_path):
+    """`--src=imagegpt-small`: a folder as `huggingface_hub.snapshot_download` leaves it (weights, config and the
+    image processor's clusters), here a small random one."""
+    here = checkout_like(tmp_path / "checkout")
+    _random_hf().save_pretrained(here / "imagegpt-small")
+    clusters = np.random.default_rng(3).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    ImageGPTImageProcessor(clusters=clusters, size={"height": SIDE, "width": SIDE}).save_pretrained(
+        here / "imagegpt-small"
+    )
+    result = run_doc(command("--src=imagegpt-small"), here, env=activated_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = here / "workdir" / "hf_small"
+    assert (workdir / "checkpoints" / "0").is_dir()
+    assert np.array_equal(np.load(workdir / "palette.npy"), clusters)  # "clusters included"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from docs_commands import checkout_like, command, run_doc
 from helpers import cli_flags, read_metrics
 from PIL import Image
 
@@ -168,38 +169,32 @@ def test_processes_running_different_programs_stop_with_a_message(tmp_path):
 
 @pytest.mark.slow  # 1.5 minutes: the default run's probe and samples on two processes (CI runs the slow tests)
 def test_local_sh_runs_the_default_config(tmp_path):
-    """As on a fresh machine: the data set is prepared by process 0 while process 1 waits (then reads its splits),
-    and both write their batches of the probe's feature cache into the one shared workdir."""
-    env = _env() | {"DEVICES_PER_PROCESS": "1", "LOG_DIR": str(tmp_path / "logs"), "PYTHON": sys.executable}
-    result = subprocess.run(
-        [
-            "bash",
-            "launch/local.sh",
-            "2",
-            "--config=configs/fashion_mnist.py",
-            f"--workdir={tmp_path / 'w'}",
-            "--config.total_steps=2",
-            "--config.log_every_steps=1",
-            "--config.evals.eval.examples=64",
-            "--config.evals.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
-            "--config.evals.probe.test_examples=32",
-            "--config.evals.samples.num_images=2",  # and its samples at the end, gathered from both processes
-            "--config.evals.samples.completion_images=1",
-            "--config.evals.samples.completions_per_image=2",
-            f"--config.data.data_dir={tmp_path / 'tfds'}",  # not prepared yet
-        ],
-        cwd=ROOT,
+    """The docs' command (docs/clusters.md) as on a fresh machine: the data set is prepared by process 0 while process
+    1 waits (then reads its splits), and both write their batches of the probe's feature cache into the one shared
+    workdir. The test's sizes follow the command."""
+    here = checkout_like(tmp_path / "checkout")
+    env = _env() | {"LOG_DIR": str(tmp_path / "logs"), "PYTHON": sys.executable}
+    result = run_doc(
+        command("launch/local.sh 2"),
+        here,
+        "--config.total_steps=2",
+        "--config.log_every_steps=1",
+        "--config.evals.eval.examples=64",
+        "--config.evals.probe.train_examples=64",  # the default's probe at the end, on 2 processes, kept small
+        "--config.evals.probe.test_examples=32",
+        "--config.evals.samples.num_images=2",  # and its samples at the end, gathered from both processes
+        "--config.evals.samples.completion_images=1",
+        "--config.evals.samples.completions_per_image=2",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",  # not prepared yet
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    assert [r["step"] for r in read_metrics(tmp_path / "w") if "mode" not in r] == [1, 2]
-    _assert_every_batch_cached(tmp_path / "w" / "probe_features" / "probe", tmp_path / "tfds", examples=64)
+    workdir = here / "workdir" / "two_processes"
+    assert [r["step"] for r in read_metrics(workdir) if "mode" not in r] == [1, 2]
+    _assert_every_batch_cached(workdir / "probe_features" / "probe", tmp_path / "tfds", examples=64)
     assert "step 2/2" in (tmp_path / "logs" / "process_0.log").read_text()
-    assert [r["mode"] for r in read_metrics(tmp_path / "w") if "mode" in r] == ["eval", "probe", "sample"]
-    grid = Image.open(tmp_path / "w" / "samples" / "step_00000002_completions.png")
+    assert [r["mode"] for r in read_metrics(workdir) if "mode" in r] == ["eval", "probe", "sample"]
+    grid = Image.open(workdir / "samples" / "step_00000002_completions.png")
     assert grid.size == (4 * (28 * 3 + 2) + 2, 28 * 3 + 2 + 2)  # given | 2 completions | original
 
 

@@ -179,7 +179,7 @@ def score(module: str, tests: list[str], rev: str = "HEAD", sample: int = 0, see
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", nargs="?", help="the file to mutate, e.g. igpt_jax/optim.py")
     parser.add_argument("tests", nargs="*", help="the test files or node ids that guard it (default: GUARDS')")
@@ -188,11 +188,22 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=0, help="only a seeded random N of each module's mutants")
     parser.add_argument("--seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--out", help="also write the JSON here (with --all: one object per line, as each ends)")
-    args = parser.parse_args()
+    return parser
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, read and checked (argparse's usage error and exit 2 for a bad one)."""
+    checker = parser()
+    args = checker.parse_args(argv)
     if args.all == bool(args.module):
-        parser.error("give a MODULE [TESTS ...] or --all")
+        checker.error("give a MODULE [TESTS ...] or --all")
     if args.module and not args.tests and args.module not in GUARDS:
-        parser.error(f"{args.module} has no tests in GUARDS; name them after it")
+        checker.error(f"{args.module} has no tests in GUARDS; name them after it")
+    return args
+
+
+def main() -> None:
+    args = arguments()
     todo = GUARDS.items() if args.all else [(args.module, args.tests or GUARDS[args.module])]
     for module, tests in todo:
         result = score(module, list(tests), args.rev, args.sample, args.seed)
