@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT, cli_flags
 
 
@@ -38,6 +39,7 @@ def test_a_relaunch_loads_the_train_step_from_the_cache_beside_the_workdir(tmp_p
     assert "Persistent compilation cache hit for 'jit_train_step'" in again.stderr
 
 
+@pytest.mark.slow  # 16 s: two runs
 def test_an_empty_setting_turns_the_cache_off_even_where_the_environment_names_one(tmp_path):
     named = tmp_path / "named_by_the_environment"
     off = _igpt(

@@ -53,6 +53,7 @@ def test_bad_topology_names_say_what_is_allowed(name):
         hardware.topology_shape(name)
 
 
+@pytest.mark.slow  # 27 s: --mode=compile in its own process (the report's content is checked in-process below)
 def test_a_small_model_fits_v5p_2x2x1_without_opening_its_data(tmp_path):
     missing = tmp_path / "no_such_data_dir"
     workdir = tmp_path / "w"

@@ -71,6 +71,7 @@ def _train_steps(workdir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(workdir) if "mode" not in r]
 
 
+@pytest.mark.slow  # 40 s: a run and two relaunches (test_resume_rules.py checks the rule in-process)
 def test_a_relaunch_with_another_recipe_stops_naming_it_and_moves_nothing(tmp_path):
     workdir = tmp_path / "run"
     first = _run(workdir)
@@ -482,6 +483,7 @@ def test_a_config_palette_that_differs_from_the_runs_stops_it(tmp_path):
     assert last["step"] == 20
 
 
+@pytest.mark.slow  # 13 s: two runs
 def test_the_palette_has_one_copy_that_every_checkpoint_checks(tmp_path):
     """palette.npy is the palette; checkpoints record its fingerprint, not a second copy. Colours swapped under a
     run, or gone, stop it naming what differs; a copy of the run's own palette named in the config brings it back."""
@@ -502,6 +504,7 @@ def test_the_palette_has_one_copy_that_every_checkpoint_checks(tmp_path):
     assert (workdir / "palette.npy").read_bytes() == own.read_bytes()  # written back from the checked copy
 
 
+@pytest.mark.slow  # 16 s: a run and two relaunches
 def test_a_missing_palette_is_refitted_and_used_only_if_it_is_the_checkpoints(tmp_path, monkeypatch):
     """The palette is a pure function of the config and the data: a refit gives the checkpoint's colours bit for bit,
     and the checkpoint's fingerprint says so. Other colours (another data set under the same name) stop the run."""
@@ -559,6 +562,7 @@ def test_a_damaged_workdir_file_stops_the_relaunch_naming_it_and_the_way_on_work
         assert (workdir / name).read_bytes() == original  # refitted, the checkpoint's colours
 
 
+@pytest.mark.slow  # 21 s: a run, then four relaunches that each stop at once
 def test_an_absent_checkpoint_step_and_a_damaged_palette_are_one_line_and_exit_2(tmp_path):
     workdir = tmp_path / "run"
     first = _run(workdir, "--config.total_steps=10")

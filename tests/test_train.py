@@ -25,7 +25,11 @@ def _train_losses(workdir) -> dict[int, float]:
 
 @pytest.mark.parametrize(
     "ici",
-    [{"data": 8, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 4, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}],
+    [
+        {"data": 2, "fsdp": 2, "tensor": 2},  # every axis at once; each alone in the slow run (20 s each)
+        pytest.param({"data": 8, "fsdp": 1, "tensor": 1}, marks=pytest.mark.slow),
+        pytest.param({"data": 2, "fsdp": 4, "tensor": 1}, marks=pytest.mark.slow),
+    ],
 )
 def test_meshes_train_and_loss_falls_on_fashion_mnist(tmp_path, ici):
     config = fashion_config(total_steps=30, mesh__ici=ici)
