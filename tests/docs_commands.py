@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 PAGES = ("README.md", "docs")
 _FENCE = re.compile(r"^```(\w*)\s*$")
 
@@ -84,7 +85,7 @@ def all_commands() -> list[DocCommand]:
 
 def command(containing: str) -> DocCommand:
     """The one command whose text contains `containing`; a test names a command by what sets it apart."""
-    found = [c for c in all_commands() if containing in c.text]
+    found = commands(containing)
     if len(found) != 1:
         listed = "\n".join(map(str, found)) or "none"
         raise LookupError(f"{len(found)} commands in the docs contain {containing!r} (one expected):\n{listed}")
