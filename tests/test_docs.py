@@ -316,3 +316,12 @@ def test_the_mutation_commands_measure_a_module(tmp_path):
     for doc in others:
         args = mutation_score.arguments(doc.argv()[2:])
         assert args.module == doc.argv()[2] and (args.sample or args.rev != "HEAD"), doc
+
+
+def test_the_mutation_tool_without_mutmut_names_the_extra_to_install():
+    """A checkout set up without the `mutation` extra: one line naming it, before any copy or run (python -S leaves
+    out site-packages, where mutmut would be; the tool itself imports only the standard library)."""
+    result = subprocess.run(
+        [sys.executable, "-S", "tools/mutation_score.py", "igpt_jax/optim.py"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "[mutation]" in result.stderr and "Traceback" not in result.stderr, result

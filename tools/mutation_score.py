@@ -24,6 +24,7 @@ are whole runs (finetune.py's: about a minute a mutant on 2 cores, 6 hours for a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -116,7 +117,9 @@ def _sample_of_mutants(tree: Path, module: str, size: int, seed: int) -> tuple[l
         "result = create_file_mutants(Path(sys.argv[1])); "
         "sys.exit(repr(result.error) if result.error else None)"
     )
-    subprocess.run([sys.executable, "-c", generate, module], cwd=tree, check=True, capture_output=True)
+    made = subprocess.run([sys.executable, "-c", generate, module], cwd=tree, capture_output=True, text=True)
+    if made.returncode:
+        sys.exit(f"mutmut could not mutate {module} in {tree}:\n{made.stderr.strip()}")
     names = sorted(json.loads((tree / "mutants" / f"{module}.meta").read_text())["exit_code_by_key"])
     return sorted(random.Random(seed).sample(names, min(size, len(names)))), len(names)
 
@@ -204,6 +207,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = arguments()
+    if importlib.util.find_spec("mutmut") is None:
+        sys.exit(f"mutmut is not installed in {sys.prefix}: pip install -e '.[mutation]' (pyproject's extra)")
     todo = GUARDS.items() if args.all else [(args.module, args.tests or GUARDS[args.module])]
     for module, tests in todo:
         result = score(module, list(tests), args.rev, args.sample, args.seed)
