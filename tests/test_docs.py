@@ -42,7 +42,7 @@ RUN_BY: dict[str, str] = {
     "launch/tpu_pod.sh": "test_docs.py::test_the_pod_commands_call_gcloud_as_the_docs_say",
     "sbatch --nodes=4": "test_docs.py::test_the_slurm_command_submits_one_process_per_host",
     'pip install "./igpt_jax[': "test_docs.py::test_the_install_commands_resolve_their_extras",
-    'pip install -e ".[test,mutation]"': "test_docs.py::test_the_install_commands_resolve_their_extras",
+    'pip install -e ".[mutation]"': "test_docs.py::test_the_install_commands_resolve_their_extras",
     "--mode=compile": "test_docs.py::test_every_igpt_command_parses_and_its_config_passes_the_checks",
     "benchmarks/train_speed.py": "test_docs.py::test_the_speed_benchmark_commands_print_their_json",
     "tools/mutation_score.py igpt_jax/": "test_docs.py::test_the_mutation_commands_measure_a_module",
@@ -272,9 +272,9 @@ def test_the_install_commands_resolve_their_extras(tmp_path):
         "[tpu]": "libtpu",
         "[cuda13]": "jax-cuda13-plugin",
         "[data]": "tensorflow-cpu",
-        "[test,mutation]": "mutmut",
+        "[mutation]": "mutmut",
     }
-    docs = [*commands('pip install "./igpt_jax['), command('pip install -e ".[test,mutation]"')]
+    docs = [*commands('pip install "./igpt_jax['), command('pip install -e ".[mutation]"')]
     assert len(docs) == len(brings)
     for doc in docs:
         cwd = ROOT if "-e" in doc.argv() else tmp_path
