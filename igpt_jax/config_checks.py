@@ -140,13 +140,17 @@ def _training(c) -> list[str]:
 
 
 def _data(c) -> list[str]:
-    """The data set exists, and a 'heldout' eval split has a preset for it."""
-    from igpt_jax.data import sources  # no TensorFlow import: the registry only names the builders
+    """The data sets exist (in the registry or prepared in data_dir), a 'heldout' eval split has a preset or a split
+    for it, and the preprocessing is one there is."""
+    from igpt_jax.data import preprocess, sources  # no TensorFlow import: the registry only names the builders
 
-    if c.data.dataset not in sources.SOURCES:
-        return [f"config.data.dataset={c.data.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
-    if c.finetune.dataset not in sources.SOURCES:
-        return [f"config.finetune.dataset={c.finetune.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    for key, dataset in (("config.data.dataset", c.data.dataset), ("config.finetune.dataset", c.finetune.dataset)):
+        problem = sources.unknown(key, dataset, c.data.data_dir)
+        if problem:
+            return [problem]
+    if c.data.preprocess and c.data.preprocess not in preprocess.FAMILIES:
+        allowed = sorted(preprocess.FAMILIES)
+        return [f"config.data.preprocess={c.data.preprocess!r}: allowed '' (the data set's own) or one of {allowed}"]
     try:
         sources.splits(c)
     except ValueError as e:

@@ -99,6 +99,10 @@ def make_config(
     c.data.train_split = "train"
     # 'heldout': the paper's held-out end of train_split (ImageNet 4%, CIFAR and STL-10 10%), kept out of training
     c.data.eval_split = "validation"
+    # how images become squares of model.image_size (igpt_jax.data.preprocess.FAMILIES): 'imagenet', the paper's random
+    # (train) and central (eval) crops of the short side, or 'low_resolution', resizing the whole image; empty: the
+    # data set's own (the registry's family; 'imagenet' for a folder prepared by igpt_jax.data.prepare)
+    c.data.preprocess = ""
     c.data.flip = False  # random horizontal flips in training (the paper mentions none for pretraining)
     # training images' augmentation after the crops (igpt_jax.data.preprocess.AUGMENTATIONS): 'none', or 'cifar' (the
     # paper's fine-tuning recipe: reflect-pad 4, random crop back, random flip)

@@ -59,7 +59,7 @@ def _target_config(
 def _compile(config: ml_collections.ConfigDict, devices: list, num_slices: int):
     mesh = sharding.make_mesh(config, devices, granules=num_slices)
     setup = steps.make_setup(config, mesh)
-    kind = sources.kind(config.data.dataset)
+    kind = sources.kind(config.data.dataset, config.data.data_dir)
     batch = pipeline.abstract_batch(kind, config, mesh)
     clusters = None
     if kind == "images":

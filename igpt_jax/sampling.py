@@ -29,8 +29,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from igpt_jax import model as model_lib
-from igpt_jax import palette, plots, sharding, steps
-from igpt_jax.data import splits
+from igpt_jax import palette, plots, sharding, steps, storage
+from igpt_jax.data import preprocess, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
 
@@ -252,6 +252,24 @@ def held_out_tokens(config: ml_collections.ConfigDict, source: Source, clusters:
     if source.kind == "tokens":
         return np.asarray(data, np.int32)
     return np.asarray(palette.quantize(data, clusters), np.int32)
+
+
+def prompt_files(pattern: str) -> list[storage.Path]:
+    """The image files a `prompts` glob names (FOLDER/PATTERN, local or gs://; no `**`, which gs:// cannot list
+    cheaply), in sorted order."""
+    folder, _, name = pattern.rpartition("/")
+    return sorted(storage.path(folder or ".").glob(name))
+
+
+def prompt_tokens(files: list[storage.Path], side: int, clusters: np.ndarray) -> np.ndarray:
+    """Tokens [n, side*side] of the files: each resized to the model's side (the whole image, no crop) and quantized
+    with the run's palette."""
+
+    def resized(file: storage.Path) -> np.ndarray:
+        return preprocess.resize_only(preprocess.open_image(file.read_bytes(), str(file)), str(file), side, None, False)
+
+    images = [resized(file) for file in files]
+    return np.asarray(palette.quantize(np.stack(images), clusters), np.int32)
 
 
 def _grid_shape(n: int) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -113,7 +114,7 @@ class TfdsSource:
         root = str(self.builder.data_dir).removesuffix(self.builder.info.full_name).rstrip("/")
         self.manual_dir = config.data.manual_dir or os.path.join(root, "downloads", "manual")
         _prepare_once(self)
-        self.train_fn, self.eval_fn = preprocess.FAMILIES[spec.family]
+        self.train_fn, self.eval_fn = preprocess.FAMILIES[config.data.preprocess or spec.family]
         self.augment = preprocess.AUGMENTATIONS[config.data.augment]
         self._sources: dict[str, object] = {}
         self._pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="decode")
@@ -253,9 +254,10 @@ HELDOUT_PERCENT = {
 
 def splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
     """(train split, eval split) as TFDS reads them. config.data.eval_split='heldout' evaluates on the paper's
-    held-out end of config.data.train_split and trains on the rest: e.g. ('train[:96%]', 'train[96%:]')."""
+    held-out end of config.data.train_split and trains on the rest: e.g. ('train[:96%]', 'train[96%:]'); a data set
+    prepared from a folder with --heldout_fraction has a split of that name."""
     train, held_out = config.data.train_split, config.data.eval_split
-    if held_out != HELDOUT:
+    if held_out != HELDOUT or prepared_spec(config.data.dataset, config.data.data_dir):
         return train, held_out
     percent = HELDOUT_PERCENT.get(config.data.dataset)
     if percent is None:
@@ -272,15 +274,46 @@ SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
 }
 
 
-def kind(dataset: str) -> str:
+def prepared_spec(dataset: str, data_dir: str) -> TfdsSpec | None:
+    """A data set that `python -m igpt_jax.data.prepare` wrote into `data_dir` under the name `dataset` (not a
+    registry name), described from its features.json alone: TFDS reads it back by name like a registered one. Its
+    preprocessing is the paper's ImageNet crops unless config.data.preprocess says otherwise."""
+    if dataset in SOURCES or not data_dir:
+        return None
+    from igpt_jax.data import prepare
+
+    features = storage.path(data_dir) / dataset / prepare.VERSION / "features.json"
+    if not features.exists():
+        return None
+    labelled = "label" in json.loads(features.read_text())["featuresDict"]["features"]
+    return TfdsSpec(dataset, "imagenet", labelled=labelled)
+
+
+def _factory(dataset: str, data_dir: str) -> Callable[[ml_collections.ConfigDict], Source] | None:
+    spec = prepared_spec(dataset, data_dir)
+    return partial(TfdsSource, spec=spec) if spec else SOURCES.get(dataset)
+
+
+def unknown(key: str, dataset: str, data_dir: str) -> str | None:
+    """A line naming `key` when `dataset` is neither a registry name nor a data set prepared in `data_dir`."""
+    if _factory(dataset, data_dir) is not None:
+        return None
+    where = f"config.data.data_dir={data_dir!r}" if data_dir else "config.data.data_dir (unset)"
+    return (
+        f"{key}={dataset!r} is unknown; allowed: {sorted(SOURCES)}, or a data set prepared in {where} by "
+        f"`python -m igpt_jax.data.prepare --images=DIR --name={dataset} --data_dir=DD`"
+    )
+
+
+def kind(dataset: str, data_dir: str = "") -> str:
     """What a data set's batches hold, 'images' or 'tokens', without opening it (the compile-only planner)."""
-    factory = SOURCES[dataset]
+    factory = _factory(dataset, data_dir)
     return getattr(factory, "kind", None) or factory.func.kind
 
 
-def labelled(dataset: str) -> bool:
+def labelled(dataset: str, data_dir: str = "") -> bool:
     """Whether a data set has class labels, without opening it (the evaluators' checks before training)."""
-    factory = SOURCES[dataset]
+    factory = _factory(dataset, data_dir)
     return factory.keywords["spec"].labelled if isinstance(factory, partial) else factory.labelled
 
 
@@ -293,10 +326,10 @@ def split_problem(source: Source, key: str, split: str) -> str | None:
 
 
 def get_source(config: ml_collections.ConfigDict) -> Source:
-    name = config.data.dataset
-    if name not in SOURCES:
-        raise ValueError(f"config.data.dataset={name!r} is unknown; allowed: {sorted(SOURCES)}")
-    return SOURCES[name](config)
+    problem = unknown("config.data.dataset", config.data.dataset, config.data.data_dir)
+    if problem:
+        raise ValueError(problem)
+    return _factory(config.data.dataset, config.data.data_dir)(config)
 
 
 __all__ = [
@@ -308,6 +341,8 @@ __all__ = [
     "get_source",
     "kind",
     "labelled",
+    "prepared_spec",
     "split_problem",
     "splits",
+    "unknown",
 ]

@@ -80,13 +80,15 @@ def _loss_needs(config, name, entry) -> list[str]:
 
 def _probe_needs(config, name, entry) -> list[str]:
     where = f"config.evals.{name}"
-    if entry.dataset not in sources.SOURCES:
-        return [f"{where}.dataset={entry.dataset!r} is unknown; allowed: {sorted(sources.SOURCES)}"]
+    data_dir = config.data.data_dir
+    problem = sources.unknown(f"{where}.dataset", entry.dataset, data_dir)
+    if problem:
+        return [problem]
     out = []
-    if not sources.labelled(entry.dataset):
+    if not sources.labelled(entry.dataset, data_dir):
         out.append(f"{where} (a linear probe) needs labels, and {where}.dataset={entry.dataset!r} has none")
-    images = sources.kind(entry.dataset) == "images"
-    if images and sources.kind(config.data.dataset) == "tokens" and not config.data.palette:
+    images = sources.kind(entry.dataset, data_dir) == "images"
+    if images and sources.kind(config.data.dataset, data_dir) == "tokens" and not config.data.palette:
         out.append(
             f"{where} (a linear probe) needs a palette to turn the images of {where}.dataset={entry.dataset!r} into "
             f"tokens, and config.data.dataset={config.data.dataset!r} has none: set --config.data.palette=PATH, "
@@ -111,7 +113,7 @@ def _sample_needs(config, name, entry) -> list[str]:
             f"models can be sampled; turn it off (--config.evals.{name}.every_steps=0 "
             f"--config.evals.{name}.at_end=False) or probe instead"
         )
-    if not (entry.num_images or entry.completion_images):
+    if not (entry.num_images or entry.completion_images or entry.prompts):
         out.append(f"{where}.num_images and {where}.completion_images are both 0: nothing to sample")
     return out
 
@@ -164,6 +166,8 @@ KINDS: dict[str, Kind] = {
         settings={
             "num_images": _count("no unconditional samples", 16),
             "completion_images": _count("no completions", 4),  # the eval split's first images
+            # FOLDER/PATTERN (local or gs://): complete these files instead of the eval split's images, all of them
+            "prompts": Setting("", lambda v: isinstance(v, str), "a glob of image files, e.g. 'photos/*.jpg'"),
             "completions_per_image": Setting(4, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),
             "completion": Setting(0.5, lambda v: _real(v) and 0 <= v < 1, "0 <= fraction of rows given < 1"),
             "temperature": Setting(1.0, lambda v: _real(v) and v >= 0, ">= 0 (0: greedy)"),

@@ -1,7 +1,8 @@
 """Samples, as an evaluator: config.evals.<name> of kind 'sample'.
 
 Two PNG grids per step in `<name>/` (the default evaluator is `samples`): `step_<N>.png`, `num_images` unconditional
-samples, and `step_<N>_completions.png`, the paper's layout for the eval split's first `completion_images` images:
+samples, and `step_<N>_completions.png`, the paper's layout for the eval split's first `completion_images` images (or
+the files the `prompts` glob names, each resized to the model's side and quantized with the run's palette):
 the given top `completion` of the rows (the rest grey) | `completions_per_image` completions | the original. Both go to
 TensorBoard as images at their training step; the metrics row gives images per second, compilation left out. The
 sampler is compiled at the first draw and kept for the run's later ones.
@@ -27,7 +28,9 @@ class Evaluator:
     def __init__(self, name: str, entry: ml_collections.ConfigDict, rt: runtime.Runtime):
         self.name, self.entry, self.rt = name, entry, rt
         self.n_free = entry.num_images
-        self.n_completed = entry.completion_images * entry.completions_per_image
+        self.prompt_files = sampling.prompt_files(entry.prompts) if entry.prompts else None
+        originals = entry.completion_images if self.prompt_files is None else len(self.prompt_files)
+        self.n_completed = originals * entry.completions_per_image
         self.batch = sampling.batch_size(rt.config, rt.mesh, max(self.n_free, self.n_completed), entry.batch_size)
         self.progress: sampling.Progress | None = None  # the current draw's bar, fed by the compiled sampler
         self._sampler: sampling.Sampler | None = None
@@ -37,6 +40,13 @@ class Evaluator:
             self.progress.position(i)
 
     def data_problems(self) -> list[str]:
+        where = f"config.evals.{self.name}.prompts"
+        if self.prompt_files is not None:
+            if not self.prompt_files:
+                return [f"{where}={self.entry.prompts!r} matches no file"]
+            if self.rt.clusters is None:
+                return [f"{where}: completing image files needs a palette, and this run's tokens have none"]
+            return []
         if not self.entry.completion_images:
             return []
         problem = sources.split_problem(self.rt.source, "config.data.eval_split", splits(self.rt.config)[1])
@@ -100,7 +110,10 @@ class Evaluator:
             tokens = sampling.generate(*draws, prompts, 0, ids, e.seed, e.temperature, self.progress, stop)
             grids[f"step_{step:08d}.png"] = sampling.unconditional_grid(sampling.render(tokens, clusters, vocab))
         if self.n_completed:
-            originals = sampling.held_out_tokens(config, self.rt.source, clusters, e.completion_images)
+            if self.prompt_files is None:
+                originals = sampling.held_out_tokens(config, self.rt.source, clusters, e.completion_images)
+            else:
+                originals = sampling.prompt_tokens(self.prompt_files, side, clusters)
             prompts = np.repeat(originals, e.completions_per_image, axis=0)
             ids = sampling.COMPLETION_IDS + np.arange(len(prompts))
             given = given_rows * side
