@@ -33,7 +33,8 @@ from helpers import TFDS_TEST_DIR, read_metrics
 # For each command of the docs, by a piece of its text that sets it apart: what runs it.
 RUN_BY: dict[str, str] = {
     ".venv/bin/python -m pytest": ".ci/run",  # CI runs the README's test command exactly as written
-    ".venv/bin/igpt --config=fashion_mnist": "test_docs.py::test_the_fashion_mnist_walk_through",
+    "setup_local.sh && .venv/bin/igpt --config=fashion_mnist": "test_docs.py::test_the_fashion_mnist_walk_through",
+    "--config.total_steps=1000": "test_docs.py::test_the_fashion_mnist_walk_through",
     "--mode=probe --config=configs/fashion_mnist.py": "test_docs.py::test_the_fashion_mnist_walk_through",
     "--mode=finetune --config=configs/fashion_mnist.py": "test_docs.py::test_the_fashion_mnist_walk_through",
     "--mode=sample --config=configs/fashion_mnist.py": "test_docs.py::test_the_fashion_mnist_walk_through",
@@ -228,7 +229,7 @@ def test_the_fashion_mnist_walk_through(tmp_path):
     here = checkout_like(tmp_path / "checkout")
     workdir = here / "workdir" / "fashion_mnist"
     env = activated_env()
-    readme = command(".venv/bin/igpt --config=fashion_mnist")
+    readme = command("setup_local.sh && .venv/bin/igpt --config=fashion_mnist")
     setup, _, train = readme.text.partition(" && ")
     assert setup == "bash launch/setup_local.sh"
     _ok(run_doc(DocCommand(readme.page, readme.line, train), here, *TRAIN_SIZES, env=env))
@@ -255,6 +256,11 @@ def test_the_fashion_mnist_walk_through(tmp_path):
     _ok(run_doc(command("--to=huggingface"), here, env=env))
     exported = json.loads((here / "exported" / "config.json").read_text())
     assert (exported["n_layer"], exported["n_embd"], exported["n_positions"]) == (4, 32, 64)
+
+    # the README picture's longer run, at the test's size: its samples at the end and no probe
+    longer = here / "workdir" / "fashion_mnist_1000"
+    _ok(run_doc(command("--config.total_steps=1000"), here, *TRAIN_SIZES, env=env))
+    assert (longer / "samples" / "step_00000002_completions.png").exists() and not (longer / "probe.json").exists()
 
 
 def _normalized(name: str) -> str:
