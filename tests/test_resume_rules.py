@@ -108,6 +108,7 @@ def test_every_key_of_the_base_config_is_classified_on_purpose():
         "data.train_split",
         "data.flip",
         "data.augment",
+        "data.preprocess",
     }
 
 
