@@ -215,9 +215,10 @@ def load_or_fit_palette(
     """The run's palette. Its one copy is the workdir's palette.npy, written once, before the first checkpoint;
     checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: an earlier
     version's checkpoint copy, or a pretrained run's), else config.data.palette, else fitted by k-means on a sample of
-    the train split; palette.npy is written when missing (`write`). The data source (`source()`) is only opened when
-    there is no palette yet. Stops (PaletteMismatchError, naming both) when the colours differ from the restored
-    checkpoint's `fingerprint` or from config.data.palette, and when a checkpoint exists but no palette does."""
+    the train split (a data set of tokens: the palette its tokens index, when it carries one, else none); palette.npy is
+    written when missing (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops
+    (PaletteMismatchError, naming both) when the colours differ from the restored checkpoint's `fingerprint` or from
+    config.data.palette, and when a checkpoint exists but no palette does."""
     path = directory / PALETTE_FILE
     missing = (
         f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
@@ -231,9 +232,11 @@ def load_or_fit_palette(
     elif config.data.palette:
         clusters, origin = palette.load(config.data.palette), None
     elif source().kind == "tokens":
-        if fingerprint is not None:
-            raise PaletteMismatchError(missing)
-        return None
+        clusters, origin = tokens_palette(source()), None
+        if clusters is None:
+            if fingerprint is not None:
+                raise PaletteMismatchError(missing)
+            return None
     else:
         clusters, origin = _fit_palette(config, source()), None
         if fingerprint is not None:  # a checkpoint whose palette.npy is gone: the same fit gives the same colours
@@ -270,6 +273,12 @@ def load_or_fit_palette(
     if write and jax.process_index() == 0 and not path.exists():
         palette.save(path, clusters)
     return clusters
+
+
+def tokens_palette(source: Source) -> np.ndarray | None:
+    """The colours a data set of tokens indexes (OpenAI's arrays carry theirs), or None (synthetic tokens)."""
+    colours = getattr(source, "palette", None)
+    return None if colours is None else colours()
 
 
 def _fit_palette(config: ml_collections.ConfigDict, source: Source) -> np.ndarray:

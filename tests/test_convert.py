@@ -372,7 +372,7 @@ def test_openais_weights_walk_through(tmp_path):
     clusters = np.random.default_rng(4).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
     np.save(here / "downloads" / "kmeans_centers.npy", clusters)
     env = activated_env()
-    imported = run_doc(command("--from=openai"), here, "--dataset=fashion_mnist", env=env)
+    imported = run_doc(command("igpt_jax.convert --from=openai"), here, "--dataset=fashion_mnist", env=env)
     assert imported.returncode == 0, imported.stderr[-3000:]
     workdir = here / "workdir" / "igpt_s"
     assert imported.stdout.strip().endswith(str(Path("workdir") / "igpt_s" / "checkpoints" / "0"))
@@ -408,21 +408,57 @@ def test_openais_weights_walk_through(tmp_path):
     assert (workdir / "samples" / "step_00000000.png").exists()
     assert "finetune: test accuracy " in result.stdout
 
-    reference, scale = _openai_loss(variables, clusters, examples=32)
+    reference, scale = _openai_loss(variables, _openai_tokens(clusters, examples=32))
     terms = transformer_terms(layers=LAYERS, width=D, head_dim=D // HEADS, positions=SIDE * SIDE) + VOCAB + 32 * 16
     assert abs(rows[0]["loss"] - reference) <= float32_chain(terms, scale), (rows[0]["loss"], reference)
 
 
-def _openai_loss(variables: dict[str, np.ndarray], clusters: np.ndarray, examples: int) -> tuple[float, float]:
-    """OpenAI's forward pass's float64 mean next-token loss on the first Fashion-MNIST test images at SIDE x SIDE,
-    quantized with `clusters`, and the scale of the sums behind it (the largest |logit| or the loss)."""
+@pytest.mark.slow  # about 30 s: an import and an evaluation, each its own process
+def test_openais_published_loss_walk_through(tmp_path):
+    """The README's check of OpenAI's figures: OpenAI's checkpoint, clusters and pre-quantized test array where
+    download.py puts them, imported and evaluated on that array by the README's commands. The loss is OpenAI's own
+    forward pass's (float64) on those tokens (here Fashion-MNIST test images quantized with the clusters: OpenAI's
+    ImageNet array would be downloaded)."""
+    here = checkout_like(tmp_path / "checkout")
+    downloads = here / "downloads"
+    downloads.mkdir()
+    variables = _openai_variables(np.random.default_rng(3), bert=False)
+    _save_tf1(downloads / "model.ckpt-1000000", variables)
+    clusters = np.random.default_rng(4).uniform(-1, 1, (VOCAB, 3)).astype(np.float32)
+    np.save(downloads / "kmeans_centers.npy", clusters)
+    tokens = _openai_tokens(clusters, examples=40)
+    np.save(downloads / "imagenet_teX.npy", tokens.astype(np.uint16))  # download.py's layout, narrow integers
+    np.save(downloads / "imagenet_teY.npy", np.eye(1000, dtype=np.float32)[np.arange(40)])
+    env = activated_env()
+    imported, evaluated = commands("--workdir=workdir/openai_s")
+    assert imported.text.startswith(".venv/bin/igpt-convert --from=openai")
+    result = run_doc(imported, here, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_doc(evaluated, here, "--config.evals.eval.examples=32", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_metrics(here / "workdir" / "openai_s")
+    assert f"eval step 0: {row['loss']:.4f} nats" in result.stdout
+    assert "on 32 images of openai_imagenet test" in result.stdout
+
+    reference, scale = _openai_loss(variables, tokens[:32])
+    terms = transformer_terms(layers=LAYERS, width=D, head_dim=D // HEADS, positions=SIDE * SIDE) + VOCAB + 32 * 16
+    assert abs(row["loss"] - reference) <= float32_chain(terms, scale), (row["loss"], reference)
+
+
+def _openai_tokens(clusters: np.ndarray, examples: int) -> np.ndarray:
+    """The first Fashion-MNIST test images at SIDE x SIDE, quantized with `clusters`: [examples, SIDE * SIDE]."""
     from igpt_jax import sampling
     from igpt_jax.configs import fashion_mnist
     from igpt_jax.data import get_source
 
     config = fashion_mnist.get_config(str(SIDE))
     config.data.data_dir = TFDS_TEST_DIR
-    tokens = sampling.held_out_tokens(config, get_source(config), clusters, examples)
+    return np.asarray(sampling.held_out_tokens(config, get_source(config), clusters, examples))
+
+
+def _openai_loss(variables: dict[str, np.ndarray], tokens: np.ndarray) -> tuple[float, float]:
+    """OpenAI's forward pass's float64 mean next-token loss on `tokens`, and the scale of the sums behind it (the
+    largest |logit| or the loss)."""
     logits = _openai_forward({k: v.astype(np.float64) for k, v in variables.items()}, tokens)
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))

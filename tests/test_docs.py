@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from docs_commands import (
     ROOT,
@@ -48,7 +49,10 @@ RUN_BY: dict[str, str] = {
     "benchmarks/train_speed.py": "test_docs.py::test_the_speed_benchmark_commands_print_their_json",
     "tools/mutation_score.py igpt_jax/": "test_docs.py::test_the_mutation_commands_measure_a_module",
     "tools/mutation_score.py --all": "test_docs.py::test_every_command_in_the_docs_is_run_by_a_test",
-    "--from=openai": "test_convert.py::test_openais_weights_walk_through",
+    "igpt_jax.convert --from=openai": "test_convert.py::test_openais_weights_walk_through",
+    "--workdir=workdir/openai_s": "test_convert.py::test_openais_published_loss_walk_through",
+    "igpt_jax.data.prepare --images=my_photos": "test_docs.py::test_your_own_images_walk_through",
+    "--workdir=workdir/my_photos": "test_docs.py::test_your_own_images_walk_through",
     "--config=configs/igpt_s.py --workdir=workdir/igpt_s": "test_convert.py::test_openais_weights_walk_through",
     "--src=imagegpt-small": "test_convert.py::test_a_hugging_face_folder_imports_as_the_docs_say",
 }
@@ -102,12 +106,16 @@ for argv in json.loads(sys.argv[1]):
 def test_every_igpt_command_parses_and_its_config_passes_the_checks(tmp_path):
     """All of them, the ones other tests run included: the preset, every --config.KEY and its value, the mode. The
     --mode=compile commands are run no further (iGPT-L and -XL compiled for 16 to 64 TPU chips take minutes each on
-    2 cores, the search 15 minutes; tests/test_planner.py compiles small ones through the same code)."""
+    2 cores, the search 15 minutes; tests/test_planner.py compiles small ones through the same code). They are
+    checked where the README's data set of one's own images is prepared, as a reader's would be."""
     runs = {str(doc): args for doc in all_commands() if (args := igpt_arguments(doc)) is not None}
     assert len(runs) >= 15
+    here = checkout_like(tmp_path / "checkout")
+    _photos(here / "my_photos", per_class=10)
+    _ok(run_doc(command("igpt_jax.data.prepare --images=my_photos"), here, env=activated_env()))
     result = subprocess.run(
         [sys.executable, "-c", CHECK_ALL, json.dumps(list(runs.values()))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=here, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     checked = [json.loads(line) for line in result.stdout.splitlines()]
@@ -261,6 +269,72 @@ def test_the_fashion_mnist_walk_through(tmp_path):
     longer = here / "workdir" / "fashion_mnist_1000"
     _ok(run_doc(command("--config.total_steps=1000"), here, *TRAIN_SIZES, env=env))
     assert (longer / "samples" / "step_00000002_completions.png").exists() and not (longer / "probe.json").exists()
+
+
+def _photos(folder: Path, per_class: int, jpegs: int = 2) -> None:
+    """A reader's folder of photos: class folders cat/ and dog/ of mixed sizes and formats (`jpegs` JPEGs in cat/,
+    the rest PNG and WebP), and one JPEG cut short in dog/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, colour in {"cat": (200, 60, 40), "dog": (40, 60, 200)}.items():
+        (folder / label).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(16, 48, size=2))
+            pixels = np.clip(np.array(colour) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+            suffix = "jpg" if label == "cat" and i < jpegs else ("png", "webp")[i % 2]
+            Image.fromarray(pixels).save(folder / label / f"{i:03d}.{suffix}")
+    whole = folder / "dog" / "000.png"
+    Image.open(whole).convert("RGB").save(folder / "dog" / "cut.jpg")
+    (folder / "dog" / "cut.jpg").write_bytes((folder / "dog" / "cut.jpg").read_bytes()[:200])
+
+
+# The README's own-images commands at a test's size: iGPT-S's shape cut to 2 layers of width 32 at 8x8 with 16
+# colours, 2 steps; the probe and the samples on the few images there are.
+OWN_SIZES = (
+    "--config.model.num_layers=2",
+    "--config.model.embed_dim=32",
+    "--config.model.num_heads=4",
+    "--config.model.image_size=8",
+    "--config.model.num_positions=64",
+    "--config.model.vocab_size=16",
+    "--config.batch_size=8",
+    "--config.total_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.log_every_steps=1",
+)
+OWN_MODE_SIZES = (
+    "--config.evals.probe.baselines=False",
+    "--config.evals.samples.num_images=0",
+    "--config.evals.samples.completions_per_image=2",
+)
+
+
+@pytest.mark.slow  # about a minute: a preparation, a run and two modes, each its own process
+def test_your_own_images_walk_through(tmp_path):
+    """The README's folder of one's own photos: prepared (the file cut short named and skipped), trained on, probed
+    with its folders' labels, and two of its files completed."""
+    here = checkout_like(tmp_path / "checkout")
+    _photos(here / "my_photos", per_class=30)
+    env = activated_env()
+    prepare = command("igpt_jax.data.prepare --images=my_photos")
+    prepared = _ok(run_doc(prepare, here, "--heldout_fraction=0.25", env=env))
+    assert "train 45, heldout 15 images, 2 classes; 1 skipped" in prepared, prepared
+    workdir = here / "workdir" / "my_photos"
+    train, probe, sample = commands("--workdir=workdir/my_photos")
+    _ok(run_doc(train, here, *OWN_SIZES, env=env))
+    assert [r["step"] for r in read_metrics(workdir) if r.get("mode") == "eval"] == [2]  # at the end, on heldout
+
+    _ok(run_doc(probe, here, *OWN_MODE_SIZES, env=env))
+    record = json.loads((workdir / "probe.json").read_text())
+    assert (record["dataset"], record["train_examples"], record["test_examples"]) == ("my_photos", 45, 15)
+
+    _ok(run_doc(sample, here, *OWN_MODE_SIZES, env=env))
+    from PIL import Image
+
+    grid = Image.open(workdir / "samples" / "step_00000002_completions.png")
+    cell = (grid.size[0] - 2) // 4  # given | 2 completions | the file itself
+    assert grid.size == (4 * cell + 2, 2 * cell + 2), grid.size  # the two JPEGs of cat/, one row each
 
 
 def _normalized(name: str) -> str:

@@ -1,8 +1,8 @@
 """Data sources behind one interface, chosen by `config.data.dataset` from a registry.
 
-A source says how many examples a split has and returns, for any list of example indices, uint8 images
-[n, size, size, 3] (or int32 tokens [n, size*size] for `synthetic`). Random access by index is what makes the data
-order a pure function of (seed, step): TFDS datasets are prepared as ArrayRecord files and read through
+A source says how many examples a split has and returns, for any list of example indices, uint8 images [n, size, size,
+3] (or int32 tokens [n, size*size] for `synthetic` and OpenAI's pre-quantized arrays). Random access by index is what
+makes the data order a pure function of (seed, step): TFDS datasets are prepared as ArrayRecord files and read through
 `builder.as_data_source`, which reads any example without reading the ones before it.
 """
 
@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from igpt_jax import storage
-from igpt_jax.data import preprocess
+from igpt_jax.data import openai_arrays, preprocess
 from igpt_jax.model import tokens_per_image
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def splits(config: ml_collections.ConfigDict) -> tuple[str, str]:
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], Source]] = {
     "synthetic": Synthetic,
     **{spec.name: partial(TfdsSource, spec=spec) for spec in TFDS_DATASETS},
+    **{name: partial(openai_arrays.OpenAIArrays, spec=spec) for name, spec in openai_arrays.SPECS.items()},
 }
 
 

@@ -74,7 +74,23 @@ class Kind:
 
 
 def _loss_needs(config, name, entry) -> list[str]:
-    del config, name, entry
+    if not entry.dataset:
+        return []
+    where = f"config.evals.{name}"
+    problem = sources.unknown(f"{where}.dataset", entry.dataset, config.data.data_dir)
+    return [problem] if problem else _palette_needs(config, name, entry.dataset, "a held-out loss")
+
+
+def _palette_needs(config, name: str, dataset: str, what: str) -> list[str]:
+    """A run on tokens with no palette cannot turn another data set's images into tokens."""
+    where, data_dir = f"config.evals.{name}", config.data.data_dir
+    images = sources.kind(dataset, data_dir) == "images"
+    if images and sources.kind(config.data.dataset, data_dir) == "tokens" and not config.data.palette:
+        return [
+            f"{where} ({what}) needs a palette to turn the images of {where}.dataset={dataset!r} into "
+            f"tokens, and config.data.dataset={config.data.dataset!r} has none: set --config.data.palette=PATH, "
+            f"or turn it off (--config.evals.{name}.every_steps=0 --config.evals.{name}.at_end=False)"
+        ]
     return []
 
 
@@ -87,13 +103,7 @@ def _probe_needs(config, name, entry) -> list[str]:
     out = []
     if not sources.labelled(entry.dataset, data_dir):
         out.append(f"{where} (a linear probe) needs labels, and {where}.dataset={entry.dataset!r} has none")
-    images = sources.kind(entry.dataset, data_dir) == "images"
-    if images and sources.kind(config.data.dataset, data_dir) == "tokens" and not config.data.palette:
-        out.append(
-            f"{where} (a linear probe) needs a palette to turn the images of {where}.dataset={entry.dataset!r} into "
-            f"tokens, and config.data.dataset={config.data.dataset!r} has none: set --config.data.palette=PATH, "
-            f"or turn the probe off (--config.evals.{name}.every_steps=0 --config.evals.{name}.at_end=False)"
-        )
+    out += _palette_needs(config, name, entry.dataset, "a linear probe")
     depth = config.model.num_layers
     for key in ("layers", "concat", "attentive_layers"):
         outside = [layer for layer in entry[key] if not 0 <= layer <= depth]
@@ -123,6 +133,8 @@ KINDS: dict[str, Kind] = {
         mode="eval",
         settings={
             "examples": _count("the whole split"),  # the first n images of the split, in order
+            # another data set than the run's, e.g. OpenAI's arrays (openai_imagenet), to compare with its figures
+            "dataset": Setting("", _text, "'' (config.data.dataset) or a data set of the registry or prepared"),
             "split": Setting("", _text, "a split name or slice ('': config.data.eval_split)"),
             # BERT with a classification head: the accuracy of the modal prediction over this many masks
             "masks": Setting(1, lambda v: _nonnegative_int(v) and v > 0, "an integer >= 1"),

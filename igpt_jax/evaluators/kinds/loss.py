@@ -9,13 +9,14 @@ classification head (fine-tuning) adds the head's accuracy and both parts of its
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import objectives, runtime, steps
+from igpt_jax import objectives, palette, runtime, steps
 from igpt_jax.data import pipeline, sources, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
@@ -27,6 +28,28 @@ EVAL_KEY = 0x65_76_61_6C  # folded into the seed's key: no training step's key i
 def split_of(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict) -> str:
     """The split an entry reads: its own, or the run's eval split (config.data.eval_split, 'heldout' resolved)."""
     return entry.split or splits(config)[1]
+
+
+def data_config(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config an entry's data is read under: the run's, with the entry's own data set when it names one."""
+    if not entry.dataset or entry.dataset == config.data.dataset:
+        return config
+    config = config.copy_and_resolve_references()
+    config.data.dataset = entry.dataset
+    return config
+
+
+def palette_problem(where: str, source: Source, clusters) -> str | None:
+    """A line when a data set of tokens carries the palette they index and the run's palette is another: the loss
+    would score the model's colours against other colours."""
+    colours = runtime.tokens_palette(source)
+    if colours is None or clusters is None or palette.fingerprint(colours) == palette.fingerprint(clusters):
+        return None
+    return (
+        f"{where}: its tokens index the {len(colours)} colours of {source.palette_file}, and this run's "
+        f"palette ({len(clusters)} colours) is another, so its loss would compare other colours; evaluate a model "
+        "whose palette is that file (igpt-convert --clusters=...)"
+    )
 
 
 def num_examples(source: Source, split: str, wanted: int) -> int:
@@ -91,27 +114,38 @@ class Evaluator:
 
     def __init__(self, name: str, entry: ml_collections.ConfigDict, rt: runtime.Runtime):
         self.name, self.entry, self.rt = name, entry, rt
-        self.split = split_of(rt.config, entry)
+        self.config = data_config(rt.config, entry)
+        self.split = split_of(self.config, entry)
         self.eval_step = steps.make_eval_step(rt.setup)
         classifies = bool(rt.config.model.num_classes)
         self.predict_step = steps.make_predict_step(rt.setup) if classifies and entry.masks > 1 else None
         self.best = BestParams(rt.directory / f"{name}_best") if entry.keep_best else None
 
+    @functools.cached_property
+    def source(self) -> Source:
+        return self.rt.source if self.config is self.rt.config else sources.get_source(self.config)
+
     def data_problems(self) -> list[str]:
         key = f"config.evals.{self.name}.split" if self.entry.split else "config.data.eval_split"
-        problem = sources.split_problem(self.rt.source, key, self.split)
-        return [problem] if problem else []
+        where = f"config.evals.{self.name}.dataset={self.entry.dataset!r}" if self.entry.dataset else (
+            f"config.data.dataset={self.config.data.dataset!r}"
+        )  # fmt: skip
+        problems = [sources.split_problem(self.source, key, self.split)]
+        if problems[0] is None:
+            problems.append(palette_problem(where, self.source, self.rt.clusters))
+        return [problem for problem in problems if problem]
 
     def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
         rt = self.rt
         result = held_out_loss(
-            rt.config, rt.source, self.split, self.entry.examples, self.eval_step, params, rt.clusters_device,
+            self.config, self.source, self.split, self.entry.examples, self.eval_step, params, rt.clusters_device,
             rt.mesh, stop, predict_step=self.predict_step, masks=self.entry.masks,
         )  # fmt: skip
         if self.best is not None and "accuracy" in result:
             self.best.offer(step, result["accuracy"], params)
         row = {"mode": "eval", "evaluator": self.name, "step": step, **result}
-        return base.Result(row, summary(f"{self.name} step {step}", result, self.split))
+        split = f"{self.entry.dataset} {self.split}" if self.entry.dataset else self.split
+        return base.Result(row, summary(f"{self.name} step {step}", result, split))
 
 
 class BestParams:
