@@ -201,12 +201,24 @@ CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
 )
 
 
+def _finetune_labels(c) -> list[str]:
+    from igpt_jax.data import sources
+
+    if sources.labelled(c.finetune.dataset, c.data.data_dir):
+        return []
+    return [f"--mode=finetune needs labels, and config.finetune.dataset={c.finetune.dataset!r} has none"]
+
+
+# What a mode needs beyond the config's own checks and its evaluators'.
+MODE_CHECKS = {"finetune": (_finetune_labels,)}
+
+
 def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     """Raises ConfigError listing every problem, one per line; returns None for a usable config. The evaluators are
     checked for what `mode` runs of them (evaluators.problems)."""
     problems = [p for fn in CHECKS for p in fn(config)]
-    if not problems:  # the evaluators' needs read the rest of the config
-        problems = evaluators.problems(config, mode)
+    if not problems:  # the evaluators' and the mode's needs read the rest of the config
+        problems = evaluators.problems(config, mode) + [p for fn in MODE_CHECKS.get(mode, ()) for p in fn(config)]
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -200,3 +201,21 @@ def test_a_gs_data_dir_gives_the_same_batches_as_a_local_one(prepared, folder, g
         assert remote.num_examples(split) == local.num_examples(split)
         np.testing.assert_array_equal(remote.get(split, some, None), local.get(split, some, None))
         np.testing.assert_array_equal(remote.labels(split, some), local.labels(split, some))
+
+
+def test_a_folder_prepared_without_labels_is_refused_by_what_needs_labels_before_training(tmp_path):
+    from igpt_jax import config_checks
+
+    (tmp_path / "loose").mkdir()
+    for i in range(8):
+        Image.new("RGB", (12, 10), (30 * i, 0, 0)).save(tmp_path / "loose" / f"{i}.png")
+    argv = [sys.executable, "-m", "igpt_jax.data.prepare", f"--images={tmp_path / 'loose'}", f"--name={NAME}"]
+    result = subprocess.run([*argv, f"--data_dir={tmp_path / 'tfds'}"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "8 images, no labels" in result.stdout + result.stderr, result.stderr[-2000:]
+    config = _own_config(str(tmp_path / "tfds"), finetune__dataset=NAME)
+    config.data.eval_split = "train"  # no held-out split was made
+    config_checks.check(config)  # training needs no labels
+    config.evals.probe.dataset = NAME
+    for mode, says in [("probe", "config.evals.probe (a linear probe) needs labels"), ("finetune", "finetune needs")]:
+        with pytest.raises(config_checks.ConfigError, match=re.escape(says)):
+            config_checks.check(config, mode)
