@@ -41,6 +41,7 @@ def _positive_ints(c) -> list[str]:
         "finetune.eval_every_steps",
         "finetune.checkpoint_every_steps",
         "finetune.masks",
+        "profile.num_steps",
     ]
     out = []
     for key in keys:
@@ -100,6 +101,7 @@ def _nonnegative_int(value) -> bool:
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
     "checkpoint_step": (_nonnegative_int, "an integer >= 0 (0: the newest checkpoint)"),
+    "profile.start_step": (_nonnegative_int, "an integer >= 0 (0: no profile)"),
     "watchdog_seconds": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
     "bert_mask_prob": (lambda v: 0.0 < v < 1.0, "0 < p < 1"),
     "model.norm_eps": (lambda v: v > 0, "> 0"),

@@ -59,6 +59,11 @@ def make_config(
     # it, else compilation_cache/ beside the workdir (for a gs:// workdir, in the bucket: it outlives a preempted
     # TPU VM's disk); a path; '': off.
     c.compilation_cache_dir = "auto"
+    # A jax.profiler trace of steps start_step .. start_step + num_steps - 1 (0: none), in the workdir's
+    # tensorboard/plugins/profile/ (TensorBoard's profile plugin, XProf); train and finetune run steps.
+    c.profile = ml_collections.ConfigDict()
+    c.profile.start_step = 0
+    c.profile.num_steps = 3
     # Weights & Biases (optional, `pip install wandb`): the metrics rows and pictures also go to the workdir's W&B run
     # when a project is named; wandb's own environment (WANDB_MODE=offline, WANDB_DIR, WANDB_API_KEY) applies.
     c.wandb = ml_collections.ConfigDict()

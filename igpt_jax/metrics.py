@@ -75,6 +75,7 @@ def peak_flops_per_device() -> tuple[float, str]:
 
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_FOLDER = "tensorboard"  # event files, and profiles under plugins/profile (igpt_jax/profiling.py)
 SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
 
@@ -97,7 +98,7 @@ class MetricsWriter:
         if self.enabled:
             workdir = storage.path(workdir)
             self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
-            self._tb = tensorboard.EventWriter(workdir / "tensorboard", resumed_step=resumed_step)
+            self._tb = tensorboard.EventWriter(workdir / TENSORBOARD_FOLDER, resumed_step=resumed_step)
             self._wandb = wandb_run.open_run(config, workdir)
 
     def write(self, record: Mapping) -> None:

@@ -31,6 +31,7 @@ ACCEPTED_CHANGES = (
     "keep_checkpoints",
     "watchdog_seconds",
     "compilation_cache_dir",
+    "profile",
     "wandb",
     "microbatches",
     "restore",

@@ -27,6 +27,7 @@ from igpt_jax import (
     interrupts,
     metrics,
     model,
+    profiling,
     run_lock,
     runtime,
     sharding,
@@ -157,6 +158,7 @@ def loop(rt: runtime.Runtime) -> dict:
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
     )
     kernel = attention.resolve(config.model.attention, mesh.devices.flat[0].platform, sharding.sequence_shards(mesh))
+    profiler = profiling.StepProfiler(config, directory / metrics.TENSORBOARD_FOLDER)
 
     # --- loop
     stop_request = interrupts.StopRequest()
@@ -185,8 +187,11 @@ def loop(rt: runtime.Runtime) -> dict:
             wait_start = time.perf_counter()
             batch = prefetch.get(step)
             data_wait += time.perf_counter() - wait_start
-            state, step_metrics = train_step(state, batch, clusters_device)  # under the runtime's mesh
+            profiler.before(step + 1)
+            with profiler.annotation(step + 1):
+                state, step_metrics = train_step(state, batch, clusters_device)  # under the runtime's mesh
             step += 1
+            profiler.after(step, state)
             watchdog.kick(f"step {step}")
             ckpt.check_saves()  # a background save that failed stops the run now, not one interval later
             if rt.lock.lost:
@@ -241,6 +246,7 @@ def loop(rt: runtime.Runtime) -> dict:
         raise
     finally:
         prefetch.close()
+        profiler.close()  # a run that ended inside the profiled steps keeps the trace of those it ran
         writer.close()
         if close_checkpoints:
             _close_quietly(ckpt)

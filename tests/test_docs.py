@@ -52,6 +52,7 @@ RUN_BY: dict[str, str] = {
     "igpt_jax.convert --from=openai": "test_convert.py::test_openais_weights_walk_through",
     "--workdir=workdir/openai_s": "test_convert.py::test_openais_published_loss_walk_through",
     "igpt_jax.data.prepare --images=my_photos": "test_docs.py::test_your_own_images_walk_through",
+    "--config.profile.start_step=2": "test_docs.py::test_the_readmes_profile_of_the_default_model",
     "--workdir=workdir/my_photos": "test_docs.py::test_your_own_images_walk_through",
     "--config=configs/igpt_s.py --workdir=workdir/igpt_s": "test_convert.py::test_openais_weights_walk_through",
     "--src=imagegpt-small": "test_convert.py::test_a_hugging_face_folder_imports_as_the_docs_say",
@@ -335,6 +336,22 @@ def test_your_own_images_walk_through(tmp_path):
     grid = Image.open(workdir / "samples" / "step_00000002_completions.png")
     cell = (grid.size[0] - 2) // 4  # given | 2 completions | the file itself
     assert grid.size == (4 * cell + 2, 2 * cell + 2), grid.size  # the two JPEGs of cat/, one row each
+
+
+@pytest.mark.slow  # about a minute: 4 steps of the default model (784 tokens, width 128) and its held-out loss
+def test_the_readmes_profile_of_the_default_model(tmp_path):
+    """The README's command as written (the test data folder added): steps 2 to 4 traced, each marked, in the file
+    the README names, read back by JAX's reader of XProf's files."""
+    import jax
+
+    here = checkout_like(tmp_path / "checkout")
+    _ok(run_doc(command("--config.profile.start_step=2"), here, f"--config.data.data_dir={TFDS_TEST_DIR}"))
+    (trace,) = (here / "workdir" / "profiled" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb")
+    data = jax.profiler.ProfileData.from_file(str(trace))
+    marked = {
+        dict(e.stats)["step_num"] for p in data.planes for line in p.lines for e in line.events if e.name == "train"
+    }
+    assert marked == {2, 3, 4}
 
 
 def _normalized(name: str) -> str:
