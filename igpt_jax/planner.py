@@ -52,7 +52,9 @@ def _target_config(
             node = node[part]
         node[leaf] = value
     mesh = sharding.make_mesh(c, devices, granules=num_slices)
-    c.model.attention = attention.resolve(c.model.attention, devices[0].platform, sharding.sequence_shards(mesh))
+    c.model.attention = attention.resolve(
+        c.model.attention, devices[0].platform, sharding.sequence_shards(mesh), model.tokens_per_image(c), c.model.dtype
+    )
     return c
 
 

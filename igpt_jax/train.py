@@ -157,7 +157,10 @@ def loop(rt: runtime.Runtime) -> dict:
     log.info(
         "MFU: 6N + 6LSd FLOPs/token (causal-halved attention), peak = %.3g FLOP/s per device (%s)", peak, peak_source
     )
-    kernel = attention.resolve(config.model.attention, mesh.devices.flat[0].platform, sharding.sequence_shards(mesh))
+    platform, sequence = mesh.devices.flat[0].platform, sharding.sequence_shards(mesh)
+    kernel = attention.resolve(
+        config.model.attention, platform, sequence, model.tokens_per_image(config), config.model.dtype
+    )
     profiler = profiling.StepProfiler(config, directory / metrics.TENSORBOARD_FOLDER)
 
     # --- loop

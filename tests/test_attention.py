@@ -4,7 +4,9 @@ tile), alone and sharded over the 8 fake devices; blockwise skips masked blocks 
 
 from __future__ import annotations
 
+import functools
 import logging
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -125,14 +127,43 @@ def test_blockwise_keeps_no_probabilities_for_the_backward_pass():
 
 
 def test_auto_picks_by_the_platform_of_the_mesh():
-    assert attention.resolve("auto", "cpu") == "blockwise"
-    assert attention.resolve("auto", "tpu") == "splash"
-    assert attention.resolve("auto", "gpu") == "cudnn"
+    assert attention.resolve("auto", "cpu", length=1024) == "blockwise"
+    assert attention.resolve("auto", "tpu", length=1024) == "splash"
+    assert attention.resolve("auto", "rocm", length=1024) == "xla"  # a platform the table does not list
     _, mesh = _mesh(fsdp=8)
     with jax.set_mesh(mesh):
         assert attention.resolve("auto") == "blockwise"  # this host's fake devices are CPUs
     with pytest.raises(ValueError, match="allowed"):
         attention.resolve("flash")
+
+
+def test_auto_reads_the_crossover_of_its_table_on_both_sides():
+    """The GPU row as measured (blockwise up to 1,024 tokens, cuDNN beyond, xla for float32), and a table changed to
+    another crossover moves the choice with it: at trace time too, by the traced inputs' length and dtype."""
+    gpu = functools.partial(attention.resolve, "auto", "gpu", 1)
+    assert (gpu(1024, jnp.bfloat16), gpu(1025, jnp.bfloat16), gpu(2304, jnp.float16)) == ("blockwise", "cudnn", "cudnn")
+    assert gpu(4096, jnp.float32) == "xla"
+    ran = []
+    spies = {name: _spy(ran, name) for name in ("xla", "blockwise")}
+    rule = attention.AutoRule(((16, "xla"), (None, "blockwise")), "xla", "a test's")
+    with (
+        mock.patch.dict(attention.AUTO, {"cpu": rule}),
+        mock.patch.dict(attention.IMPLEMENTATIONS, spies),
+        jax.set_mesh(_mesh(fsdp=8)[1]),
+    ):
+        for length in (16, 17):
+            q = jnp.zeros((1, length, 2, 8), jnp.bfloat16)
+            jax.jit(functools.partial(attention.get("auto"), causal=True)).lower(q, q, q)
+        jax.jit(functools.partial(attention.get("auto"), causal=True)).lower(*[q.astype(jnp.float32)] * 3)
+    assert ran == ["xla", "blockwise", "xla"]
+
+
+def _spy(ran: list[str], name: str):
+    def run(q, k, v, *, causal):
+        ran.append(name)
+        return q
+
+    return run
 
 
 def test_cudnn_says_what_it_cannot_take_and_falls_back(caplog):

@@ -12,18 +12,20 @@ logits by 1/sqrt(head_dim) as OpenAI does, with the softmax in fp32:
 - `ring` (ring.py): context parallelism over the mesh's `sequence` axis: keys and values passed around the ring,
   zigzag chunks for causal balance, a custom VJP. `auto` takes it whenever the mesh splits the sequence.
 
-`auto` picks, at trace time, `ring` when the mesh has a `sequence` axis of more than one device, else the first of
-_AUTO_PREFERENCE for the platform of the mesh's devices (not the host's:
-a CPU compiling for a TPU topology gets splash). A kernel that cannot take a call (dtype, head size, length,
-platform) runs its fallback and logs why once. Decoding (sampling) uses `cached_attention`, which reads a key/value
-cache and needs none of this.
+`auto` picks, at trace time, `ring` when the mesh has a `sequence` axis of more than one device, else the kernel that
+AUTO, a table of measurements, gives for the platform of the mesh's devices (not the host's: a CPU compiling for a TPU
+topology gets the TPU's), the sequence length and the dtype. A kernel that cannot take a call (dtype, head size,
+length, platform) runs its fallback and logs why once. Decoding (sampling) uses `cached_attention`, which reads a
+key/value cache and needs none of this.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from igpt_jax import sharding
 from igpt_jax.attention.blockwise import blockwise_attention
@@ -33,7 +35,17 @@ from igpt_jax.attention.ring import ring_attention
 from igpt_jax.attention.splash import splash_attention
 from igpt_jax.attention.xla import cached_attention, xla_attention
 
-__all__ = ["IMPLEMENTATIONS", "allowed_names", "cached_attention", "get", "resolve", "running", "xla_attention"]
+__all__ = [
+    "AUTO",
+    "IMPLEMENTATIONS",
+    "AutoRule",
+    "allowed_names",
+    "cached_attention",
+    "get",
+    "resolve",
+    "running",
+    "xla_attention",
+]
 
 AttentionFn = Callable[..., jax.Array]
 
@@ -45,13 +57,37 @@ IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "ring": ring_attention,
 }
 
-# What `auto` means on each platform, best first; the first registered name wins. Measured on CPU: blockwise trains
-# 1.3-1.5x faster than xla (benchmarks/train_speed.py). GPU: cuDNN's flash kernel where it applies (it falls back to
-# xla for fp32). TPU: splash, MaxText's default there.
-_AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
-    "cpu": ("blockwise", "xla"),
-    "gpu": ("cudnn", "xla"),
-    "tpu": ("splash", "xla"),
+
+@dataclasses.dataclass(frozen=True)
+class AutoRule:
+    """What `auto` runs on one platform, and what that rests on. `by_length`: (longest sequence, kernel) rows in
+    increasing order, the last row's length None (any longer), for bfloat16/float16 inputs; `float32`: the kernel for
+    float32 inputs. benchmarks/accelerator.py measures the rows (its `auto_rows`) on the device at hand."""
+
+    by_length: tuple[tuple[int | None, str], ...]
+    float32: str
+    basis: str
+
+    def kernel(self, length: int, dtype) -> str:
+        if jnp.dtype(dtype) == jnp.float32:
+            return self.float32
+        return next(name for longest, name in self.by_length if longest is None or length <= longest)
+
+
+AUTO: dict[str, AutoRule] = {
+    "cpu": AutoRule(
+        ((None, "blockwise"),),
+        "blockwise",
+        "benchmarks/train_speed.py on 2 CPU cores: blockwise trains 1.3-1.5x faster than xla at 1,024 tokens",
+    ),
+    "gpu": AutoRule(
+        ((1024, "blockwise"), (None, "cudnn")),
+        "xla",  # cuDNN's flash kernel takes no float32; an fp32 run on an H200 ran xla
+        "one H200 run, bf16, causal, forward + backward: blockwise 3.17 ms against cuDNN's 7.06 at 1,024 tokens, cuDNN "
+        "6.51 against 7.24 at 2,304; lengths between them not measured yet (benchmarks/accelerator.py measures 256 to "
+        "4,096)",
+    ),
+    "tpu": AutoRule(((None, "splash"),), "splash", "MaxText's default on TPU; not measured here"),
 }
 
 
@@ -59,23 +95,26 @@ def allowed_names() -> list[str]:
     return ["auto", *IMPLEMENTATIONS]
 
 
-def resolve(name: str, platform: str | None = None, sequence: int | None = None) -> str:
+def resolve(
+    name: str, platform: str | None = None, sequence: int | None = None, length: int = 0, dtype="bfloat16"
+) -> str:
     """The implementation's name: `name` itself, or for `auto` `ring` when the mesh splits the sequence over
-    `sequence` > 1 devices, else the best registered for `platform`. Both default to the current mesh's (the platform
-    then to JAX's backend); the compile-only planner passes its target's."""
+    `sequence` > 1 devices, else AUTO's kernel for `platform`, a sequence of `length` tokens and `dtype` (xla on a
+    platform AUTO does not list). Both default to the current mesh's (the platform then to JAX's backend); the
+    compile-only planner passes its target's."""
     sequence = sharding.sequence_shards() if sequence is None else sequence
     if name == "auto" and sequence > 1:
         return "ring"  # any other kernel would see the whole sequence: XLA gathers it onto every device
     if name == "auto":
-        platform = platform or sharding.mesh_platform()
-        name = next((c for c in _AUTO_PREFERENCE.get(platform, ()) if c in IMPLEMENTATIONS), "xla")
+        rule = AUTO.get(platform or sharding.mesh_platform())
+        name = "xla" if rule is None else rule.kernel(length, dtype)
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"config.model.attention={name!r} is unknown; allowed: {allowed_names()}")
     return name
 
 
 def _auto(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
-    return IMPLEMENTATIONS[resolve("auto")](q, k, v, causal=causal)
+    return IMPLEMENTATIONS[resolve("auto", length=q.shape[1], dtype=q.dtype)](q, k, v, causal=causal)
 
 
 def get(name: str) -> AttentionFn:
