@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import hardware, storage, tensorboard, wandb_run
+from igpt_jax import hardware, storage, wandb_run
 from igpt_jax.model import tokens_per_image
 
 
@@ -98,6 +98,8 @@ class MetricsWriter:
         if self.enabled:
             workdir = storage.path(workdir)
             self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
+            from igpt_jax import tensorboard  # tensorboardX, imported by runs that write events only
+
             self._tb = tensorboard.EventWriter(workdir / TENSORBOARD_FOLDER, resumed_step=resumed_step)
             self._wandb = wandb_run.open_run(config, workdir)
 

@@ -47,6 +47,7 @@ RUN_BY: dict[str, str] = {
     'pip install -e ".[mutation]"': "test_docs.py::test_the_install_commands_resolve_their_extras",
     "--mode=compile": "test_docs.py::test_every_igpt_command_parses_and_its_config_passes_the_checks",
     "benchmarks/train_speed.py": "test_docs.py::test_the_speed_benchmark_commands_print_their_json",
+    "benchmarks/accelerator.py": "test_docs.py::test_the_accelerator_benchmark_runs_quick_without_tensorflow",
     "tools/mutation_score.py igpt_jax/": "test_docs.py::test_the_mutation_commands_measure_a_module",
     "tools/mutation_score.py --all": "test_docs.py::test_every_command_in_the_docs_is_run_by_a_test",
     "igpt_jax.convert --from=openai": "test_convert.py::test_openais_weights_walk_through",
@@ -394,6 +395,32 @@ def test_the_speed_benchmark_commands_print_their_json(tmp_path):
         result = json.loads(out.read_text())
         assert result["model"]["side"] == 8 and result["rounds"] == 1, result
         assert min(result["tokens_per_sec_median"].values()) > 0 and result["ratio_ours_over_hugging_face"] > 0
+
+
+@pytest.mark.slow  # about a minute: two small models' steps per kernel, attention at two lengths, sampling both ways
+def test_the_accelerator_benchmark_runs_quick_without_tensorflow(tmp_path):
+    """docs/speed.md's command with --quick, where TensorFlow, TFDS and tensorboardX cannot be imported (as on a GPU
+    host's own image): every field is there, for every kernel this CPU offers."""
+    here = checkout_like(tmp_path / "checkout")
+    blocked = tmp_path / "blocked"
+    for name in ("tensorflow", "tensorflow_datasets", "tensorboardX"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this host')\n")
+    env = activated_env(PYTHONPATH=str(blocked))
+    out = tmp_path / "accelerator.json"
+    _ok(run_doc(command("benchmarks/accelerator.py"), here, "--quick", "--out", str(out), env=env))
+    result = json.loads(out.read_text())
+    assert result["quick"] and result["device"]["platform"] == "cpu" and result["kernels"] == ["xla", "blockwise"]
+    assert [(r["model"].split()[0], r["kernel"]) for r in result["train"]] == [
+        (model, kernel) for model in ("igpt_s", "igpt_m") for kernel in ("xla", "blockwise")
+    ]
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 and r["first_step_seconds"] > 0 for r in result["train"])
+    attention = result["attention"]
+    assert all(isinstance(ms, float) for times in attention["ms"].values() for ms in times.values()), attention
+    assert attention["auto_rows"][-1][0] is None and {k for _, k in attention["auto_rows"]} <= {"xla", "blockwise"}
+    sampling = result["sampling"]
+    assert min(sampling["images_per_sec"].values()) > 0 and sampling["ratio_ours_over_hugging_face"] > 0
+    assert (here / "accelerator.md").read_text().startswith("cpu x 1 (cpu)")
 
 
 @pytest.mark.slow  # about a minute: mutmut's clean run of the guarding tests, then two mutants
