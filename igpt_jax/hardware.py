@@ -30,15 +30,16 @@ class Chip:
     # libtpu's chip_config_name: v4 must be asked for "megacore" (one JAX device per chip, as v4 pods run), else it
     # describes one device per TensorCore, which mesh building refuses; v5p is megacore by default.
     chip_config: str = "default"
+    max_chips: int = 0  # the largest slice (TPUs), 0 for GPUs
 
 
 CHIPS: dict[str, Chip] = {
     chip.name: chip
     for chip in (
-        Chip("v4", ("TPU v4",), 32 * GIB, 275e12, 1228 * GB, cores_per_chip=2, topology_dims=3, chip_config="megacore"),
-        Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, 819 * GB),
-        Chip("v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, 2765 * GB, cores_per_chip=2, topology_dims=3),
-        Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, 1640 * GB),
+        Chip("v4", ("TPU v4",), 32 * GIB, 275e12, 1228 * GB, 2, 3, "megacore", max_chips=4096),
+        Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GIB, 197e12, 819 * GB, max_chips=256),
+        Chip("v5p", ("TPU v5p", "TPU v5"), 95 * GIB, 459e12, 2765 * GB, 2, 3, max_chips=8960),
+        Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GIB, 918e12, 1640 * GB, max_chips=256),
         Chip("a100", ("NVIDIA A100",), 80 * GB, 312e12, 2039 * GB),
         Chip("h100", ("NVIDIA H100",), 80 * GB, 989e12, 3350 * GB),
         Chip("h200", ("NVIDIA H200",), 141 * GB, 989e12, 4800 * GB),
@@ -73,14 +74,35 @@ def topology_shape(name: str) -> tuple[Chip, tuple[int, ...]]:
     cores = int(match.group(3))
     if cores % chip.cores_per_chip:
         raise TopologyError(f"{name}: {chip.name} slices count {chip.cores_per_chip} cores a chip")
-    return chip, _slice_shape(cores // chip.cores_per_chip, chip.topology_dims)
+    chips = cores // chip.cores_per_chip
+    if not 1 <= chips <= chip.max_chips:
+        raise TopologyError(f"{name}: {chips} chips; a {chip.name} slice holds 1 to {chip.max_chips}")
+    return chip, _slice_shape(chips, chip.topology_dims, name)
 
 
-def _slice_shape(chips: int, dims: int) -> tuple[int, ...]:
-    """The usual slice shape for a chip count: powers of two, as even as they go, the last dimension largest
-    (4 chips: 2x2x1, 64: 4x4x4, 128: 4x4x8; 8 on a 2-D chip: 2x4, 16: 4x4)."""
-    if chips < 1 or chips & (chips - 1):
-        raise TopologyError(f"{chips} chips: slices have a power-of-two number of chips")
+def _slice_shape(chips: int, dims: int, name: str) -> tuple[int, ...]:
+    """The usual slice shape for a chip count. Powers of two as even as they go, the last dimension largest (4 chips:
+    2x2x1, 64: 4x4x4, 128: 4x4x8; 8 on a 2-D chip: 2x4, 16: 4x4). The 3-D tori (v4, v5p) also come in any multiple
+    of 64 chips, every side a multiple of 4 (192 chips, v5p-384: 4x4x12; 384: 4x8x12)."""
+    if chips & (chips - 1) == 0:
+        return _power_of_two_shape(chips, dims)
+    if dims == 3 and chips % 64 == 0:
+        return tuple(4 * side for side in _even_factors(chips // 64))
+    cubes = "a power of two or, on 3-D tori, a multiple of 64"
+    raise TopologyError(f"{name}: {chips} chips is not a slice; slices hold {cubes} chips")
+
+
+def _even_factors(n: int) -> tuple[int, int, int]:
+    """a <= b <= c with a * b * c = n, as even as they go (3: 1x1x3, 6: 1x2x3, 12: 2x2x3)."""
+    best = (1, 1, n)
+    for a in range(1, round(n ** (1 / 3)) + 2):
+        for b in range(a, math.isqrt(n // a) + 1):
+            if n % (a * b) == 0 and (c := n // (a * b)) >= b and c - a < best[2] - best[0]:
+                best = (a, b, c)
+    return best
+
+
+def _power_of_two_shape(chips: int, dims: int) -> tuple[int, ...]:
     shape = [1] * dims
     while math.prod(shape) < chips:
         smallest = [i for i, s in enumerate(shape) if s == min(shape)]

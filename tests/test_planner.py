@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 
 import jax
@@ -30,6 +31,13 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         ("v4-8", "v4", (2, 2, 1)),
         ("v5e-16", "v5e", (4, 4)),
         ("v6e:2x4", "v6e", (2, 4)),
+        # slice sizes that are not powers of two: the 3-D tori in multiples of 64 chips, sides multiples of 4
+        ("v5p-384", "v5p", (4, 4, 12)),
+        ("v4-384", "v4", (4, 4, 12)),
+        ("v5p-768", "v5p", (4, 8, 12)),
+        ("v5p-17920", "v5p", (16, 20, 28)),  # a whole v5p pod, 8,960 chips
+        ("v5e-256", "v5e", (16, 16)),
+        ("v6e-256", "v6e", (16, 16)),
     ],
 )
 def test_topology_names(name, chip, shape):
@@ -37,7 +45,7 @@ def test_topology_names(name, chip, shape):
     assert (found.name, slice_shape) == (chip, shape)
 
 
-@pytest.mark.parametrize("name", ["v4-32", "v5p-32", "v5e-16", "v6e:2x4"])
+@pytest.mark.parametrize("name", ["v4-32", "v5p-32", "v5e-16", "v6e:2x4", "v5p-384"])
 def test_topology_devices_are_one_per_chip(name):
     """One abstract device per chip, whatever the chip's cores (a v4 slice described per core cannot be meshed)."""
     chip, shape = hardware.topology_shape(name)
@@ -47,9 +55,23 @@ def test_topology_devices_are_one_per_chip(name):
     assert all(hardware.chip_of(d.device_kind) is chip for d in devices)
 
 
-@pytest.mark.parametrize("name", ["v5p", "v7x-8", "v5e:2x2x2", "v5p-6", "tpu-128"])
-def test_bad_topology_names_say_what_is_allowed(name):
-    with pytest.raises(hardware.TopologyError, match="expected CHIP:SHAPE|dimensions|power-of-two|cores a chip"):
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("v5p", "expected CHIP:SHAPE"),
+        ("v7x-8", "expected CHIP:SHAPE"),
+        ("tpu-128", "expected CHIP:SHAPE"),
+        ("v5e:2x2x2", "a v5e slice has 2 dimensions"),
+        ("v5p-3", "v5p slices count 2 cores a chip"),
+        ("v5p-6", "3 chips is not a slice; slices hold a power of two or, on 3-D tori, a multiple of 64 chips"),
+        ("v4-200", "100 chips is not a slice"),
+        ("v5e-12", "12 chips is not a slice"),  # 2-D slices are powers of two only
+        ("v5e-512", "512 chips; a v5e slice holds 1 to 256"),
+        ("v5p-0", "0 chips; a v5p slice holds 1 to 8960"),
+    ],
+)
+def test_bad_topology_names_say_what_is_wrong(name, says):
+    with pytest.raises(hardware.TopologyError, match=re.escape(says)):
         hardware.topology_shape(name)
 
 
