@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import palette, resume, storage
+from igpt_jax import errors, palette, resume, storage
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ _TRANSIENT_WORDS = re.compile(
 _CORRUPT_TYPES = (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError, EOFError)
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(errors.RunFailedError, RuntimeError):
     """A checkpoint could not be written. The run must stop: training on would only lose more work."""
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(errors.RunFailedError, RuntimeError):
     """A checkpoint could not be read for a reason other than its own files being broken."""
 
 

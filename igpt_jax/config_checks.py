@@ -12,14 +12,17 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, evaluators, model, objectives, optim, resume
+from igpt_jax import attention, errors, evaluators, model, objectives, optim, resume
 from igpt_jax.attention import ring
 from igpt_jax.data import preprocess
 from igpt_jax.sharding import MESH_AXES
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work. The message names every offending key."""
+class ConfigError(errors.UsageError, ValueError):
+    """A config value that cannot work. The message names every offending key, one a line."""
+
+    def line(self) -> str:
+        return "bad config: " + super().line()
 
 
 def _positive_ints(c) -> list[str]:

@@ -23,6 +23,8 @@ import time
 import jax
 import numpy as np
 
+from igpt_jax import errors
+
 log = logging.getLogger(__name__)
 
 # Environment variables by which JAX's cluster detection recognises a multi-process launch.
@@ -102,7 +104,7 @@ class Watchdog:
         self._stop.set()
 
 
-class ProgramMismatchError(RuntimeError):
+class ProgramMismatchError(errors.UsageError, RuntimeError):
     """Processes lowered different programs: they would hang in their first collective."""
 
 

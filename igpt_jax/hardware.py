@@ -15,6 +15,8 @@ import math
 import os
 import re
 
+from igpt_jax import errors
+
 GB, GIB = 1e9, float(1 << 30)
 
 
@@ -53,7 +55,7 @@ def chip_of(device_kind: str) -> Chip | None:
     return max(matches, key=lambda m: len(m[0]))[1] if matches else None
 
 
-class TopologyError(ValueError):
+class TopologyError(errors.UsageError, ValueError):
     """A topology name the planner cannot read; the message says what is allowed."""
 
 

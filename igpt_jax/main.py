@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt_jax import config_checks, configs
+from igpt_jax import config_checks, configs, errors
 
 
 class Mode(NamedTuple):
@@ -44,55 +44,12 @@ MODE_ENVIRONMENT: dict[str, dict[str, str]] = {
 }
 
 
-def known_errors() -> dict[type[BaseException], int]:
-    """The errors a run can meet that are the topology's, the data's, the launch's or the workdir's, not bugs:
-    reported as one line with an exit status (2: change something and rerun; 1: the run failed)."""
-    from igpt_jax import (
-        checkpoint,
-        distributed,
-        hardware,
-        planner,
-        resume,
-        run_lock,
-        runtime,
-        sharding,
-        storage,
-        workdir,
-    )
-    from igpt_jax.data import preprocess, sources
-    from igpt_jax.probe import linear
-
-    usage = (
-        sharding.MeshError,
-        FileNotFoundError,
-        preprocess.DecodeError,
-        sources.NeedsTensorFlowError,
-        distributed.ProgramMismatchError,
-        resume.CheckpointMismatchError,
-        run_lock.WorkdirLockedError,
-        runtime.PaletteMismatchError,
-        runtime.NoCheckpointError,
-        hardware.TopologyError,
-        workdir.DamagedFileError,
-        linear.TooFewLabelsError,
-    )
-    failures = (
-        checkpoint.CheckpointSaveError,
-        checkpoint.CheckpointReadError,
-        FloatingPointError,
-        storage.UnreachableError,
-    )
-    verdicts = {planner.DoesNotFit: 3}  # --mode=compile: the step does not fit the topology
-    return {error: 2 for error in usage} | {error: 1 for error in failures} | verdicts
-
-
 def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
     """Runs a mode; every known way for it to stop becomes one line and an exit status."""
     module_name, _, function = MODES[mode].target.partition(":")
     mode_fn = getattr(importlib.import_module(module_name), function)
     from igpt_jax import interrupts, storage
 
-    known = known_errors()
     try:
         with interrupts.outside_the_work(f"--mode={mode}"):
             storage.check_reachable(workdir)
@@ -101,10 +58,8 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
         _exit(str(e), e.code)
     except KeyboardInterrupt:
         _exit(f"interrupted: stopped without saving; {_newest_checkpoint(workdir)}", 130)
-    except config_checks.ConfigError as e:  # found once the checkpoint's recipe is known (a BERT one to sample)
-        _exit("bad config: " + str(e).replace("\n", "; "), 2)
-    except tuple(known) as e:
-        _exit(str(e), next(code for error, code in known.items() if isinstance(e, error)))
+    except (errors.IgptError, *errors.BUILTIN) as e:  # a config error too, once the checkpoint's recipe is known
+        _exit(errors.line(e), errors.exit_code(e))
     except OSError as e:  # a full disk or a read-only folder outside the checkpoints
         where = e.filename or "a file (the workdir, config.data.data_dir or the temp folder)"
         _exit(f"cannot read or write {where}: {e.strerror or e}", 1)
@@ -304,7 +259,7 @@ def main(argv: list[str]) -> None:
     try:
         config_checks.check(config, mode)
     except config_checks.ConfigError as e:
-        _fail("bad config: " + str(e).replace("\n", "; "))
+        _fail(e.line())
     for name, value in MODE_ENVIRONMENT.get(mode, {}).items():
         os.environ.setdefault(name, value)
     from igpt_jax import distributed  # JAX loads here, after every check that needs no backend

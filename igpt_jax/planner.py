@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import attention, hardware, metrics, model, sharding, steps, storage
+from igpt_jax import attention, errors, hardware, metrics, model, sharding, steps, storage
 from igpt_jax.data import pipeline, sources
 
 COMPILE_JSON = "compile.json"
@@ -35,8 +35,10 @@ RECOMPUTE = {"full": 4 / 3}
 GIB = 1 << 30
 
 
-class DoesNotFit(Exception):  # noqa: N818 - a verdict, reported with exit status 3
+class DoesNotFit(errors.IgptError):  # noqa: N818 - a verdict, not a failure
     """The step needs more memory per device than the chip has; the message is the verdict with the numbers."""
+
+    exit_code = 3
 
 
 def _target_config(

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from igpt_jax import errors
+
 # Keys a relaunch may change (a dotted prefix covers the keys under it). Everything else stops the run.
 ACCEPTED_CHANGES = (
     "total_steps",
@@ -55,7 +57,7 @@ ACCEPTED_CHANGES = (
 RESTORE_MODES = ("all", "params")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UsageError, ValueError):
     """The newest checkpoint belongs to another recipe than the config resuming it. Nothing was moved."""
 
 

@@ -23,14 +23,14 @@ import jax
 import numpy as np
 from etils import epath
 
-from igpt_jax import storage
+from igpt_jax import errors, storage
 
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "lock.json"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UsageError, RuntimeError):
     """Another run holds the workdir."""
 
 

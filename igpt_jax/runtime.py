@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpt_jax import checkpoint, palette, resume, run_lock, sharding, steps, storage
+from igpt_jax import checkpoint, errors, palette, resume, run_lock, sharding, steps, storage
 from igpt_jax.data import get_source, order, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.workdir import DamagedFileError
@@ -37,11 +37,11 @@ PALETTE_FILE = "palette.npy"
 PALETTE_SAMPLE_IMAGES = 2048
 
 
-class NoCheckpointError(ValueError):
+class NoCheckpointError(errors.UsageError, ValueError):
     """A mode that needs a trained model found no checkpoint in the workdir."""
 
 
-class PaletteMismatchError(ValueError):
+class PaletteMismatchError(errors.UsageError, ValueError):
     """The palette the run's tokens were made with differs from the one config.data.palette names."""
 
 

@@ -17,6 +17,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
+from igpt_jax import errors
+
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
 log = logging.getLogger(__name__)
@@ -129,7 +131,7 @@ MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 SEQUENCE_AXIS = "sequence"
 
 
-class MeshError(ValueError):
+class MeshError(errors.UsageError, ValueError):
     """The mesh in the config does not fit the devices, or the batch does not fit the mesh."""
 
 

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from igpt_jax import errors
+
 Path = epath.Path
 
 # The OS's words for a storage failure, as they appear inside other libraries' errors (TensorFlow, tensorstore).
@@ -115,7 +117,7 @@ _NO_CREDENTIALS = re.compile(r"\b401\b|[Cc]redentials|Unauthori[sz]ed|[Aa]nonymo
 _FORBIDDEN = re.compile(r"\b403\b|Forbidden|does not have storage\.")
 
 
-class UnreachableError(OSError):
+class UnreachableError(errors.RunFailedError, OSError):
     """A gs:// location that cannot be used: the service cannot be reached, the credentials are missing or refused,
     or the bucket does not exist. Raised before anything is written."""
 

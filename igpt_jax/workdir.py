@@ -14,13 +14,13 @@ import jax
 import ml_collections
 from etils import epath
 
-from igpt_jax import resume, storage
+from igpt_jax import errors, resume, storage
 
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY = "config_history"
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(errors.UsageError, ValueError):
     """A workdir file the run reads holds bytes it cannot have written (bit rot, a bad copy, a partial write of other
     data). The run stops naming it and the way on; nothing is moved."""
 

@@ -72,17 +72,13 @@ def run(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from igpt_jax import config_checks
-    from igpt_jax import main as cli
-    from igpt_jax.convert import ConversionError
+    from igpt_jax import errors
 
-    known = cli.known_errors() | {ConversionError: 2, config_checks.ConfigError: 2}
     try:
         line = run(args)
-    except tuple(known) as e:
-        message = str(e).replace("\n", "; ")
-        print(f"igpt: {message}", file=sys.stderr, flush=True)
-        os._exit(next(code for error, code in known.items() if isinstance(e, error)))
+    except (errors.IgptError, *errors.BUILTIN) as e:
+        print(f"igpt: {errors.line(e)}", file=sys.stderr, flush=True)
+        os._exit(errors.exit_code(e))
     print(line, flush=True)
 
 

@@ -9,11 +9,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from igpt_jax import errors, palette
 from igpt_jax import model as model_lib
-from igpt_jax import palette
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UsageError, ValueError):
     """The weights cannot be represented exactly by this model; the message names the tensor and why."""
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from igpt_jax import storage
+from igpt_jax import errors, storage
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ HELDOUT_SEED = 0
 MARKERS = ("features.json", "dataset_info.json")
 
 
-class PrepareError(ValueError):
+class PrepareError(errors.UsageError, ValueError):
     """A bad flag, folder or file: one line naming it, exit 2."""
 
 
@@ -230,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         p = plan(args.images, args.labels, args.heldout_fraction)
         skipped = prepare(p, args.name, args.data_dir, args.strict)
-    except PrepareError as e:
-        print(f"prepare: {e}", file=sys.stderr)
-        return 2
+    except errors.IgptError as e:  # PrepareError, and the storage layer's
+        print(f"prepare: {e.line()}", file=sys.stderr)
+        return e.exit_code
     for file, why in skipped.files:
         print(f"prepare: skipped {args.images}/{file} ({why})", file=sys.stderr)
     kept = {split: len(files) - sum(f in files for f, _ in skipped.files) for split, files in p.splits.items()}

@@ -19,11 +19,13 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from igpt_jax import errors
+
 TRAIN_SHORT_SIDE = (256, 384)
 CROP = 224
 
 
-class DecodeError(ValueError):
+class DecodeError(errors.UsageError, ValueError):
     """An image that cannot be decoded; the message names the example."""
 
 

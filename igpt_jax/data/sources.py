@@ -21,7 +21,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
-from igpt_jax import storage
+from igpt_jax import errors, storage
 from igpt_jax.data import openai_arrays, preprocess
 from igpt_jax.model import tokens_per_image
 
@@ -86,7 +86,7 @@ def _debian_fashion_mnist(manual_dir: str, url_infos: dict) -> None:
     debian_fashion_mnist.ensure_manual_files(manual_dir, url_infos)
 
 
-class NeedsTensorFlowError(RuntimeError):
+class NeedsTensorFlowError(errors.UsageError, RuntimeError):
     """A TFDS data set that is not prepared yet, where TensorFlow is not installed: TFDS's preparation reads and
     writes through TensorFlow (reading a prepared ArrayRecord data set does not)."""
 

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from igpt_jax import errors
 from igpt_jax.evaluators import base
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -135,7 +136,7 @@ def choose_l2(fit_x, fit_y, heldout_x, heldout_y, num_classes: int, *, l2_grid, 
     return scores, [l2_grid[k] for k in np.argmax(scores, axis=0)]
 
 
-class TooFewLabelsError(ValueError):
+class TooFewLabelsError(errors.UsageError, ValueError):
     """The probe's train images hold fewer of a class than a low-data probe draws: a setting to change."""
 
 
