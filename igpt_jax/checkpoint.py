@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import errors, palette, resume, storage
+from igpt_jax import errors, layout, palette, resume, storage
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def _agree(ok: bool, corrupt: bool) -> tuple[bool, bool]:
 
 class Checkpointer:
     def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict):
-        self.directory = workdir / "checkpoints"
-        self.quarantine = workdir / "unreadable_checkpoints"
+        self.directory = workdir / layout.CHECKPOINTS
+        self.quarantine = workdir / layout.UNREADABLE_CHECKPOINTS
         self.config = config
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=config.checkpoint_every_steps,

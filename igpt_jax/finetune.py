@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, evaluators, metrics, runtime, steps, storage, train
+from igpt_jax import checkpoint, evaluators, layout, metrics, runtime, steps, storage, train
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
 from igpt_jax.evaluators import runner
@@ -35,7 +35,6 @@ from igpt_jax.evaluators.kinds import loss
 
 log = logging.getLogger(__name__)
 
-FINETUNE_DIR = "finetune"
 FINETUNE_JSON = "finetune.json"
 
 
@@ -115,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices: list[jax.De
         labelled.data.dataset = pretrained.finetune.dataset
         ft_config = run_config(pretrained, get_source(labelled).num_classes())
         start = functools.partial(start_from_pretrained, pretrained_ckpt, pretrained)
-        with runtime.for_training(ft_config, directory / FINETUNE_DIR, devices, start=start) as rt:
+        with runtime.for_training(ft_config, directory / layout.FINETUNE, devices, start=start) as rt:
             runner.check_data(rt, [], {"config.finetune.test_split": pretrained.finetune.test_split})
             train.loop(rt)
             test = test_once(rt, pretrained.finetune)
@@ -165,7 +164,7 @@ def _result(test: dict, parent: epath.Path, config: ml_collections.ConfigDict) -
     }
     if config.finetune.masks > 1:
         result["masks"] = config.finetune.masks
-    probe_json = parent / "probe.json"
+    probe_json = parent / layout.record("probe")  # the default probe's
     if probe_json.exists():
         probe = json.loads(probe_json.read_text())
         if probe.get("dataset") == config.data.dataset:

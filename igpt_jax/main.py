@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt_jax import config_checks, configs, errors
+from igpt_jax import config_checks, configs, errors, layout
 
 
 class Mode(NamedTuple):
@@ -69,7 +69,7 @@ def _newest_checkpoint(workdir: str) -> str:
     """What a stop without saving left: the newest checkpoint, or that there is none yet."""
     from igpt_jax import storage
 
-    folder = storage.path(workdir) / "checkpoints"
+    folder = storage.path(workdir) / layout.CHECKPOINTS
     saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
     if not saved:
         return "no checkpoint had been written yet: a relaunch starts from step 0"
@@ -286,7 +286,7 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
 
     if setting == "auto":
         setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.fspath(
-            storage.path(workdir).parent / "compilation_cache"
+            storage.path(workdir).parent / layout.COMPILATION_CACHE
         )
     jax.config.update("jax_compilation_cache_dir", setting or None)  # None: off, even where the environment set one
     return setting or None

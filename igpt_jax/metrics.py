@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import hardware, storage, wandb_run
+from igpt_jax import hardware, layout, storage, wandb_run
 from igpt_jax.model import tokens_per_image
 
 
@@ -74,11 +74,6 @@ def peak_flops_per_device() -> tuple[float, str]:
     return float("nan"), f"unknown peak for {device.device_kind}"
 
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_FOLDER = "tensorboard"  # event files, and profiles under plugins/profile (igpt_jax/profiling.py)
-SUPERSEDED_FILE = "metrics.superseded.jsonl"
-
-
 class MetricsWriter:
     """One JSON object per record into workdir/metrics.jsonl, and scalars to TensorBoard (process 0 only).
 
@@ -97,10 +92,10 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         if self.enabled:
             workdir = storage.path(workdir)
-            self._jsonl = storage.AppendOnlyFile(workdir / METRICS_FILE)
+            self._jsonl = storage.AppendOnlyFile(workdir / layout.METRICS)
             from igpt_jax import tensorboard  # tensorboardX, imported by runs that write events only
 
-            self._tb = tensorboard.EventWriter(workdir / TENSORBOARD_FOLDER, resumed_step=resumed_step)
+            self._tb = tensorboard.EventWriter(workdir / layout.TENSORBOARD, resumed_step=resumed_step)
             self._wandb = wandb_run.open_run(config, workdir)
 
     def write(self, record: Mapping) -> None:
@@ -152,7 +147,7 @@ def append_row(workdir: str | os.PathLike, record: Mapping, config: ml_collectio
 
 def read_rows(workdir: str | os.PathLike) -> list[dict]:
     """The rows of workdir/metrics.jsonl that parse (none if it does not exist)."""
-    location = storage.path(workdir) / METRICS_FILE
+    location = storage.path(workdir) / layout.METRICS
     if not location.exists():
         return []
     rows = []
@@ -173,7 +168,7 @@ def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple
     rest. Returns (rows after the step, broken lines); (0, 0) leaves both files untouched.
     """
     workdir = storage.path(workdir)
-    location = workdir / METRICS_FILE
+    location = workdir / layout.METRICS
     if not location.exists():
         return 0, 0
     kept, superseded, broken = [], [], []
@@ -188,7 +183,7 @@ def set_aside_superseded(workdir: str | os.PathLike, resumed_step: int) -> tuple
             continue
         (superseded if step > resumed_step else kept).append(line)
     if superseded or broken:
-        aside = workdir / SUPERSEDED_FILE
+        aside = workdir / layout.METRICS_SUPERSEDED
         previous = aside.read_bytes() if aside.exists() else b""
         storage.write_bytes(aside, previous + "".join(f"{line}\n" for line in superseded + broken).encode())
         storage.write_text(location, "".join(f"{line}\n" for line in kept))

@@ -17,20 +17,18 @@ import tempfile
 import jax
 import ml_collections
 
-from igpt_jax import storage
+from igpt_jax import layout, storage
 
 log = logging.getLogger(__name__)
-
-PROFILE_FOLDER = "plugins/profile"  # under the TensorBoard folder: where tensorboard-plugin-profile reads traces
 
 
 class StepProfiler:
     """Starts the trace before step `start_step` runs and stops it once step `start_step + num_steps - 1` is done."""
 
-    def __init__(self, config: ml_collections.ConfigDict, tensorboard_dir: storage.Path):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: storage.Path):
         self.first = config.profile.start_step
         self.last = self.first + config.profile.num_steps - 1
-        self.destination = tensorboard_dir / PROFILE_FOLDER
+        self.destination = workdir / layout.PROFILES
         self._local: str | None = None
 
     @property
@@ -69,7 +67,7 @@ class StepProfiler:
 
 def _copy_tree(local: str, destination: storage.Path) -> list[storage.Path]:
     """Every file under `local`'s plugins/profile/ to the same relative path under `destination`."""
-    source = os.path.join(local, PROFILE_FOLDER)
+    source = os.path.join(local, "plugins", "profile")  # where jax.profiler writes under the folder it is given
     written = []
     for folder, _, files in os.walk(source):
         for name in files:

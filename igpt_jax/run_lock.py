@@ -23,11 +23,9 @@ import jax
 import numpy as np
 from etils import epath
 
-from igpt_jax import errors, storage
+from igpt_jax import errors, layout, storage
 
 log = logging.getLogger(__name__)
-
-LOCK_FILE = "lock.json"
 
 
 class WorkdirLockedError(errors.UsageError, RuntimeError):
@@ -64,7 +62,7 @@ def _alive(pid: int, start: str | None) -> bool:
 
 class RunLock:
     def __init__(self, workdir: epath.Path, *, stale_seconds: float = 300.0, heartbeat_seconds: float = 30.0):
-        self.path = workdir / LOCK_FILE
+        self.path = workdir / layout.LOCK
         self.stale_seconds = stale_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.lost = False

@@ -26,14 +26,13 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpt_jax import checkpoint, errors, palette, resume, run_lock, sharding, steps, storage
+from igpt_jax import checkpoint, errors, layout, palette, resume, run_lock, sharding, steps, storage
 from igpt_jax.data import get_source, order, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.workdir import DamagedFileError
 
 log = logging.getLogger(__name__)
 
-PALETTE_FILE = "palette.npy"
 PALETTE_SAMPLE_IMAGES = 2048
 
 
@@ -140,7 +139,7 @@ def for_checkpoint(
 ) -> Iterator[Runtime]:
     """A trained model's parameters, under its checkpoint's own recipe; raises NoCheckpointError without one."""
     directory = storage.path(workdir)
-    if not (directory / "checkpoints").exists():
+    if not (directory / layout.CHECKPOINTS).exists():
         raise _no_checkpoint(directory)  # before the lock: a mistyped workdir is not created
     lock = run_lock.acquire_everywhere(directory)
     try:
@@ -170,7 +169,7 @@ def checkpoint_recipe(
 ) -> tuple[ml_collections.ConfigDict, checkpoint.Checkpointer]:
     """`config` under the recipe of the workdir's newest checkpoint (or config.checkpoint_step's), and a Checkpointer
     that reads it. Raises NoCheckpointError without one."""
-    if not (directory / "checkpoints").exists():
+    if not (directory / layout.CHECKPOINTS).exists():
         raise _no_checkpoint(directory)
     ckpt = checkpoint.Checkpointer(directory, config)
     step = config.checkpoint_step or ckpt.latest_step()
@@ -179,7 +178,7 @@ def checkpoint_recipe(
     if step not in ckpt.manager.all_steps():  # only a chosen step can be absent
         ckpt.close()
         raise NoCheckpointError(
-            f"config.checkpoint_step={step}: {directory / 'checkpoints'} holds no step {step}; it holds "
+            f"config.checkpoint_step={step}: {directory / layout.CHECKPOINTS} holds no step {step}; it holds "
             f"{sorted(ckpt.manager.all_steps())} (0 or left out: the newest)"
         )
     saved = ckpt.saved_config(step)
@@ -219,7 +218,7 @@ def load_or_fit_palette(
     written when missing (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops
     (PaletteMismatchError, naming both) when the colours differ from the restored checkpoint's `fingerprint` or from
     config.data.palette, and when a checkpoint exists but no palette does."""
-    path = directory / PALETTE_FILE
+    path = directory / layout.PALETTE
     missing = (
         f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
         f"{(fingerprint or '')[:16]}...: put the run's palette.npy back, or name a copy of it with "

@@ -25,6 +25,7 @@ from igpt_jax import (
     checkpoint,
     distributed,
     interrupts,
+    layout,
     metrics,
     model,
     profiling,
@@ -146,7 +147,7 @@ def loop(rt: runtime.Runtime) -> dict:
                 superseded,
                 first_step,
                 broken,
-                metrics.SUPERSEDED_FILE,
+                layout.METRICS_SUPERSEDED,
             )
     writer = metrics.MetricsWriter(directory, resumed_step=first_step, config=config)
     writer.text(first_step, "config", f"```json\n{workdir.config_text(config)}```")  # TensorBoard's Text tab
@@ -161,7 +162,7 @@ def loop(rt: runtime.Runtime) -> dict:
     kernel = attention.resolve(
         config.model.attention, platform, sequence, model.tokens_per_image(config), config.model.dtype
     )
-    profiler = profiling.StepProfiler(config, directory / metrics.TENSORBOARD_FOLDER)
+    profiler = profiling.StepProfiler(config, directory)
 
     # --- loop
     stop_request = interrupts.StopRequest()

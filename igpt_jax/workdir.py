@@ -14,33 +14,12 @@ import jax
 import ml_collections
 from etils import epath
 
-from igpt_jax import errors, resume, storage
-
-CONFIG_FILE = "config.json"
-CONFIG_HISTORY = "config_history"
+from igpt_jax import errors, layout, resume, storage
 
 
 class DamagedFileError(errors.UsageError, ValueError):
     """A workdir file the run reads holds bytes it cannot have written (bit rot, a bad copy, a partial write of other
     data). The run stops naming it and the way on; nothing is moved."""
-
-
-# The stems of the workdir's own files and folders (config.json, checkpoints/, lock.json, ...). An evaluator's files
-# are named after it (<name>/, <name>.json, <name>.png), so no evaluator may take one of these names.
-RESERVED_NAMES = frozenset(
-    {
-        "checkpoints",
-        "unreadable_checkpoints",
-        "config",
-        CONFIG_HISTORY,
-        "metrics",
-        "palette",
-        "lock",
-        "tensorboard",
-        "finetune",
-        "compile",
-    }
-)
 
 
 def config_text(config: ml_collections.ConfigDict) -> str:
@@ -53,14 +32,14 @@ def write_config(workdir: epath.Path, config: ml_collections.ConfigDict, step: i
     if jax.process_index() != 0:
         return
     text = config_text(config)
-    current = workdir / CONFIG_FILE
+    current = workdir / layout.CONFIG
     if current.exists():
         previous = current.read_bytes()
         if previous == text.encode():
             return
         _check_json(current, previous)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        storage.write_bytes(workdir / CONFIG_HISTORY / f"{stamp}-step{step}.json", previous)
+        storage.write_bytes(workdir / layout.CONFIG_HISTORY / f"{stamp}-step{step}.json", previous)
     storage.write_text(current, text)
 
 
@@ -79,5 +58,5 @@ def _check_json(path: epath.Path, data: bytes) -> None:
 
 def summary(workdir: epath.Path) -> str:
     """'igpt: workdir W: checkpoints/, metrics.jsonl, ...' listing what the workdir holds now."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if p.name != "lock.json")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in workdir.iterdir() if p.name != layout.LOCK)
     return f"igpt: workdir {workdir}: {', '.join(names)}"

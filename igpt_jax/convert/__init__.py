@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from igpt_jax.convert import huggingface as hf
 from igpt_jax.convert.common import ConversionError
 from igpt_jax.convert.huggingface import (
     clusters_from_huggingface,
@@ -57,14 +58,12 @@ def to_huggingface(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> st
             f"{workdir} holds a {config.objective!r} model: Hugging Face's ImageGPT is left-to-right only"
         )
     out = storage.path(out_dir)
-    taken = [name for name in ("config.json", "model.safetensors", "preprocessor_config.json") if (out / name).exists()]
+    taken = [name for name in (hf.CONFIG_FILE, hf.WEIGHTS_FILE, hf.PREPROCESSOR_FILE) if (out / name).exists()]
     if taken:
         raise ConversionError(f"{out} already holds {', '.join(taken)}: nothing was written; export to a new --out")
     out.mkdir(parents=True, exist_ok=True)
     tensors = to_huggingface_tensors(params, config)
-    storage.write_bytes(out / "model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"}))
-    storage.write_text(out / "config.json", json.dumps(huggingface_config(config), indent=2) + "\n")
-    storage.write_text(
-        out / "preprocessor_config.json", json.dumps(preprocessor_config(config, clusters), indent=2) + "\n"
-    )
+    storage.write_bytes(out / hf.WEIGHTS_FILE, safetensors_bytes(tensors, metadata={"format": "pt"}))
+    storage.write_text(out / hf.CONFIG_FILE, json.dumps(huggingface_config(config), indent=2) + "\n")
+    storage.write_text(out / hf.PREPROCESSOR_FILE, json.dumps(preprocessor_config(config, clusters), indent=2) + "\n")
     return str(out)

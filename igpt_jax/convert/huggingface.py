@@ -19,6 +19,11 @@ from igpt_jax import defaults
 from igpt_jax import model as model_lib
 from igpt_jax.convert.common import ConversionError, build, read_json
 
+# A save_pretrained folder's files: the model's config, its weights, and the image processor's (with the clusters).
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
 _BIASES = ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")
 
 
@@ -51,7 +56,7 @@ def read_huggingface_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a save_pretrained folder as fp32 numpy: safetensors (read without torch) or .bin (torch)."""
     path = Path(path)
     for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
+        (f"{WEIGHTS_FILE}.index.json", WEIGHTS_FILE),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
     ):
         if (path / index_name).exists():
@@ -154,12 +159,9 @@ def params_from_huggingface(w: dict[str, np.ndarray], config: ml_collections.Con
 
 def from_huggingface(path: str | os.PathLike) -> tuple[model_lib.IGPT, ml_collections.ConfigDict]:
     """(model, config) from a Hugging Face ImageGPT save_pretrained folder; nothing is downloaded."""
-    hf = read_json(Path(path) / "config.json")
+    hf = read_json(Path(path) / CONFIG_FILE)
     config = config_from_huggingface(hf)
     return build(config, params_from_huggingface(read_huggingface_weights(path), config)), config
-
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def clusters_from_huggingface(path: str | os.PathLike) -> np.ndarray | None:

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from igpt_jax import defaults, runtime, steps, storage
+from igpt_jax import defaults, layout, runtime, steps, storage
 from igpt_jax import model as model_lib
 from igpt_jax import workdir as workdir_lib
 from igpt_jax.convert.common import ConversionError
@@ -30,12 +30,12 @@ def write(
     """Writes `model` as checkpoint 0 of a new workdir `directory` with its recipe and palette; returns the path of
     the checkpoint. Refuses a workdir that holds checkpoints, and image data sets without a palette."""
     path = storage.path(directory)
-    if (path / "checkpoints").exists() and any((path / "checkpoints").iterdir()):
+    if (path / layout.CHECKPOINTS).exists() and any((path / layout.CHECKPOINTS).iterdir()):
         raise ConversionError(
             f"{path} already holds checkpoints: nothing was written. Convert into a new --workdir (a run's "
             "checkpoints are never mixed with imported weights)."
         )
-    if clusters is None and not (path / runtime.PALETTE_FILE).exists():
+    if clusters is None and not (path / layout.PALETTE).exists():
         raise ConversionError(
             "no palette: pass the colour clusters the model was trained with (--clusters=kmeans_centers.npy, or a "
             "Hugging Face folder whose preprocessor_config.json has them)"
@@ -52,7 +52,7 @@ def write(
         workdir_lib.write_config(path, config, 0)
         rt.checkpointer.save(0, rt.state, rt.clusters)
         rt.checkpointer.close()
-    return str(path / "checkpoints" / "0")
+    return str(path / layout.CHECKPOINTS / "0")
 
 
 def read(directory: str, devices: list[jax.Device] | None = None) -> tuple[dict, ml_collections.ConfigDict, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from igpt_jax import objectives, workdir
+from igpt_jax import layout, objectives
 from igpt_jax.data import sources
 
 
@@ -257,10 +257,10 @@ def problems(config: ml_collections.ConfigDict, mode: str = "train") -> list[str
     out = []
     for name, e in config.evals.items():
         where = f"config.evals.{name}"
-        if not NAME.fullmatch(name) or name in workdir.RESERVED_NAMES:
+        if not NAME.fullmatch(name) or name in layout.RESERVED_NAMES:
             out.append(
                 f"{where}: an evaluator's name must be lower case letters, digits and _ (its files are named after "
-                f"it), and none of the workdir's own names {sorted(workdir.RESERVED_NAMES)}"
+                f"it), and none of the workdir's own names {sorted(layout.RESERVED_NAMES)}"
             )
         if not isinstance(e, ml_collections.ConfigDict) or e.get("kind") not in KINDS:
             kind = e.get("kind") if isinstance(e, ml_collections.ConfigDict) else None

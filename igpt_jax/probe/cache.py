@@ -26,9 +26,8 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import storage
+from igpt_jax import layout, storage
 
-ROOT = "probe_features"
 SPEC = "spec.json"
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "uint8": np.uint8}
 
@@ -40,7 +39,7 @@ def folder(workdir: epath.Path, evaluator: str, model: str, spec: dict) -> epath
     """Where the features `spec` describes live: the split's name made safe for a path, and the spec's digest."""
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     split = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec["split"]).strip("_")
-    return workdir / ROOT / evaluator / model / f"{split}-{digest}"
+    return workdir / layout.PROBE_FEATURES / evaluator / model / f"{split}-{digest}"
 
 
 class Cache:
