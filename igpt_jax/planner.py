@@ -236,9 +236,6 @@ def table(report: dict) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
-_PARTS = ("argument", "output", "temp", "alias")
-
-
 def _fits(report: dict) -> str:
     return "fits" if report["fits"] else "DOES NOT FIT"
 

@@ -19,7 +19,7 @@ def note(kernel: str, reason: str, instead: str) -> None:
 
 
 def running(kernel: str) -> str:
-    """What the progress line calls the attention: `kernel`, or e.g. "xla (in place of cudnn)" once it fell back.
-    An fp32 run on an H200 said "attention cudnn" while every step ran xla."""
+    """What the progress line calls the attention: `kernel`, or e.g. "xla (in place of cudnn)" once it fell back,
+    so the line never names a kernel that did not run."""
     instead = SUBSTITUTED.get(kernel)
     return kernel if instead is None else f"{instead} (in place of {kernel})"

@@ -28,16 +28,6 @@ from igpt_jax.convert.common import ConversionError, build, load_clusters
 
 _SKIPPED = re.compile(r"(^|/)(Adam(_\d+)?|adam_[mv]|global_step|beta[12]_power)$")
 _LAYER = re.compile(r"^model/h(\d+)/(.+)$")
-LAYER_VARIABLES = (
-    "ln_1/g",
-    "ln_2/g",
-    "attn/q_proj",
-    "attn/k_proj",
-    "attn/v_proj",
-    "attn/c_proj",
-    "mlp/c_fc/w",
-    "mlp/c_proj/w",
-)
 
 
 def read_checkpoint(prefix: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -29,9 +29,3 @@ def global_indices(seed: int, step: int, batch_size: int, num_examples: int, *, 
 def _permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """Epoch `epoch`'s order (cached: every step of an epoch reads the same one; ImageNet's is 10 MB)."""
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
-
-
-def process_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """The contiguous part of the global batch that this process loads (rows it owns under the batch sharding)."""
-    per = len(indices) // process_count
-    return indices[process_index * per : (process_index + 1) * per]
