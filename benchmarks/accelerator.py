@@ -77,7 +77,6 @@ QUICK = {
     "sampling": Shape("igpt_s (quick: 2 x 64, 8x8)", 2, 64, 2, 8, 4),
 }
 VOCAB = 512
-SEQUENCE_KERNELS = ("ring",)  # need a mesh that splits the sequence: not a one-host comparison
 
 
 def kernels(platform_name: str) -> list[str]:
@@ -86,7 +85,8 @@ def kernels(platform_name: str) -> list[str]:
     rule = attention.AUTO.get(platform_name)
     named = ({name for _, name in rule.by_length} | {rule.float32}) if rule else set()
     wanted = {"xla", "blockwise"} | named
-    return [k for k in attention.IMPLEMENTATIONS if k in wanted and k not in SEQUENCE_KERNELS]
+    # kernels that split the sequence need a mesh that does: not a one-device comparison
+    return [k for k, kernel in attention.KERNELS.items() if k in wanted and not kernel.splits_sequence]
 
 
 def _config(shape: Shape, kernel: str, dtype: str, devices: int):
@@ -136,7 +136,7 @@ def train_case(shape: Shape, kernel: str, n_steps: int, peak: float) -> dict:
 
 def attention_ms(kernel: str, length: int, tokens: int, repeats: int, mesh) -> float | str:
     """Milliseconds of one jitted causal forward + backward, or why the kernel could not run."""
-    fn = attention.IMPLEMENTATIONS[kernel]
+    fn = attention.KERNELS[kernel].fn
     batch = max(1, tokens // length)
     key = jax.random.key(length)
     q, k, v = (jax.random.normal(jax.random.fold_in(key, i), (batch, length, 8, 64), jnp.bfloat16) for i in range(3))

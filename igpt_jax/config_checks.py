@@ -13,7 +13,6 @@ from collections.abc import Callable
 import ml_collections
 
 from igpt_jax import attention, errors, evaluators, model, objectives, optim, resume
-from igpt_jax.attention import ring
 from igpt_jax.data import preprocess
 from igpt_jax.sharding import MESH_AXES
 
@@ -179,12 +178,15 @@ def _mesh(c) -> list[str]:
 
 
 def _sequence_split(c) -> list[str]:
-    """Ring attention cuts each image's tokens into 2 x sequence zigzag chunks: they must come out whole."""
+    """A kernel that splits the sequence over the mesh (ring attention, and `auto` where the mesh splits it) must be
+    able to cut each image's tokens that way (ring: 2 x sequence zigzag chunks that come out whole)."""
     sizes = [int(dict(c.mesh[part]).get("sequence", 1)) for part in ("ici", "dcn")]
-    if -1 in sizes or c.model.attention not in ("auto", "ring"):
+    name = attention.sequence_kernel() if c.model.attention == "auto" else c.model.attention
+    kernel = attention.KERNELS.get(name)
+    if -1 in sizes or kernel is None or not kernel.splits_sequence:
         return []
     shards = math.prod(sizes)
-    reason = ring.split_refusal(model.tokens_per_image(c), shards)
+    reason = kernel.split_refusal(model.tokens_per_image(c), shards)
     return [] if reason is None else [f"config.mesh ici.sequence x dcn.sequence = {shards}: {reason}"]
 
 

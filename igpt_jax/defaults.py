@@ -93,7 +93,7 @@ def make_config(
     c.model.param_dtype = "float32"
     c.model.remat = "none"  # see igpt_jax.model.REMAT_POLICIES
     c.model.scan_layers = True
-    c.model.attention = "auto"  # see igpt_jax.attention.IMPLEMENTATIONS
+    c.model.attention = "auto"  # see igpt_jax.attention.KERNELS
     # Classes of a linear head on the mean-pooled ln_f output (zero-initialised); 0: none. --mode=finetune sets it.
     c.model.num_classes = 0
 

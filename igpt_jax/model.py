@@ -30,6 +30,7 @@ import ml_collections
 from flax import nnx
 
 from igpt_jax import attention as attention_lib
+from igpt_jax import objectives
 from igpt_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -201,11 +202,11 @@ def _stacked_blocks(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs) -> Block:
 
 
 class IGPT(nnx.Module):
-    """The whole model. `objective` ('ar' or 'bert') fixes how inputs are formed and whether attention is causal."""
+    """The whole model. `objective` (objectives.OBJECTIVES) fixes, by its `left_to_right` trait, how inputs are
+    formed and whether attention is causal."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, objective: str = "ar", rngs: nnx.Rngs):
-        if objective not in ("ar", "bert"):
-            raise ValueError(f"objective={objective!r} is unknown; allowed: ['ar', 'bert']")
+        self.left_to_right = objectives.get(objective).left_to_right
         d, v = cfg.embed_dim, cfg.vocab_size
         pd = DTYPES[cfg.param_dtype]
         normal = nnx.initializers.normal
@@ -233,7 +234,7 @@ class IGPT(nnx.Module):
         if n > self.wpe.shape[0]:
             raise ValueError(f"{n} tokens do not fit the {self.wpe.shape[0]}-row position table")
         wte = self.wte[...]
-        if self.objective == "ar":
+        if self.left_to_right:
             x = jnp.take(wte, tokens[:, :-1], axis=0)
             sos = jnp.broadcast_to(self.sos[...], (tokens.shape[0], 1, x.shape[-1]))
             x = jnp.concatenate([sos.astype(x.dtype), x], axis=1)
@@ -246,7 +247,7 @@ class IGPT(nnx.Module):
 
     def run_blocks(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """All blocks over the residual stream; returns it and each layer's mean-pooled norm(h) as [L, B, d] fp32."""
-        causal = self.objective == "ar"
+        causal = self.left_to_right
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(h, layer_params):
@@ -267,7 +268,7 @@ class IGPT(nnx.Module):
     def normed_tokens(self, tokens: jax.Array, layer: int, *, mask: jax.Array | None = None) -> jax.Array:
         """n^layer at every position, fp32 [B, N, d] (the attentive probe's input): block `layer`'s ln_1 output, or
         ln_f's for layer = num_layers. Only the blocks before it run."""
-        causal = self.objective == "ar"
+        causal = self.left_to_right
         h = self.embed(tokens, mask)
         graphdef, stacked = nnx.split(self.blocks)
 
@@ -286,8 +287,8 @@ class IGPT(nnx.Module):
 
         `mask` (bool [B, N], BERT only) marks the positions whose input embedding is zeroed.
         """
-        if mask is not None and self.objective != "bert":
-            raise ValueError("a mask is only meaningful for the 'bert' objective")
+        if mask is not None and self.left_to_right:
+            raise ValueError(f"a mask is only meaningful for a bidirectional objective, not {self.objective!r}")
         h, pooled = self.run_blocks(self.embed(tokens, mask))
         n = self.ln_f(h).astype(jnp.float32)  # logits and the head in fp32 (the head is small: vocab 512)
         logits = jnp.einsum("bsd,dv->bsv", n, self.head[...].astype(jnp.float32))
@@ -329,8 +330,8 @@ class IGPT(nnx.Module):
         where the input is the SOS vector) and the cache of the positions before it; `block` (static) is the cache
         block that holds position `index`, `layers` the model's `layers()` (taken here when not given). Returns the
         extended cache. The same arithmetic as `__call__`: its logits at position `index` are these."""
-        if self.objective != "ar":
-            raise ValueError("decode_step needs the 'ar' objective: a BERT model does not predict left to right")
+        if not self.left_to_right:
+            raise ValueError(f"decode_step needs a left-to-right objective; {self.objective!r} is not one")
         x = jnp.take(self.wte[...], previous, axis=0)
         x = jnp.where(index == 0, self.sos[...].astype(x.dtype), x)
         position = jax.lax.dynamic_index_in_dim(self.wpe[...], index, keepdims=False)

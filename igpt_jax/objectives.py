@@ -15,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from igpt_jax.model import IGPT
+if TYPE_CHECKING:
+    from igpt_jax.model import IGPT
 
 Metrics = dict[str, jax.Array]
 Noise = dict[str, jax.Array]
@@ -33,7 +35,10 @@ class Objective:
     # (logits [B, N, V], tokens [B, N], noise) -> per-example metrics; the model's inputs come from `noise` (BERT's
     # mask), so one forward pass serves the loss and whatever else reads the same pass (a classification head).
     per_example: Callable[[jax.Array, jax.Array, Noise], Metrics]
-    samples: bool  # draws images token by token (left to right); a bidirectional model cannot
+    # Predicts each token from the ones before it: causal attention, inputs shifted in behind the SOS vector, and
+    # images that can be drawn token by token (sampled, exported as Hugging Face's ImageGPT). Otherwise
+    # bidirectional: every position attends to every other, and the noise's mask zeroes the masked inputs.
+    left_to_right: bool
 
 
 def _no_noise(key: jax.Array, shape: tuple[int, ...], config) -> Noise:
@@ -61,8 +66,8 @@ def _masked_tokens(logits: jax.Array, tokens: jax.Array, noise: Noise) -> Metric
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "ar": Objective(_no_noise, _next_token, samples=True),
-    "bert": Objective(_bert_mask, _masked_tokens, samples=False),
+    "ar": Objective(_no_noise, _next_token, left_to_right=True),
+    "bert": Objective(_bert_mask, _masked_tokens, left_to_right=False),
 }
 
 

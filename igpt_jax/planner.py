@@ -119,7 +119,9 @@ def per_device_cost(config: ml_collections.ConfigDict, devices: list, num_slices
     return tuple(micro * (a + (layers - 1) * (b - a)) for a, b in zip(c1, c2, strict=True))
 
 
-OPAQUE_ATTENTION = ("splash", "cudnn")  # custom calls: no FLOPs in XLA's cost analysis
+def xla_counts_attention(target: ml_collections.ConfigDict) -> bool:
+    """Whether XLA's cost analysis sees the attention FLOPs of a target config (its kernel resolved)."""
+    return attention.KERNELS[target.model.attention].costed_by_xla
 
 
 def plan(config: ml_collections.ConfigDict) -> dict:
@@ -150,7 +152,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
     # A Pallas or cuDNN attention kernel is a custom call whose FLOPs XLA's cost analysis does not see: compare XLA's
     # count with the analytic FLOPs outside attention then.
     counted = analytic
-    if target.model.attention in OPAQUE_ATTENTION:
+    if not xla_counts_attention(target):
         counted -= metrics.attention_flops_per_token(config) * tokens
     peak, bandwidth = chip.peak_flops / per_chip, chip.hbm_bandwidth / per_chip
     # XLA counts less than the step runs for some shardings (iGPT-L, one layer, full remat: 1.30x the analytic FLOPs
@@ -166,7 +168,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
         "xla_bytes_accessed_per_device": bytes_accessed,
         "analytic_flops_per_step": analytic,
         "xla_over_analytic_flops": flops * len(devices) / counted,
-        "xla_counts_attention": target.model.attention not in OPAQUE_ATTENTION,
+        "xla_counts_attention": xla_counts_attention(target),
         "roofline": {
             "step_seconds": step_seconds,
             "bound": "compute" if compute_flops / peak >= bytes_accessed / bandwidth else "memory",

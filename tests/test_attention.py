@@ -49,7 +49,7 @@ def test_blockwise_equals_xla(length, causal):
 
 @pytest.mark.parametrize(("length", "causal"), [(256, True), (256, False), (200, True)])  # 200: padded to 256
 def test_splash_equals_xla_in_the_pallas_interpreter(length, causal):
-    _check_equal(attention.IMPLEMENTATIONS["splash"], length, causal, batch=1, head_dim=32)
+    _check_equal(attention.KERNELS["splash"].fn, length, causal, batch=1, head_dim=32)
 
 
 def test_block_sizes_divide_igpt_lengths():
@@ -71,7 +71,7 @@ def test_sharded_over_images_and_heads_equals_unsharded_xla(name):
     """fsdp=4 over the images, tensor=2 over the heads: splash runs per shard inside shard_map."""
     config, mesh = _mesh(fsdp=4, tensor=2)
     q, k, v, weights = _qkv(256, batch=4, heads=2, head_dim=32)
-    fn = attention.IMPLEMENTATIONS[name]
+    fn = attention.KERNELS[name].fn
     spec = sharding.logical_to_spec(("act_batch", "act_len", "heads", None), config.logical_axis_rules, mesh.axis_names)
     placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v)]
 
@@ -144,11 +144,11 @@ def test_auto_reads_the_crossover_of_its_table_on_both_sides():
     assert (gpu(1024, jnp.bfloat16), gpu(1025, jnp.bfloat16), gpu(2304, jnp.float16)) == ("blockwise", "cudnn", "cudnn")
     assert gpu(4096, jnp.float32) == "xla"
     ran = []
-    spies = {name: _spy(ran, name) for name in ("xla", "blockwise")}
+    spies = {name: attention.Kernel(_spy(ran, name), costed_by_xla=True) for name in ("xla", "blockwise")}
     rule = attention.AutoRule(((16, "xla"), (None, "blockwise")), "xla", "a test's")
     with (
         mock.patch.dict(attention.AUTO, {"cpu": rule}),
-        mock.patch.dict(attention.IMPLEMENTATIONS, spies),
+        mock.patch.dict(attention.KERNELS, spies),
         jax.set_mesh(_mesh(fsdp=8)[1]),
     ):
         for length in (16, 17):
@@ -156,6 +156,37 @@ def test_auto_reads_the_crossover_of_its_table_on_both_sides():
             jax.jit(functools.partial(attention.get("auto"), causal=True)).lower(q, q, q)
         jax.jit(functools.partial(attention.get("auto"), causal=True)).lower(*[q.astype(jnp.float32)] * 3)
     assert ran == ["xla", "blockwise", "xla"]
+
+
+def test_a_kernel_is_its_registry_entry_and_is_treated_by_its_traits():
+    """A kernel added to attention.KERNELS alone, declared opaque to XLA's cost analysis and splitting the sequence
+    (refusing image lengths that are not a multiple of 3 chunks a shard): the config checks accept its name and apply
+    its refusal, `auto` takes it where the mesh splits the sequence, and the planner does not expect XLA to count its
+    FLOPs."""
+    from igpt_jax import config_checks, planner
+
+    def thirds(tokens: int, shards: int) -> str | None:
+        return None if tokens % (3 * shards) == 0 else f"{tokens} tokens do not cut into {3 * shards} chunks"
+
+    fake = attention.Kernel(attention.xla_attention, costed_by_xla=False, split_refusal=thirds)
+    config = tiny_config()  # 4x4 images: 16 tokens
+    config.mesh.ici.update({"data": 1, "fsdp": 4, "sequence": 2, "tensor": 1})
+    config.model.attention = "fake"
+    with pytest.raises(config_checks.ConfigError, match="fake") as unknown:
+        config_checks.check(config)
+    assert "is unknown" in str(unknown.value)
+    with mock.patch.object(attention, "KERNELS", {"fake": fake, **attention.KERNELS}):
+        with pytest.raises(config_checks.ConfigError, match="16 tokens do not cut into 6 chunks"):
+            config_checks.check(config)
+        config.model.attention = "auto"  # auto takes the first kernel that splits the sequence: the fake one
+        assert attention.resolve("auto", "tpu", sequence=2) == "fake"
+        with pytest.raises(config_checks.ConfigError, match="16 tokens do not cut into 6 chunks"):
+            config_checks.check(config)
+        config.model.attention = "fake"
+        assert not planner.xla_counts_attention(config)
+    config.model.attention = "ring"  # ring cuts 16 tokens into 4 chunks of 4: accepted
+    config_checks.check(config)
+    assert planner.xla_counts_attention(config)
 
 
 def _spy(ran: list[str], name: str):
@@ -173,7 +204,7 @@ def test_cudnn_says_what_it_cannot_take_and_falls_back(caplog):
     assert "head_dim" in cudnn.refusal(jnp.zeros((1, 8, 2, 12), jnp.bfloat16), "gpu")
     assert "GPU" in cudnn.refusal(bf16, "cpu")
     with caplog.at_level(logging.WARNING, logger="igpt_jax.attention"):
-        _check_equal(attention.IMPLEMENTATIONS["cudnn"], 64, True)  # on this CPU: xla, and the log says so
+        _check_equal(attention.KERNELS["cudnn"].fn, 64, True)  # on this CPU: xla, and the log says so
     assert any("'cudnn' cannot run here" in r.message and "'xla'" in r.message for r in caplog.records)
     assert attention.running("cudnn") == "xla (in place of cudnn)"  # the progress line names what ran
     assert attention.running("blockwise") == "blockwise"

@@ -124,7 +124,7 @@ def test_mask_is_refused_for_ar():
     config = tiny_config()
     model = model_lib.build(config)
     tokens = _tokens(config)
-    with pytest.raises(ValueError, match="only meaningful for the 'bert' objective"):
+    with pytest.raises(ValueError, match="only meaningful for a bidirectional objective, not 'ar'"):
         model(tokens, mask=jnp.zeros(tokens.shape, bool))
 
 

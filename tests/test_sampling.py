@@ -294,7 +294,7 @@ def test_a_bert_checkpoint_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("igpt: bad config: config.evals.samples (samples) needs a left-to-right model, and "), last
-    assert "config.objective='bert': only 'ar' models can be sampled" in last  # the checkpoint's, not the file's
+    assert "config.objective='bert': only ['ar'] models can be sampled" in last  # the checkpoint's, not the file's
 
 
 def test_a_completion_is_given_the_top_rows_of_its_image_and_draws_the_rest(monkeypatch):

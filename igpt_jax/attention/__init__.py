@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from igpt_jax import sharding
+from igpt_jax.attention import ring
 from igpt_jax.attention.blockwise import blockwise_attention
 from igpt_jax.attention.cudnn import cudnn_attention
 from igpt_jax.attention.fallback import running
@@ -37,24 +38,45 @@ from igpt_jax.attention.xla import cached_attention, xla_attention
 
 __all__ = [
     "AUTO",
-    "IMPLEMENTATIONS",
+    "KERNELS",
     "AutoRule",
+    "Kernel",
     "allowed_names",
     "cached_attention",
     "get",
     "resolve",
     "running",
+    "sequence_kernel",
     "xla_attention",
 ]
 
 AttentionFn = Callable[..., jax.Array]
 
-IMPLEMENTATIONS: dict[str, AttentionFn] = {
-    "xla": xla_attention,
-    "blockwise": blockwise_attention,
-    "cudnn": cudnn_attention,
-    "splash": splash_attention,
-    "ring": ring_attention,
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """An attention implementation and the traits the rest of the framework reads from it: adding a kernel is its
+    file and its entry in KERNELS."""
+
+    fn: AttentionFn
+    # Whether XLA's cost analysis sees its FLOPs: a custom call (Pallas, cuDNN) is opaque to it, so the planner
+    # compares XLA's count with the analytic FLOPs outside attention.
+    costed_by_xla: bool
+    # (tokens per image, sequence shards) -> why it cannot split an image's tokens that way, or None; for kernels
+    # that run over the mesh's `sequence` axis, which `auto` takes whenever the mesh splits the sequence.
+    split_refusal: Callable[[int, int], str | None] | None = None
+
+    @property
+    def splits_sequence(self) -> bool:
+        return self.split_refusal is not None
+
+
+KERNELS: dict[str, Kernel] = {
+    "xla": Kernel(xla_attention, costed_by_xla=True),
+    "blockwise": Kernel(blockwise_attention, costed_by_xla=True),
+    "cudnn": Kernel(cudnn_attention, costed_by_xla=False),
+    "splash": Kernel(splash_attention, costed_by_xla=False),
+    "ring": Kernel(ring_attention, costed_by_xla=True, split_refusal=ring.split_refusal),
 }
 
 
@@ -92,7 +114,7 @@ AUTO: dict[str, AutoRule] = {
 
 
 def allowed_names() -> list[str]:
-    return ["auto", *IMPLEMENTATIONS]
+    return ["auto", *KERNELS]
 
 
 def resolve(
@@ -104,21 +126,26 @@ def resolve(
     compile-only planner passes its target's."""
     sequence = sharding.sequence_shards() if sequence is None else sequence
     if name == "auto" and sequence > 1:
-        return "ring"  # any other kernel would see the whole sequence: XLA gathers it onto every device
+        return sequence_kernel()  # any other kernel would see the whole sequence: XLA gathers it onto every device
     if name == "auto":
         rule = AUTO.get(platform or sharding.mesh_platform())
         name = "xla" if rule is None else rule.kernel(length, dtype)
-    if name not in IMPLEMENTATIONS:
+    if name not in KERNELS:
         raise ValueError(f"config.model.attention={name!r} is unknown; allowed: {allowed_names()}")
     return name
 
 
 def _auto(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
-    return IMPLEMENTATIONS[resolve("auto", length=q.shape[1], dtype=q.dtype)](q, k, v, causal=causal)
+    return KERNELS[resolve("auto", length=q.shape[1], dtype=q.dtype)].fn(q, k, v, causal=causal)
 
 
 def get(name: str) -> AttentionFn:
     """The attention function called `name`; `auto` chooses when it is traced, by the mesh it runs on."""
     if name == "auto":
         return _auto
-    return IMPLEMENTATIONS[resolve(name)]
+    return KERNELS[resolve(name)].fn
+
+
+def sequence_kernel() -> str:
+    """The kernel `auto` takes when the mesh splits the sequence: the first that does."""
+    return next(name for name, kernel in KERNELS.items() if kernel.splits_sequence)

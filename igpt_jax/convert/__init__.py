@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+from igpt_jax import objectives
 from igpt_jax.convert import huggingface as hf
 from igpt_jax.convert.common import ConversionError
 from igpt_jax.convert.huggingface import (
@@ -53,7 +54,7 @@ def to_huggingface(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> st
     from igpt_jax import storage
 
     params, config, clusters = read_workdir(str(workdir))
-    if config.objective != "ar":
+    if not objectives.get(config.objective).left_to_right:
         raise ConversionError(
             f"{workdir} holds a {config.objective!r} model: Hugging Face's ImageGPT is left-to-right only"
         )

@@ -117,10 +117,11 @@ def _probe_needs(config, name, entry) -> list[str]:
 def _sample_needs(config, name, entry) -> list[str]:
     where = f"config.evals.{name}"
     out = []
-    if not objectives.OBJECTIVES[config.objective].samples:
+    if not objectives.OBJECTIVES[config.objective].left_to_right:
+        left_to_right = [n for n, o in objectives.OBJECTIVES.items() if o.left_to_right]
         out.append(
-            f"{where} (samples) needs a left-to-right model, and config.objective={config.objective!r}: only 'ar' "
-            f"models can be sampled; turn it off (--config.evals.{name}.every_steps=0 "
+            f"{where} (samples) needs a left-to-right model, and config.objective={config.objective!r}: only "
+            f"{left_to_right} models can be sampled; turn it off (--config.evals.{name}.every_steps=0 "
             f"--config.evals.{name}.at_end=False) or probe instead"
         )
     if not (entry.num_images or entry.completion_images or entry.prompts):
