@@ -21,9 +21,10 @@ TENSORBOARD = "tensorboard"  # event files
 PROFILES = os.path.join(TENSORBOARD, "plugins", "profile")  # config.profile's traces, where TensorBoard reads them
 PROBE_FEATURES = "probe_features"  # the probes' cached features, probe_features/<evaluator>/
 FINETUNE = "finetune"  # --mode=finetune's own workdir, inside the pretrained one
+COMPILE_REPORT = "compile.json"  # --mode=compile's report
 COMPILATION_CACHE = "compilation_cache"  # beside the workdir (in the same bucket), not in it: shared by its runs
 
-# The stems of the names above (and the modes that write rows of their own): no evaluator may take one.
+# The stems of the names above: no evaluator may take one.
 RESERVED_NAMES = frozenset(
     name.split(".")[0].split(os.sep)[0]
     for name in (
@@ -37,7 +38,7 @@ RESERVED_NAMES = frozenset(
         TENSORBOARD,
         PROBE_FEATURES,
         FINETUNE,
-        "compile",
+        COMPILE_REPORT,
     )
 )
 

@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import attention, errors, hardware, metrics, model, sharding, steps, storage
+from igpt_jax import attention, errors, hardware, layout, metrics, model, sharding, steps, storage
 from igpt_jax.data import pipeline, sources
 
-COMPILE_JSON = "compile.json"
 # Training FLOPs with recomputation over those without: full remat runs the forward pass twice (8/6); the policies
 # that keep the matmuls recompute only elementwise work.
 RECOMPUTE = {"full": 4 / 3}
@@ -261,7 +260,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report["search"] = plan_search.search(config, devices)
     directory = storage.path(workdir)
     if jax.process_index() == 0:
-        storage.write_text(directory / COMPILE_JSON, json.dumps(report, indent=2) + "\n")
+        storage.write_text(directory / layout.COMPILE_REPORT, json.dumps(report, indent=2) + "\n")
         row = {k: v for k, v in _flat(report).items() if k != "search"}
         metrics.append_row(directory, {"mode": "compile", "step": 0, **row}, config)
         print(table(report), flush=True)

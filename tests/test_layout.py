@@ -23,6 +23,7 @@ NAMES = {
     layout.LOCK,
     layout.TENSORBOARD,
     layout.COMPILATION_CACHE,
+    layout.COMPILE_REPORT,
     layout.record("probe"),
 }
 ELSEWHERE = {("igpt_jax/convert/huggingface.py", layout.CONFIG)}  # Hugging Face's save_pretrained folder

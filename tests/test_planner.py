@@ -16,7 +16,7 @@ import jax
 import pytest
 from helpers import override, read_metrics, run_main, tiny_config
 
-from igpt_jax import hardware, metrics, planner
+from igpt_jax import hardware, layout, metrics, planner
 
 pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[plan])")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -87,7 +87,7 @@ def test_a_small_model_fits_v5p_2x2x1_without_opening_its_data(tmp_path):
         f"--config.data.data_dir={missing}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((workdir / planner.COMPILE_JSON).read_text())
+    report = json.loads((workdir / layout.COMPILE_REPORT).read_text())
     assert report["fits"] and report["devices"] == 4
     assert report["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
     memory = report["bytes_per_device"]
@@ -125,7 +125,7 @@ def test_a_batch_far_too_large_exits_3_with_the_verdict(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("igpt: does not fit: ") and "GiB of HBM per device on v5e:2x2" in last, last
     assert "Traceback" not in result.stderr
-    assert json.loads((workdir / planner.COMPILE_JSON).read_text())["fits"] is False
+    assert json.loads((workdir / layout.COMPILE_REPORT).read_text())["fits"] is False
 
 
 def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
@@ -155,7 +155,7 @@ def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
         "--config.compile.search_meshes=fsdp",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((workdir / planner.COMPILE_JSON).read_text())
+    report = json.loads((workdir / layout.COMPILE_REPORT).read_text())
     assert report["fits"] is False  # as configured
     best, worst = report["search"]
     assert (best["remat"], best["fits"], worst["remat"], worst["fits"]) == ("full", True, "none", False)
@@ -223,7 +223,7 @@ def test_the_memory_per_device_is_what_xla_allocates_and_the_chips_hbm_bounds_it
     )  # fmt: skip  # donated arguments (the state) alias the outputs: counted once
     assert parts["alias"] > 0 and parts["hbm"] == V5P_HBM and report["fits"] is True
     assert report["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1} and report["devices"] == 4
-    assert json.loads((workdir / planner.COMPILE_JSON).read_text()) == json.loads(json.dumps(report))
+    assert json.loads((workdir / layout.COMPILE_REPORT).read_text()) == json.loads(json.dumps(report))
     (row,) = read_metrics(workdir)
     assert row["mode"] == "compile" and row["step"] == 0 and row["roofline.mfu"] == report["roofline"]["mfu"]
     assert row["mesh"] == report["mesh"] and row["bytes_per_device.total"] == parts["total"]
@@ -235,7 +235,7 @@ def test_the_report_is_printed_and_written_to_compile_json_and_one_metrics_row(p
     metrics.jsonl row of mode compile at step 0 with the report's sections flattened (the mesh kept whole)."""
     config, workdir, report, _, _, run = planned
     assert run["printed"] == planner.table(report) + "\n"
-    text = (workdir / planner.COMPILE_JSON).read_text()
+    text = (workdir / layout.COMPILE_REPORT).read_text()
     assert json.loads(text) == report and text == json.dumps(report, indent=2) + "\n"
     (row,) = read_metrics(workdir)
     assert row["mode"] == "compile" and row["step"] == 0 and row["mesh"] == report["mesh"]
@@ -274,7 +274,7 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_with_the_sizes_i
     config.compile.topology = "v5e:2x2"
     with pytest.raises(planner.DoesNotFit) as verdict:
         planner.run(config, str(tmp_path / "w"))
-    report = json.loads((tmp_path / "w" / planner.COMPILE_JSON).read_text())
+    report = json.loads((tmp_path / "w" / layout.COMPILE_REPORT).read_text())
     assert report["bytes_per_device"] == {"temp": 68.04 * 2**30, "total": 68.04 * 2**30, "hbm": 16 * 2**30}
     assert report["fits"] is False and report["compiler"] == refusal.splitlines()[0]
     assert str(verdict.value) == (
