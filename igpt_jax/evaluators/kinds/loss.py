@@ -39,11 +39,10 @@ def data_config(config: ml_collections.ConfigDict, entry: ml_collections.ConfigD
     return config
 
 
-def palette_problem(where: str, source: Source, clusters) -> str | None:
-    """A line when a data set of tokens carries the palette they index and the run's palette is another: the loss
-    would score the model's colours against other colours."""
-    colours = runtime.tokens_palette(source)
-    if colours is None or clusters is None or palette.fingerprint(colours) == palette.fingerprint(clusters):
+def palette_problem(where: str, source: Source, colours, clusters) -> str | None:
+    """A line when a data set of tokens carries the palette they index (`colours`) and the run's palette is another:
+    the loss would score the model's colours against other colours."""
+    if clusters is None or palette.fingerprint(colours) == palette.fingerprint(clusters):
         return None
     return (
         f"{where}: its tokens index the {len(colours)} colours of {source.palette_file}, and this run's "
@@ -131,8 +130,9 @@ class Evaluator:
             f"config.data.dataset={self.config.data.dataset!r}"
         )  # fmt: skip
         problems = [sources.split_problem(self.source, key, self.split)]
-        if problems[0] is None:
-            problems.append(palette_problem(where, self.source, self.rt.clusters))
+        colours = runtime.tokens_palette(self.source)  # only a data set of tokens that carries its palette has one
+        if problems[0] is None and colours is not None:  # the run's palette is read (or fitted) for that one only
+            problems.append(palette_problem(where, self.source, colours, self.rt.clusters))
         return [problem for problem in problems if problem]
 
     def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
