@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import attention, errors, hardware, layout, metrics, model, sharding, steps, storage
+from igpt_jax import attention, errors, hardware, layout, metrics, model, run_lock, sharding, steps, storage
 from igpt_jax.data import pipeline, sources
 
 # Training FLOPs with recomputation over those without: full remat runs the forward pass twice (8/6); the policies
@@ -251,21 +251,27 @@ def verdict(report: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """--mode=compile: the report, printed, in workdir/compile.json and metrics.jsonl; DoesNotFit when it does not."""
-    report = plan(config)
-    if config.compile.search:
-        from igpt_jax import plan_search
-
-        devices = hardware.topology_devices(config.compile.topology, config.compile.num_slices)
-        report["search"] = plan_search.search(config, devices)
+    """--mode=compile: the report, printed, in workdir/compile.json and metrics.jsonl; DoesNotFit when it does not.
+    The workdir's lock is held throughout, as every mode that writes there holds it: two runs never append to
+    metrics.jsonl at once, and a workdir another run holds is refused before minutes of compiling."""
     directory = storage.path(workdir)
-    if jax.process_index() == 0:
-        storage.write_text(directory / layout.COMPILE_REPORT, json.dumps(report, indent=2) + "\n")
-        row = {k: v for k, v in _flat(report).items() if k != "search"}
-        metrics.append_row(directory, {"mode": "compile", "step": 0, **row}, config)
-        print(table(report), flush=True)
-        if "search" in report:
-            print(plan_search.table(report["search"], report["bytes_per_device"]["hbm"] / GIB), flush=True)
+    lock = run_lock.acquire_everywhere(directory)
+    try:
+        report = plan(config)
+        if config.compile.search:
+            from igpt_jax import plan_search
+
+            devices = hardware.topology_devices(config.compile.topology, config.compile.num_slices)
+            report["search"] = plan_search.search(config, devices)
+        if jax.process_index() == 0:
+            storage.write_text(directory / layout.COMPILE_REPORT, json.dumps(report, indent=2) + "\n")
+            row = {k: v for k, v in _flat(report).items() if k != "search"}
+            metrics.append_row(directory, {"mode": "compile", "step": 0, **row}, config)
+            print(table(report), flush=True)
+            if "search" in report:
+                print(plan_search.table(report["search"], report["bytes_per_device"]["hbm"] / GIB), flush=True)
+    finally:
+        lock.release()
     if not report["fits"] and not any(r["fits"] for r in report.get("search", ())):
         raise DoesNotFit(verdict(report))
     return report

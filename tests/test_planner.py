@@ -291,6 +291,22 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_with_the_sizes_i
         planner.plan(config)
 
 
+def test_a_compile_holds_the_workdirs_lock_and_a_held_workdir_is_refused_before_compiling(tmp_path, monkeypatch):
+    from igpt_jax import run_lock, storage
+
+    compiled = []
+    monkeypatch.setattr(planner, "plan", lambda config: compiled.append(config) or {"fits": True})
+    monkeypatch.setattr(planner, "table", lambda report: "")
+    holder = run_lock.RunLock(storage.path(tmp_path / "held"))
+    holder.acquire()
+    with pytest.raises(run_lock.WorkdirLockedError):
+        planner.run(tiny_config(), str(tmp_path / "held"))
+    assert not compiled  # refused before minutes of compiling
+    holder.release()
+    planner.run(tiny_config(), str(tmp_path / "free"))
+    assert len(compiled) == 1 and not (tmp_path / "free" / layout.LOCK).exists()  # released after
+
+
 def test_the_table_reads_the_reports_numbers():
     report = {
         "topology": "v5p:2x2x1", "devices": 4, "mesh": {"data": 1, "fsdp": 4}, "batch_size": 256,
