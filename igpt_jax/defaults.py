@@ -172,7 +172,7 @@ def make_config(
     c.finetune.eval_every_steps = 1_000
     c.finetune.checkpoint_every_steps = 1_000
 
-    # --mode=compile: compile the train step for a TPU topology from any host (igpt_jax/planner.py).
+    # --mode=compile: compile the train step for a TPU topology from any host (igpt_jax/planning/).
     c.compile = ml_collections.ConfigDict()
     c.compile.topology = ""  # 'v5p:4x4x4' or 'v5p-128' (v4/v5p count 2 cores a chip; v5e/v6e count chips)
     c.compile.num_slices = 1  # multislice: slices joined over DCN (config.mesh.dcn spans them)

@@ -2,7 +2,7 @@
 bf16 peak FLOP/s and HBM bandwidth (vendor figures), the
 device kinds JAX reports for it, and how its slices are named.
 
-Training's MFU (metrics.peak_flops_per_device) and the compile-only planner's fit and roofline (planner.py) read
+Training's MFU (metrics.peak_flops_per_device) and the compile-only planner's fit and roofline (planning/) read
 this table, and the planner turns topology names into `jax.experimental.topologies` devices here: MaxText-style
 `v5p-128` (v4 and v5p count TensorCores, two a chip: 64 chips, 4x4x4; v5e and v6e count chips) or an explicit
 shape, `v5p:4x4x4`, `v5e:4x4`.
@@ -47,6 +47,21 @@ CHIPS: dict[str, Chip] = {
         Chip("h200", ("NVIDIA H200",), 141 * GB, 989e12, 4800 * GB),
     )
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceShare:
+    """One JAX device's share of its chip: a chip may show more than one device."""
+
+    hbm_bytes: float
+    peak_flops: float
+    hbm_bandwidth: float
+
+
+def per_device(chip: Chip, devices: int, chips: int) -> DeviceShare:
+    """What each of `devices` JAX devices has of `chips` chips (devices a chip shows: devices // chips)."""
+    share = devices // chips
+    return DeviceShare(chip.hbm_bytes / share, chip.peak_flops / share, chip.hbm_bandwidth / share)
 
 
 def chip_of(device_kind: str) -> Chip | None:

@@ -33,7 +33,7 @@ MODES: dict[str, Mode] = {
     "probe": Mode("igpt_jax.evaluators.runner:probe_mode", "the linear (or attentive) probe of the newest checkpoint"),
     "finetune": Mode("igpt_jax.finetune:run", "fine-tune the newest checkpoint with a class head, then score test"),
     "sample": Mode("igpt_jax.evaluators.runner:sample_mode", "samples and completions of the newest checkpoint"),
-    "compile": Mode("igpt_jax.planner:run", "compile the train step for config.compile.topology: memory, speed"),
+    "compile": Mode("igpt_jax.planning.mode:run", "compile the train step for config.compile.topology: memory, speed"),
 }
 ALL_MODES = tuple(MODES)
 

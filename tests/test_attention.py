@@ -163,7 +163,8 @@ def test_a_kernel_is_its_registry_entry_and_is_treated_by_its_traits():
     (refusing image lengths that are not a multiple of 3 chunks a shard): the config checks accept its name and apply
     its refusal, `auto` takes it where the mesh splits the sequence, and the planner does not expect XLA to count its
     FLOPs."""
-    from igpt_jax import config_checks, planner
+    from igpt_jax import config_checks
+    from igpt_jax.planning import compiled
 
     def thirds(tokens: int, shards: int) -> str | None:
         return None if tokens % (3 * shards) == 0 else f"{tokens} tokens do not cut into {3 * shards} chunks"
@@ -183,10 +184,10 @@ def test_a_kernel_is_its_registry_entry_and_is_treated_by_its_traits():
         with pytest.raises(config_checks.ConfigError, match="16 tokens do not cut into 6 chunks"):
             config_checks.check(config)
         config.model.attention = "fake"
-        assert not planner.xla_counts_attention(config)
+        assert not compiled.xla_counts_attention(config)
     config.model.attention = "ring"  # ring cuts 16 tokens into 4 chunks of 4: accepted
     config_checks.check(config)
-    assert planner.xla_counts_attention(config)
+    assert compiled.xla_counts_attention(config)
 
 
 def _spy(ran: list[str], name: str):

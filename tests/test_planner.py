@@ -16,7 +16,9 @@ import jax
 import pytest
 from helpers import override, read_metrics, run_main, tiny_config
 
-from igpt_jax import hardware, layout, metrics, planner
+from igpt_jax import hardware, layout, metrics
+from igpt_jax.planning import compiled, mode
+from igpt_jax.planning import report as report_lib
 
 pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[plan])")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -134,8 +136,10 @@ def test_the_cost_of_a_scanned_stack_is_the_unscanned_stacks():
     devices = hardware.topology_devices("v5p:2x2x1")
     config = override(tiny_config(image_size=8), batch_size=16, model__num_layers=4, data__dataset="synthetic")
     config.model.scan_layers = True
-    extrapolated = planner.per_device_cost(config, devices, 1)
-    unrolled = planner._cost(planner._compile(override(config, model__scan_layers=False), devices, 1)[0])
+    extrapolated = compiled.per_device_cost(compiled.target(config, devices, 1), devices, 1)
+    unrolled = compiled.cost(
+        compiled.compile_step(compiled.target(override(config, model__scan_layers=False), devices, 1))
+    )
     assert extrapolated[0] == pytest.approx(unrolled[0], rel=0.01)
     assert extrapolated[1] == pytest.approx(unrolled[1], rel=0.05)
 
@@ -179,12 +183,14 @@ def planned(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("plan")
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        report = planner.run(config, str(workdir))
+        report = mode.run(config, str(workdir))
     run = {"seconds": time.perf_counter() - started, "printed": printed.getvalue()}
     devices = hardware.topology_devices("v5p:2x2x1")
-    unrolled = planner._compile(override(config.copy_and_resolve_references(), model__scan_layers=False), devices, 1)
-    memory = planner._compile(config, devices, 1)[0].memory_analysis()
-    return config, workdir, report, planner._cost(unrolled[0]), memory, run
+    unrolled = compiled.compile_step(
+        compiled.target(override(config.copy_and_resolve_references(), model__scan_layers=False), devices, 1)
+    )
+    memory = compiled.compile_step(compiled.target(config, devices, 1)).memory_analysis()
+    return config, workdir, report, compiled.cost(unrolled), memory, run
 
 
 def test_the_roofline_is_xlas_cost_against_the_chips_published_peak_and_bandwidth(planned):
@@ -234,7 +240,7 @@ def test_the_report_is_printed_and_written_to_compile_json_and_one_metrics_row(p
     --mode=compile leaves: the table on stdout, compile.json as the report (indented for reading), and one
     metrics.jsonl row of mode compile at step 0 with the report's sections flattened (the mesh kept whole)."""
     config, workdir, report, _, _, run = planned
-    assert run["printed"] == planner.table(report) + "\n"
+    assert run["printed"] == report_lib.table(report) + "\n"
     text = (workdir / layout.COMPILE_REPORT).read_text()
     assert json.loads(text) == report and text == json.dumps(report, indent=2) + "\n"
     (row,) = read_metrics(workdir)
@@ -249,11 +255,11 @@ def test_the_report_is_printed_and_written_to_compile_json_and_one_metrics_row(p
 def test_the_compute_floor_is_the_analytic_flops_with_the_remat_policys_recomputation(monkeypatch):
     """Where XLA counts less than the step runs (here: nothing), a chip's share of the analytic FLOPs is the floor:
     full remat runs the forward pass twice, 8/6 of it."""
-    monkeypatch.setattr(planner, "per_device_cost", lambda config, devices, num_slices: (0.0, 0.0))
+    monkeypatch.setattr(compiled, "per_device_cost", lambda target, devices, num_slices: (0.0, 0.0))
     for remat, recompute in (("none", 1.0), ("save_dots_no_batch", 1.0), ("full", 4 / 3)):
         config = override(tiny_config(image_size=8), batch_size=16, data__dataset="synthetic", model__remat=remat)
         config.compile.topology = "v5p:2x2x1"
-        report = planner.plan(config)
+        report = report_lib.plan(config)
         analytic = metrics.flops_per_token(config) * 16 * 64
         assert report["roofline"]["compute_flops_per_device"] == pytest.approx(analytic * recompute / 4)
         assert report["roofline"]["bound"] == "compute"  # no bytes counted
@@ -266,14 +272,14 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_with_the_sizes_i
         "exceeds available HBM (15.75G).\nmore lines"
     )
 
-    def refuse(config, devices, num_slices):
+    def refuse(target):
         raise jax.errors.JaxRuntimeError(refusal)
 
-    monkeypatch.setattr(planner, "_compile", refuse)
+    monkeypatch.setattr(compiled, "compile_step", refuse)
     config = override(tiny_config(image_size=8), batch_size=16, data__dataset="synthetic")
     config.compile.topology = "v5e:2x2"
-    with pytest.raises(planner.DoesNotFit) as verdict:
-        planner.run(config, str(tmp_path / "w"))
+    with pytest.raises(report_lib.DoesNotFit) as verdict:
+        mode.run(config, str(tmp_path / "w"))
     report = json.loads((tmp_path / "w" / layout.COMPILE_REPORT).read_text())
     assert report["bytes_per_device"] == {"temp": 68.04 * 2**30, "total": 68.04 * 2**30, "hbm": 16 * 2**30}
     assert report["fits"] is False and report["compiler"] == refusal.splitlines()[0]
@@ -283,28 +289,28 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_with_the_sizes_i
         "topology"
     )
 
-    def fail(config, devices, num_slices):
+    def fail(target):
         raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
-    monkeypatch.setattr(planner, "_compile", fail)
+    monkeypatch.setattr(compiled, "compile_step", fail)
     with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
-        planner.plan(config)
+        report_lib.plan(config)
 
 
 def test_a_compile_holds_the_workdirs_lock_and_a_held_workdir_is_refused_before_compiling(tmp_path, monkeypatch):
     from igpt_jax import run_lock, storage
 
-    compiled = []
-    monkeypatch.setattr(planner, "plan", lambda config: compiled.append(config) or {"fits": True})
-    monkeypatch.setattr(planner, "table", lambda report: "")
+    planned = []
+    monkeypatch.setattr(report_lib, "plan", lambda config: planned.append(config) or {"fits": True})
+    monkeypatch.setattr(report_lib, "table", lambda report: "")
     holder = run_lock.RunLock(storage.path(tmp_path / "held"))
     holder.acquire()
     with pytest.raises(run_lock.WorkdirLockedError):
-        planner.run(tiny_config(), str(tmp_path / "held"))
-    assert not compiled  # refused before minutes of compiling
+        mode.run(tiny_config(), str(tmp_path / "held"))
+    assert not planned  # refused before minutes of compiling
     holder.release()
-    planner.run(tiny_config(), str(tmp_path / "free"))
-    assert len(compiled) == 1 and not (tmp_path / "free" / layout.LOCK).exists()  # released after
+    mode.run(tiny_config(), str(tmp_path / "free"))
+    assert len(planned) == 1 and not (tmp_path / "free" / layout.LOCK).exists()  # released after
 
 
 def test_the_table_reads_the_reports_numbers():
@@ -317,7 +323,7 @@ def test_the_table_reads_the_reports_numbers():
         "xla_counts_attention": False,
         "roofline": {"step_seconds": 0.0125, "bound": "compute", "tokens_per_sec": 1.234e6, "mfu": 0.4567},
     }  # fmt: skip
-    assert planner.table(report).splitlines() == [
+    assert report_lib.table(report).splitlines() == [
         "topology                    v5p:2x2x1 (4 devices, mesh {'data': 1, 'fsdp': 4})",
         "step                        batch 256, 2 microbatches, remat full, attention splash",
         "argument GiB/device         1.50",
@@ -331,7 +337,7 @@ def test_the_table_reads_the_reports_numbers():
     ]
     report["xla_counts_attention"], report["fits"] = True, True
     del report["roofline"], report["bytes_per_device"]["argument"]
-    lines = planner.table(report).splitlines()
+    lines = report_lib.table(report).splitlines()
     assert lines[-1] == "total GiB/device   101.50 of 95.0 HBM: fits" and len(lines) == 6  # keys padded to 17
 
 

@@ -17,7 +17,8 @@ import time
 
 import ml_collections
 
-from igpt_jax import hardware, metrics, model, planner, sharding
+from igpt_jax import hardware, metrics, model, sharding
+from igpt_jax.planning import compiled
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,16 @@ def _items(text: str) -> list[str]:
 
 
 def _mesh(split: str) -> dict[str, int]:
-    """'fsdp' -> {fsdp: -1}; 'data=2' -> {data: 2, fsdp: -1}."""
+    """'fsdp' -> {fsdp: -1, the other axes 1}; 'data=2' -> {data: 2, fsdp: -1, the others 1}."""
+    fsdp = {axis: 1 for axis in sharding.MESH_AXES} | {"fsdp": -1}
     if split == "fsdp":
-        return {"data": 1, "fsdp": -1, "sequence": 1, "tensor": 1}
+        return fsdp
     axis, _, size = split.partition("=")
-    if axis not in ("data", "sequence", "tensor") or not size.isdigit():
-        raise ValueError(f"config.compile.search_meshes: {split!r} is not 'fsdp', 'data=N', 'sequence=N' or 'tensor=N'")
-    return {"data": 1, "sequence": 1, "tensor": 1, axis: int(size), "fsdp": -1}
+    others = [a for a in sharding.MESH_AXES if a != "fsdp"]
+    if axis not in others or not size.isdigit():
+        allowed = ", ".join(f"'{a}=N'" for a in others)
+        raise ValueError(f"config.compile.search_meshes: {split!r} is not 'fsdp' or one of {allowed}")
+    return fsdp | {axis: int(size)}
 
 
 def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
@@ -41,8 +45,7 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
     fitting rows first, fastest first."""
     c = config.compile
     chip, shape = hardware.topology_shape(c.topology)
-    per_chip = len(devices) // (math.prod(shape) * c.num_slices)
-    hbm, peak = chip.hbm_bytes / per_chip, chip.peak_flops / per_chip
+    share = hardware.per_device(chip, len(devices), math.prod(shape) * c.num_slices)
     analytic = metrics.flops_per_token(config) * config.batch_size * model.tokens_per_image(config)
     rows = []
     settings = list(
@@ -55,22 +58,23 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
         row = {"remat": remat, "microbatches": micro, "mesh": split}
         if config.batch_size % micro:
             continue
-        target = planner._target_config(config, devices, c.num_slices, **changes)
         started = time.perf_counter()
         try:
-            _, mesh, parts, _ = planner.compile_memory(target, devices, c.num_slices)
+            target = compiled.target(config, devices, c.num_slices, **changes)
+            _, parts, _ = compiled.memory(target)
         except sharding.MeshError as e:  # the split or the microbatch does not divide: not a candidate
             rows.append(row | {"fits": False, "why": str(e)})
             continue
-        row |= {"mesh_shape": {k: int(v) for k, v in mesh.shape.items()}, "gib_per_device": parts["total"] / (1 << 30)}
-        row["fits"] = parts["total"] <= hbm
+        mesh_shape = {k: int(v) for k, v in target.mesh.shape.items()}
+        row |= {"mesh_shape": mesh_shape, "gib_per_device": parts["total"] / hardware.GIB}
+        row["fits"] = parts["total"] <= share.hbm_bytes
         verdict = "fits" if row["fits"] else "does not fit"
         log.info(  # each compile takes minutes for a large model: say which has ended
             "search %d/%d: remat=%s microbatches=%d mesh=%s: %.2f GiB per device, %s (compiled in %.0f s)",
             number, len(settings), remat, micro, split, row["gib_per_device"], verdict, time.perf_counter() - started,
         )  # fmt: skip
         if row["fits"]:
-            row["step_seconds"] = analytic * planner.RECOMPUTE.get(remat, 1.0) / len(devices) / peak
+            row["step_seconds"] = analytic * compiled.RECOMPUTE.get(remat, 1.0) / len(devices) / share.peak_flops
         rows.append(row)
     return sorted(rows, key=lambda r: (not r["fits"], r.get("step_seconds", 0), r.get("gib_per_device", 0)))
 
