@@ -1,7 +1,7 @@
 """Refuses a bad config before anything is built or compiled, naming the key, its value and what is allowed.
 
-Unknown keys and wrong types are already refused by ml_collections (configs are locked and typed); this module
-checks values and the relations between them.
+Unknown keys and wrong types are already refused by ml_collections (configs are locked and typed); each key's values
+are checked against its entry in the schema (defaults.SCHEMA), and this module checks the relations between keys.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, errors, evaluators, model, objectives, optim, resume
-from igpt_jax.data import preprocess
+from igpt_jax import attention, defaults, errors, evaluators, model
 from igpt_jax.sharding import MESH_AXES
 
 
@@ -24,52 +23,12 @@ class ConfigError(errors.UsageError, ValueError):
         return "bad config: " + super().line()
 
 
-def _positive_ints(c) -> list[str]:
-    keys = [
-        "batch_size",
-        "total_steps",
-        "microbatches",
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "model.num_layers",
-        "model.embed_dim",
-        "model.num_heads",
-        "model.mlp_ratio",
-        "model.image_size",
-        "model.num_positions",
-        "model.vocab_size",
-        "finetune.steps",
-        "finetune.eval_every_steps",
-        "finetune.checkpoint_every_steps",
-        "finetune.masks",
-        "profile.num_steps",
-    ]
-    out = []
-    for key in keys:
-        value = _get(c, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            out.append(f"config.{key}={value!r}: must be a positive integer")
-    return out
-
-
-def _choices(c) -> list[str]:
-    table = {
-        "model.dtype": list(model.DTYPES),
-        "model.param_dtype": list(model.DTYPES),
-        "model.remat": list(model.REMAT_POLICIES),
-        "model.attention": attention.allowed_names(),
-        "objective": list(objectives.OBJECTIVES),
-        "restore": list(resume.RESTORE_MODES),
-        "optimizer.schedule": list(optim.SCHEDULES),
-        "finetune.schedule": list(optim.SCHEDULES),
-        "data.augment": list(preprocess.AUGMENTATIONS),
-        "finetune.augment": list(preprocess.AUGMENTATIONS),
-    }
+def _schema(c) -> list[str]:
+    """Every key's value is one its schema entry allows (defaults.SCHEMA: positive integers, ranges, registries)."""
     return [
-        f"config.{key}={_get(c, key)!r} is unknown; allowed: {allowed}"
-        for key, allowed in table.items()
-        if _get(c, key) not in allowed
+        problem
+        for dotted, key in defaults.SCHEMA.items()
+        if (problem := key.allowed.problem(f"config.{dotted}", defaults.get(c, dotted)))
     ]
 
 
@@ -88,51 +47,6 @@ def _model_shape(c) -> list[str]:
             f"(set --config.model.num_positions={m.image_size**2}, or pass the size as the config "
             f"argument, e.g. --config=igpt_l:{m.image_size})"
         )
-    return out
-
-
-def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _nonnegative_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-# Numeric keys beyond the positive integers: (test on a finite number, what is allowed).
-RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "seed": (lambda v: isinstance(v, int) and 0 <= v < 2**31, "an integer, 0 <= seed < 2**31"),
-    "checkpoint_step": (_nonnegative_int, "an integer >= 0 (0: the newest checkpoint)"),
-    "profile.start_step": (_nonnegative_int, "an integer >= 0 (0: no profile)"),
-    "watchdog_seconds": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
-    "bert_mask_prob": (lambda v: 0.0 < v < 1.0, "0 < p < 1"),
-    "model.norm_eps": (lambda v: v > 0, "> 0"),
-    "data.prefetch": (_nonnegative_int, "an integer >= 0"),
-    "optimizer.learning_rate": (lambda v: v > 0, "> 0"),
-    "optimizer.b1": (lambda v: 0.0 <= v < 1.0, "0 <= b1 < 1"),
-    "optimizer.b2": (lambda v: 0.0 <= v < 1.0, "0 <= b2 < 1"),
-    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "optimizer.grad_clip_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
-    "optimizer.warmup_steps": (_nonnegative_int, "an integer >= 0"),
-    "model.num_classes": (_nonnegative_int, "an integer >= 0 (0: no classification head)"),
-    "finetune.test_examples": (_nonnegative_int, "an integer >= 0 (0: the whole split)"),
-    "finetune.heldout_examples": (_nonnegative_int, "an integer >= 0 (0: the whole held-out end)"),
-    "finetune.learning_rate": (lambda v: v >= 0, ">= 0 (0: the pretraining learning rate / 10)"),
-    "finetune.warmup_steps": (_nonnegative_int, "an integer >= 0"),
-    "finetune.generative_weight": (lambda v: v >= 0, ">= 0 (0: the classification loss alone)"),
-    "compile.num_slices": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
-}
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _ranges(c) -> list[str]:
-    """Every key of RANGES is a finite number (as float32: that is what the step computes with) in its range."""
-    out = []
-    for key, (allowed, description) in RANGES.items():
-        value = _get(c, key)
-        finite = _number(value) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
-        if not finite or not allowed(value):
-            out.append(f"config.{key}={value!r}: allowed: {description}")
     return out
 
 
@@ -197,10 +111,8 @@ def _wandb(c) -> list[str]:
 
 
 CHECKS: tuple[Callable[[ml_collections.ConfigDict], list[str]], ...] = (
-    _positive_ints,
-    _choices,
+    _schema,
     _model_shape,
-    _ranges,
     _training,
     _data,
     _mesh,
@@ -228,12 +140,6 @@ def check(config: ml_collections.ConfigDict, mode: str = "train") -> None:
         problems = evaluators.problems(config, mode) + [p for fn in MODE_CHECKS.get(mode, ()) for p in fn(config)]
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def _get(c, dotted: str):
-    for part in dotted.split("."):
-        c = c[part]
-    return c
 
 
 def _all_positive(*values) -> bool:

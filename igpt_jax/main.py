@@ -17,7 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt_jax import config_checks, configs, errors, layout
+from igpt_jax import config_checks, configs, defaults, errors, layout
 
 
 class Mode(NamedTuple):
@@ -138,7 +138,9 @@ def help_text() -> str:
         "  igpt --config=fashion_mnist --workdir=runs/fm\n"
         "  igpt --config=igpt_s:48 --workdir=gs://BUCKET/s48 --config.batch_size=256 --config.model.remat=full\n"
         "  igpt --config=fashion_mnist --workdir=runs/fm --mode=probe --config.evals.probe.test_examples=5000\n\n"
-        f"flags:\n{flags.FLAGS.module_help(__name__).strip()}\n"
+        f"flags:\n{flags.FLAGS.module_help(__name__).strip()}\n\n"
+        "config keys (--config.KEY=VALUE), with their defaults and what they allow; a relaunch may change any but "
+        f"those fixed by the checkpoint:\n{defaults.describe()}\n"
     )
 
 

@@ -22,37 +22,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from igpt_jax import errors
-
-# Keys a relaunch may change (a dotted prefix covers the keys under it). Everything else stops the run.
-ACCEPTED_CHANGES = (
-    "total_steps",
-    "log_every_steps",
-    "evals",  # what a run measures, and when
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "watchdog_seconds",
-    "compilation_cache_dir",
-    "profile",
-    "wandb",
-    "microbatches",
-    "restore",
-    "checkpoint_step",
-    "optimizer",
-    "mesh",
-    "logical_axis_rules",
-    "model.dtype",
-    "model.remat",
-    "model.scan_layers",
-    "model.attention",
-    "data.data_dir",
-    "data.manual_dir",
-    "data.eval_split",
-    "data.prefetch",
-    "data.palette",  # compared by content, not by path: see runtime.load_or_fit_palette
-    "finetune",  # a fine-tuning run's own recipe is compared through the keys it sets (data set, optimizer, ...)
-    "compile",
-)
+from igpt_jax import defaults, errors
 
 RESTORE_MODES = ("all", "params")
 
@@ -79,7 +49,10 @@ def as_saved(config: ml_collections.ConfigDict) -> dict:
 
 
 def _accepted(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in ACCEPTED_CHANGES)
+    """Whether a relaunch may change `key`: its schema entry's rule (defaults.SCHEMA). A key the schema does not
+    know (one a later version dropped) stops the run, as a recipe key does."""
+    entry = defaults.key_of(key)
+    return entry is not None and entry.resume == defaults.STEERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,10 +176,6 @@ def with_recipe_of(saved: Mapping, current: ml_collections.ConfigDict) -> tuple[
     for key, value in flatten(saved).items():
         if _accepted(key) or key not in mine or mine[key] == value:
             continue
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+        defaults.put(config, key, value)
         taken.append(f"{key} {mine[key]!r} -> {value!r}")
     return config, taken

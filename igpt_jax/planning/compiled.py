@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import attention, model, sharding, steps
+from igpt_jax import attention, defaults, model, sharding, steps
 from igpt_jax.data import pipeline, sources
 
 # Training FLOPs with recomputation over those without: full remat runs the forward pass twice (8/6); the policies
@@ -39,11 +39,7 @@ def target(config: ml_collections.ConfigDict, devices: list, num_slices: int, me
     here, once, unless `mesh` (one the changes do not alter) is given."""
     c = config.copy_and_resolve_references()
     for dotted, value in changes.items():
-        node = c
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        defaults.put(c, dotted, value)
     mesh = mesh or sharding.make_mesh(c, devices, granules=num_slices)
     c.model.attention = attention.resolve(
         c.model.attention, devices[0].platform, sharding.sequence_shards(mesh), model.tokens_per_image(c), c.model.dtype
