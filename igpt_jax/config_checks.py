@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from igpt_jax import attention, defaults, errors, evaluators, model
+from igpt_jax import attention, defaults, errors, evaluators
 from igpt_jax.sharding import MESH_AXES
 
 
@@ -100,7 +100,7 @@ def _sequence_split(c) -> list[str]:
     if -1 in sizes or kernel is None or not kernel.splits_sequence:
         return []
     shards = math.prod(sizes)
-    reason = kernel.split_refusal(model.tokens_per_image(c), shards)
+    reason = kernel.split_refusal(defaults.tokens_per_image(c), shards)
     return [] if reason is None else [f"config.mesh ici.sequence x dcn.sequence = {shards}: {reason}"]
 
 

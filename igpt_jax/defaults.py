@@ -19,8 +19,6 @@ from typing import Any
 
 import ml_collections
 
-from igpt_jax import evaluators
-
 # Keys accepted in the `:ARG` part of --config, with their types. The rest is set with --config.KEY=VALUE.
 ARG_KEYS = {"image_size": int}
 
@@ -262,7 +260,7 @@ SCHEMA: dict[str, Key] = {
         "logical axes (parameters: embed, mlp, heads, kv, vocab, layers; activations: act_batch, act_len, "
         "act_embed) onto mesh axes; tuples are tried as a group",
     ),
-    "evals": Key(Derived(lambda a: evaluators.defaults()), Free("evaluators (igpt_jax/evaluators)"), STEERS,
+    "evals": Key(Derived(lambda a: _evaluators()), Free("evaluators (igpt_jax/evaluators)"), STEERS,
                  "what a run measures besides its training loss: name -> {kind, every_steps, at_end, ...the kind's "
                  "settings}; checked by the evaluators' own table"),
     "finetune.dataset": Key("cifar10", Free("a labelled data set"), STEERS, "--mode=finetune's data set"),
@@ -297,6 +295,18 @@ SCHEMA: dict[str, Key] = {
     "compile.search_meshes": Key("fsdp,data=2,tensor=2", Free("'fsdp' or AXIS=N, comma-separated"), STEERS,
                                  "the search's mesh splits ('tensor=N': mesh.ici {tensor: N, fsdp: the rest})"),
 }  # fmt: skip
+
+
+def tokens_per_image(config: ml_collections.ConfigDict) -> int:
+    """The sequence length: one palette token per pixel of a config.model.image_size square, in raster order."""
+    return config.model.image_size**2
+
+
+def _evaluators() -> ml_collections.ConfigDict:
+    """Every config's evaluators (imported when a config is made: this module sits below the rest of the package)."""
+    from igpt_jax import evaluators
+
+    return evaluators.defaults()
 
 
 def key_of(dotted: str) -> Key | None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from igpt_jax import hardware, layout, storage, wandb_run
-from igpt_jax.model import tokens_per_image
+from igpt_jax.defaults import tokens_per_image
 
 
 def attention_flops_per_token(config: ml_collections.ConfigDict) -> float:

@@ -345,11 +345,6 @@ class IGPT(nnx.Module):
         return n @ self.head[...].astype(jnp.float32), extended
 
 
-def tokens_per_image(config: ml_collections.ConfigDict) -> int:
-    """The sequence length: one palette token per pixel of a config.model.image_size square, in raster order."""
-    return config.model.image_size**2
-
-
 def build(config: ml_collections.ConfigDict, *, seed: int | None = None) -> IGPT:
     """The model a full config describes, initialised from `seed` (default: config.seed)."""
     seed = config.seed if seed is None else seed

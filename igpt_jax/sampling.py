@@ -28,8 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from igpt_jax import defaults, palette, plots, sharding, steps, storage
 from igpt_jax import model as model_lib
-from igpt_jax import palette, plots, sharding, steps, storage
 from igpt_jax.data import preprocess, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
@@ -129,7 +129,7 @@ def make_sampler(
     """A jitted sampler for `batch` images under setup's model, mesh and parameter shardings. `progress(position)`,
     if given, is called from the device at the start of every image row (a host callback, not a loop in Python)."""
     config, mesh = setup.config, setup.mesh
-    length = model_lib.tokens_per_image(config)
+    length = defaults.tokens_per_image(config)
     row = config.model.image_size
     batch_sharding = sharding.batch_sharding(config, mesh, 2)
     rows = NamedSharding(mesh, PartitionSpec(batch_sharding.spec[0]))

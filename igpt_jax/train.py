@@ -23,11 +23,11 @@ import ml_collections
 from igpt_jax import (
     attention,
     checkpoint,
+    defaults,
     distributed,
     interrupts,
     layout,
     metrics,
-    model,
     profiling,
     run_lock,
     runtime,
@@ -151,7 +151,7 @@ def loop(rt: runtime.Runtime) -> dict:
             )
     writer = metrics.MetricsWriter(directory, resumed_step=first_step, config=config)
     writer.text(first_step, "config", f"```json\n{workdir.config_text(config)}```")  # TensorBoard's Text tab
-    tokens_per_step = config.batch_size * model.tokens_per_image(config)
+    tokens_per_step = config.batch_size * defaults.tokens_per_image(config)
     flops_per_step = metrics.flops_per_token(config) * tokens_per_step
     ceiling = loss_ceiling(config)
     peak, peak_source = metrics.peak_flops_per_device()
@@ -160,7 +160,7 @@ def loop(rt: runtime.Runtime) -> dict:
     )
     platform, sequence = mesh.devices.flat[0].platform, sharding.sequence_shards(mesh)
     kernel = attention.resolve(
-        config.model.attention, platform, sequence, model.tokens_per_image(config), config.model.dtype
+        config.model.attention, platform, sequence, defaults.tokens_per_image(config), config.model.dtype
     )
     profiler = profiling.StepProfiler(config, directory)
 

@@ -14,7 +14,7 @@ from flax import nnx
 from helpers import tiny_config
 from PIL import Image
 
-from igpt_jax import metrics, objectives, plots
+from igpt_jax import defaults, metrics, objectives, plots
 from igpt_jax import model as model_lib
 from igpt_jax.configs import igpt_l
 
@@ -43,7 +43,7 @@ def test_flops_per_token_match_xla_for_a_training_step():
 
 def _xla_flops_per_token(config, batch: int = 2) -> float:
     graphdef, params = nnx.split(model_lib.build(config), nnx.Param)
-    tokens = jnp.zeros((batch, model_lib.tokens_per_image(config)), jnp.int32)
+    tokens = jnp.zeros((batch, defaults.tokens_per_image(config)), jnp.int32)
 
     def loss(p):
         return objectives.batch_loss(nnx.merge(graphdef, p), tokens, jax.random.key(0), config)[0]

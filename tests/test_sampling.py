@@ -18,8 +18,8 @@ from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, override, read_met
 from PIL import Image
 from tolerances import float32_chain, float32_pair, transformer_terms
 
+from igpt_jax import defaults, plots, sampling, sharding, steps
 from igpt_jax import model as model_lib
-from igpt_jax import plots, sampling, sharding, steps
 from igpt_jax.data import get_source, sources
 from igpt_jax.evaluators import base
 
@@ -80,7 +80,7 @@ def _sample(config, devices=None, *, batch=8, given=0, prompt=None, seed=0, temp
     setup, mesh = _setup(config, devices or jax.devices()[:1])
     params = _params(setup)
     sampler = sampling.make_sampler(setup, batch, top_k=top_k, num_colours=colours)
-    length = model_lib.tokens_per_image(config)
+    length = defaults.tokens_per_image(config)
     prompt = np.zeros((batch, length), np.int32) if prompt is None else prompt
     with jax.set_mesh(mesh):
         tokens = sampler(params, prompt, given, np.arange(batch), seed, temperature)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from igpt_jax import palette, storage
-from igpt_jax.model import tokens_per_image
+from igpt_jax.defaults import tokens_per_image
 
 # config.data.*_split names and OpenAI's file infixes (its run.py reads trX/vaX/teX as train, valid and test).
 SPLIT_FILES = {"train": "tr", "validation": "va", "test": "te"}

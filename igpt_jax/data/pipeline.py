@@ -18,7 +18,7 @@ import numpy as np
 from igpt_jax import sharding
 from igpt_jax.data import order
 from igpt_jax.data.sources import Source
-from igpt_jax.model import tokens_per_image
+from igpt_jax.defaults import tokens_per_image
 
 
 def local_rows(batch_sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]) -> slice:

@@ -23,7 +23,7 @@ import numpy as np
 
 from igpt_jax import errors, storage
 from igpt_jax.data import openai_arrays, preprocess
-from igpt_jax.model import tokens_per_image
+from igpt_jax.defaults import tokens_per_image
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import attention, defaults, model, sharding, steps
+from igpt_jax import attention, defaults, sharding, steps
 from igpt_jax.data import pipeline, sources
 
 # Training FLOPs with recomputation over those without: full remat runs the forward pass twice (8/6); the policies
@@ -41,8 +41,9 @@ def target(config: ml_collections.ConfigDict, devices: list, num_slices: int, me
     for dotted, value in changes.items():
         defaults.put(c, dotted, value)
     mesh = mesh or sharding.make_mesh(c, devices, granules=num_slices)
+    platform, sequence = devices[0].platform, sharding.sequence_shards(mesh)
     c.model.attention = attention.resolve(
-        c.model.attention, devices[0].platform, sharding.sequence_shards(mesh), model.tokens_per_image(c), c.model.dtype
+        c.model.attention, platform, sequence, defaults.tokens_per_image(c), c.model.dtype
     )
     return Target(c, mesh)
 

@@ -8,7 +8,7 @@ import time
 
 import ml_collections
 
-from igpt_jax import errors, hardware, metrics, model
+from igpt_jax import defaults, errors, hardware, metrics
 from igpt_jax.planning import compiled
 
 GIB = hardware.GIB
@@ -27,7 +27,7 @@ def plan(config: ml_collections.ConfigDict) -> dict:
     devices = hardware.topology_devices(c.topology, c.num_slices)
     target = compiled.target(config, devices, c.num_slices)
     share = hardware.per_device(chip, len(devices), math.prod(shape) * c.num_slices)
-    tokens = config.batch_size * model.tokens_per_image(config)
+    tokens = config.batch_size * defaults.tokens_per_image(config)
     analytic = metrics.flops_per_token(config) * tokens
     start = time.perf_counter()
     step, parts, error = compiled.memory(target)

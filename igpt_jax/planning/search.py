@@ -17,7 +17,7 @@ import time
 
 import ml_collections
 
-from igpt_jax import hardware, metrics, model, sharding
+from igpt_jax import defaults, hardware, metrics, sharding
 from igpt_jax.planning import compiled
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def search(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
     c = config.compile
     chip, shape = hardware.topology_shape(c.topology)
     share = hardware.per_device(chip, len(devices), math.prod(shape) * c.num_slices)
-    analytic = metrics.flops_per_token(config) * config.batch_size * model.tokens_per_image(config)
+    analytic = metrics.flops_per_token(config) * config.batch_size * defaults.tokens_per_image(config)
     rows = []
     settings = list(
         itertools.product(

@@ -20,8 +20,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import model as model_lib
-from igpt_jax import palette, steps
+from igpt_jax import defaults, palette, steps
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
 from igpt_jax.evaluators import base
@@ -118,7 +117,7 @@ class LinearProbe:
 
     def tokens(self, model: str, params_fn, split: str, layer: int, stop: base.StopCheck) -> cache.Cache:
         """The cache of `model`'s features of `layer` at every position on `split` (the attentive probe's)."""
-        dim = model_lib.tokens_per_image(self.config) * self.config.model.embed_dim
+        dim = defaults.tokens_per_image(self.config) * self.config.model.embed_dim
         params = params_fn()
         spec = self._spec(model, split, 1, dim, self.entry.features_dtype, params_digest(params))
         spec |= {"layers": [layer], "shape": [1, 1, self.n[split], dim], "tokens": True}

@@ -16,8 +16,7 @@ import time
 import ml_collections
 import numpy as np
 
-from igpt_jax import model as model_lib
-from igpt_jax import runtime, sampling
+from igpt_jax import defaults, runtime, sampling
 from igpt_jax.data import sources, splits
 from igpt_jax.evaluators import base
 
@@ -63,7 +62,7 @@ class Evaluator:
 
     def run(self, params, step: int, stop: base.StopCheck) -> base.Result:
         calls = math.ceil(self.n_free / self.batch) + math.ceil(self.n_completed / self.batch)
-        self.progress = sampling.Progress(calls, model_lib.tokens_per_image(self.rt.config), f"{self.name} {step}")
+        self.progress = sampling.Progress(calls, defaults.tokens_per_image(self.rt.config), f"{self.name} {step}")
         compiled = self.sampler().compiled is not None
         start = time.perf_counter()
         try:
@@ -100,7 +99,7 @@ class Evaluator:
     def draw(self, params, step: int, stop: base.StopCheck) -> dict[str, bytes]:
         """{file name: PNG}: the entry's grids drawn from `params`."""
         config, clusters, e = self.rt.config, self.rt.clusters, self.entry
-        side, length, vocab = config.model.image_size, model_lib.tokens_per_image(config), config.model.vocab_size
+        side, length, vocab = config.model.image_size, defaults.tokens_per_image(config), config.model.vocab_size
         given_rows = round(e.completion * side)
         draws = (self.sampler(), params)
         grids = {}
