@@ -1,6 +1,6 @@
 """Host input pipeline throughput (images/s on this host), ours against a tf.data pipeline doing the same work.
 
-Both read the same TFDS imagenet2012 examples, built offline from real photos (igpt_jax/data/fake_ilsvrc.py): ours
+Both read the same TFDS imagenet2012 examples, built offline from real photos (tests/fake_ilsvrc.py): ours
 from ArrayRecord files by index, tf.data from TFRecord files (the format it streams). Both decode the JPEGs and apply
 the paper's training crop (random short side in [256, 384], random 224 crop, area downsample to 32x32), producing
 uint8 [batch, 32, 32, 3]. Ours: PIL in a thread pool (igpt_jax.data.pipeline.load_rows); peer: tf.data with a
@@ -24,13 +24,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny ILSVRC the tests build too
 
 
 import report  # noqa: E402
+from fake_ilsvrc import make_ilsvrc_manual_dir  # noqa: E402
 
 from igpt_jax.configs import fashion_mnist  # noqa: E402
 from igpt_jax.data import get_source, pipeline  # noqa: E402
-from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir  # noqa: E402
 
 
 def _config(dataset: str, data_dir: str, manual_dir: str, batch_size: int, size: int):

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from fake_ilsvrc import make_ilsvrc_manual_dir
 from helpers import fashion_config, read_metrics
 from PIL import Image
 
 from igpt_jax import train
 from igpt_jax.data import get_source, pipeline, preprocess
-from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
 
 HERE = Path(__file__).resolve().parent
 

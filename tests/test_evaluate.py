@@ -10,13 +10,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from fake_ilsvrc import make_ilsvrc_manual_dir
 from flax import nnx
 from helpers import TFDS_TEST_DIR, cli_flags, fashion_config, read_metrics, run_main
 from tolerances import float32_chain, transformer_terms
 
 from igpt_jax import config_checks, palette, sampling, sharding, steps
 from igpt_jax.data import get_source, splits
-from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
 from igpt_jax.evaluators.kinds import loss
 
 

@@ -83,7 +83,7 @@ def test_a_gs_workdir_is_killed_resumed_and_matches_a_local_run(gcs, tmp_path):
 def test_the_imagenet_probe_keeps_its_features_in_a_gs_workdir_and_reuses_them(gcs, tmp_path):
     """The SGD probe of the (offline, real-photo) ILSVRC layout: features computed once into the bucket through
     tensorstore, read back by every epoch, and by a second probe of the same checkpoint with no forward pass."""
-    from igpt_jax.data.fake_ilsvrc import make_ilsvrc_manual_dir
+    from fake_ilsvrc import make_ilsvrc_manual_dir
 
     fs, env, bucket_folder = gcs
     make_ilsvrc_manual_dir(tmp_path / "manual", per_class=8, num_val=20)
