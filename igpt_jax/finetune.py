@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, evaluators, layout, metrics, runtime, steps, storage, train
+from igpt_jax import checkpoint, evaluators, layout, metrics, palette, runtime, steps, storage, train
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
 from igpt_jax.evaluators import runner
@@ -87,7 +87,7 @@ def start_from_pretrained(
     params = dict(restored.state["params"])
     params["classifier"] = jax.jit(lambda: jnp.zeros(head.shape, head.dtype), out_shardings=head_sharding)()
     state = steps.with_fresh_optimizer(setup, jnp.zeros((), jnp.int32), params)
-    clusters = runtime.load_or_fit_palette(  # the pretrained run's palette, checked against its checkpoint
+    clusters = palette.load_or_fit_palette(  # the pretrained run's palette, checked against its checkpoint
         pretrained,
         lambda: get_source(pretrained),
         pretrained_ckpt.directory.parent,

@@ -13,12 +13,21 @@ import io
 import logging
 import math
 import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from etils import epath
 
-from igpt_jax import storage
+from igpt_jax import errors, layout, storage
+from igpt_jax.workdir import DamagedFileError
+
+if TYPE_CHECKING:
+    from igpt_jax.data.sources import Source
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +168,122 @@ def _checked(clusters: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(clusters)) or np.abs(clusters).max() > 1.0 + 1e-6:
         raise ValueError(f"palette {name}: values must be finite and within [-1, 1] (RGB/127.5 - 1)")
     return clusters
+
+
+# --- the run's palette: where it comes from, and the checks that keep a checkpoint's tokens meaning its colours
+
+PALETTE_SAMPLE_IMAGES = 2048  # k-means is fitted on this many training images
+
+
+class PaletteMismatchError(errors.UsageError, ValueError):
+    """The palette the run's tokens were made with differs from the one config.data.palette names."""
+
+
+def load_or_fit_palette(
+    config,
+    source: Callable[[], Source],
+    directory: epath.Path,
+    saved: np.ndarray | None = None,
+    recorded: str | None = None,
+    *,
+    write: bool = True,
+) -> np.ndarray | None:
+    """The run's palette. Its one copy is the workdir's palette.npy, written once, before the first checkpoint;
+    checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: an earlier
+    version's checkpoint copy, or a pretrained run's), else config.data.palette, else fitted by k-means on a sample of
+    the train split (a data set of tokens: the palette its tokens index, when it carries one, else none); palette.npy is
+    written when missing (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops
+    (PaletteMismatchError, naming both) when the colours differ from the fingerprint the restored checkpoint
+    `recorded` or from config.data.palette, and when a checkpoint exists but no palette does."""
+    path = directory / layout.PALETTE
+    missing = (
+        f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
+        f"{(recorded or '')[:16]}...: put the run's palette.npy back, or name a copy of it with "
+        "--config.data.palette=PATH (checked against the checkpoint before use)"
+    )
+    if path.exists():
+        clusters, origin = _workdir_palette(path, recorded), str(path)
+    elif saved is not None:
+        clusters, origin = saved, "the palette handed over with the checkpoint"
+    elif config.data.palette:
+        clusters, origin = load(config.data.palette), None
+    elif source().kind == "tokens":
+        clusters, origin = tokens_palette(source()), None
+        if clusters is None:
+            if recorded is not None:
+                raise PaletteMismatchError(missing)
+            return None
+    else:
+        clusters, origin = _fit_palette(config, source()), None
+        if recorded is not None:  # a checkpoint whose palette.npy is gone: the same fit gives the same colours
+            if fingerprint(clusters) != recorded:
+                raise PaletteMismatchError(
+                    f"{missing}; refitting on the train split gave other colours (SHA-256 "
+                    f"{fingerprint(clusters)[:16]}...)"
+                )
+            log.warning(
+                "%s was missing: refitted on the train split, the palette the checkpoint's tokens were made with "
+                "(SHA-256 %s...)",
+                path,
+                recorded[:16],
+            )
+    if recorded is not None and fingerprint(clusters) != recorded:
+        where = origin or f"config.data.palette={config.data.palette}"
+        raise PaletteMismatchError(
+            f"{where} ({len(clusters)} colours, SHA-256 {fingerprint(clusters)[:16]}...) is not the palette "
+            f"the checkpoint's tokens were made with (SHA-256 {recorded[:16]}...). Nothing was changed. Ways on: "
+            f"put the run's own palette.npy back in {directory}, or use another --workdir."
+        )
+    if origin is not None and config.data.palette:
+        wanted = load(config.data.palette)
+        if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
+            raise PaletteMismatchError(
+                f"config.data.palette={config.data.palette} ({len(wanted)} colours) differs from {origin} "
+                f"({len(clusters)} colours) that this workdir's tokens were made with. Nothing was changed. Ways on: "
+                "leave config.data.palette empty to keep the workdir's palette, or use another --workdir."
+            )
+    if len(clusters) > config.model.vocab_size:
+        raise ValueError(
+            f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
+        )
+    if write and jax.process_index() == 0 and not path.exists():
+        save(path, clusters)
+    return clusters
+
+
+def tokens_palette(source: Source) -> np.ndarray | None:
+    """The colours a data set of tokens indexes (OpenAI's arrays carry theirs), or None (synthetic tokens)."""
+    colours = getattr(source, "palette", None)
+    return None if colours is None else colours()
+
+
+def _fit_palette(config: ml_collections.ConfigDict, source: Source) -> np.ndarray:
+    """k-means on a random sample of the train split (the first n positions of epoch 0's permutation): a pure
+    function of the config and the data, so a refit gives the same colours."""
+    from igpt_jax.data import order, splits  # the data layer reads palettes too: imported when a fit is needed
+
+    train_split = splits(config)[0]
+    total = source.num_examples(train_split)
+    n = min(PALETTE_SAMPLE_IMAGES, total)
+    sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
+    start = time.perf_counter()
+    clusters = fit(sample, k=config.model.vocab_size, seed=config.seed)
+    log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
+    return clusters
+
+
+def _workdir_palette(path: epath.Path, recorded: str | None) -> np.ndarray:
+    """The workdir's palette.npy; a damaged one stops the run naming the file and the ways on."""
+    try:
+        return load(path)
+    except ValueError as e:
+        needed = (
+            f"the checkpoint's tokens were made with the palette whose SHA-256 is {recorded[:16]}..."
+            if recorded
+            else "no checkpoint depends on it yet"
+        )
+        raise DamagedFileError(
+            f"{path} is damaged ({str(e).removeprefix(f'palette {path}: ')}); {needed}. Nothing was moved. Ways on: "
+            "put the run's palette.npy back, or move it away and relaunch: the palette is fitted "
+            "again on the train split, and used only if it has the colours the checkpoint records"
+        ) from e

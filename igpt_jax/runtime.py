@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable, Iterator
 
 import jax
@@ -27,21 +26,14 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import checkpoint, errors, layout, palette, resume, run_lock, sharding, steps, storage
-from igpt_jax.data import get_source, order, splits
+from igpt_jax.data import get_source
 from igpt_jax.data.sources import Source
-from igpt_jax.workdir import DamagedFileError
 
 log = logging.getLogger(__name__)
-
-PALETTE_SAMPLE_IMAGES = 2048
 
 
 class NoCheckpointError(errors.UsageError, ValueError):
     """A mode that needs a trained model found no checkpoint in the workdir."""
-
-
-class PaletteMismatchError(errors.UsageError, ValueError):
-    """The palette the run's tokens were made with differs from the one config.data.palette names."""
 
 
 @dataclasses.dataclass
@@ -71,7 +63,7 @@ class Runtime:
     @functools.cached_property
     def clusters(self) -> np.ndarray | None:
         """The run's palette (None for token data sets); see `load_or_fit_palette`."""
-        return load_or_fit_palette(
+        return palette.load_or_fit_palette(
             self.config, lambda: self.source, self.directory, self.saved_palette, self.saved_fingerprint
         )
 
@@ -200,111 +192,3 @@ def read_params(ckpt: checkpoint.Checkpointer, setup: steps.Setup) -> checkpoint
         raise NoCheckpointError(f"{ckpt.directory} holds no checkpoint that reads (see the warnings above)")
     log.info("%s: checkpoint %d", ckpt.directory, restored.step)
     return restored
-
-
-def load_or_fit_palette(
-    config,
-    source: Callable[[], Source],
-    directory: epath.Path,
-    saved: np.ndarray | None = None,
-    fingerprint: str | None = None,
-    *,
-    write: bool = True,
-) -> np.ndarray | None:
-    """The run's palette. Its one copy is the workdir's palette.npy, written once, before the first checkpoint;
-    checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: an earlier
-    version's checkpoint copy, or a pretrained run's), else config.data.palette, else fitted by k-means on a sample of
-    the train split (a data set of tokens: the palette its tokens index, when it carries one, else none); palette.npy is
-    written when missing (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops
-    (PaletteMismatchError, naming both) when the colours differ from the restored checkpoint's `fingerprint` or from
-    config.data.palette, and when a checkpoint exists but no palette does."""
-    path = directory / layout.PALETTE
-    missing = (
-        f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "
-        f"{(fingerprint or '')[:16]}...: put the run's palette.npy back, or name a copy of it with "
-        "--config.data.palette=PATH (checked against the checkpoint before use)"
-    )
-    if path.exists():
-        clusters, origin = _workdir_palette(path, fingerprint), str(path)
-    elif saved is not None:
-        clusters, origin = saved, "the palette handed over with the checkpoint"
-    elif config.data.palette:
-        clusters, origin = palette.load(config.data.palette), None
-    elif source().kind == "tokens":
-        clusters, origin = tokens_palette(source()), None
-        if clusters is None:
-            if fingerprint is not None:
-                raise PaletteMismatchError(missing)
-            return None
-    else:
-        clusters, origin = _fit_palette(config, source()), None
-        if fingerprint is not None:  # a checkpoint whose palette.npy is gone: the same fit gives the same colours
-            if palette.fingerprint(clusters) != fingerprint:
-                raise PaletteMismatchError(
-                    f"{missing}; refitting on the train split gave other colours (SHA-256 "
-                    f"{palette.fingerprint(clusters)[:16]}...)"
-                )
-            log.warning(
-                "%s was missing: refitted on the train split, the palette the checkpoint's tokens were made with "
-                "(SHA-256 %s...)",
-                path,
-                fingerprint[:16],
-            )
-    if fingerprint is not None and palette.fingerprint(clusters) != fingerprint:
-        where = origin or f"config.data.palette={config.data.palette}"
-        raise PaletteMismatchError(
-            f"{where} ({len(clusters)} colours, SHA-256 {palette.fingerprint(clusters)[:16]}...) is not the palette "
-            f"the checkpoint's tokens were made with (SHA-256 {fingerprint[:16]}...). Nothing was changed. Ways on: "
-            f"put the run's own palette.npy back in {directory}, or use another --workdir."
-        )
-    if origin is not None and config.data.palette:
-        wanted = palette.load(config.data.palette)
-        if wanted.shape != clusters.shape or not np.array_equal(wanted, clusters):
-            raise PaletteMismatchError(
-                f"config.data.palette={config.data.palette} ({len(wanted)} colours) differs from {origin} "
-                f"({len(clusters)} colours) that this workdir's tokens were made with. Nothing was changed. Ways on: "
-                "leave config.data.palette empty to keep the workdir's palette, or use another --workdir."
-            )
-    if len(clusters) > config.model.vocab_size:
-        raise ValueError(
-            f"the palette has {len(clusters)} colours but config.model.vocab_size={config.model.vocab_size}"
-        )
-    if write and jax.process_index() == 0 and not path.exists():
-        palette.save(path, clusters)
-    return clusters
-
-
-def tokens_palette(source: Source) -> np.ndarray | None:
-    """The colours a data set of tokens indexes (OpenAI's arrays carry theirs), or None (synthetic tokens)."""
-    colours = getattr(source, "palette", None)
-    return None if colours is None else colours()
-
-
-def _fit_palette(config: ml_collections.ConfigDict, source: Source) -> np.ndarray:
-    """k-means on a random sample of the train split (the first n positions of epoch 0's permutation): a pure
-    function of the config and the data, so a refit gives the same colours."""
-    train_split = splits(config)[0]
-    total = source.num_examples(train_split)
-    n = min(PALETTE_SAMPLE_IMAGES, total)
-    sample = source.get(train_split, order.global_indices(config.seed, 0, n, total), None)
-    start = time.perf_counter()
-    clusters = palette.fit(sample, k=config.model.vocab_size, seed=config.seed)
-    log.info("palette: %d colours fitted on %d images in %.1fs", len(clusters), n, time.perf_counter() - start)
-    return clusters
-
-
-def _workdir_palette(path: epath.Path, fingerprint: str | None) -> np.ndarray:
-    """The workdir's palette.npy; a damaged one stops the run naming the file and the ways on."""
-    try:
-        return palette.load(path)
-    except ValueError as e:
-        needed = (
-            f"the checkpoint's tokens were made with the palette whose SHA-256 is {fingerprint[:16]}..."
-            if fingerprint
-            else "no checkpoint depends on it yet"
-        )
-        raise DamagedFileError(
-            f"{path} is damaged ({str(e).removeprefix(f'palette {path}: ')}); {needed}. Nothing was moved. Ways on: "
-            "put the run's palette.npy back, or move it away and relaunch: the palette is fitted "
-            "again on the train split, and used only if it has the colours the checkpoint records"
-        ) from e

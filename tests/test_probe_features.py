@@ -11,7 +11,7 @@ import pytest
 from helpers import fashion_config
 from tolerances import float32_pair, transformer_terms
 
-from igpt_jax import runtime, sharding, steps, storage
+from igpt_jax import palette, sharding, steps, storage
 from igpt_jax.data import get_source
 from igpt_jax.evaluators import base
 from igpt_jax.probe import cache, features, linear, protocol, streamed
@@ -20,7 +20,7 @@ from igpt_jax.probe import cache, features, linear, protocol, streamed
 def _probe(config, tmp_path, name="probe"):
     setup = steps.make_setup(config, sharding.make_mesh(config), train=False)
     source = get_source(config)
-    clusters = runtime.load_or_fit_palette(config, lambda: source, storage.path(tmp_path))
+    clusters = palette.load_or_fit_palette(config, lambda: source, storage.path(tmp_path))
     directory = storage.path(tmp_path)
     return setup, protocol.LinearProbe(
         config, config.evals.probe, setup, jnp.asarray(clusters), setup.mesh, directory, name

@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import cli_flags, fashion_config, read_metrics
 
-from igpt_jax import checkpoint, palette, runtime, sharding, steps, storage, train
+from igpt_jax import checkpoint, palette, sharding, steps, storage, train
 from igpt_jax import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -472,7 +472,7 @@ def test_a_config_palette_that_differs_from_the_runs_stops_it(tmp_path):
     before = _snapshot(workdir)
     other = tmp_path / "other.npy"
     palette.save(other, np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
-    with pytest.raises(runtime.PaletteMismatchError) as error:
+    with pytest.raises(palette.PaletteMismatchError) as error:
         train.train_and_evaluate(fashion_config(image_size=8, total_steps=20, data__palette=str(other)), str(workdir))
     message = str(error.value)
     assert f"config.data.palette={other} (16 colours) differs from {workdir / 'palette.npy'}" in message
@@ -495,7 +495,7 @@ def test_the_palette_has_one_copy_that_every_checkpoint_checks(tmp_path):
     shutil.move(workdir / "palette.npy", own)
     palette.save(workdir / "palette.npy", np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3))
     before = _snapshot(workdir)
-    with pytest.raises(runtime.PaletteMismatchError, match="is not the palette the checkpoint's tokens were made"):
+    with pytest.raises(palette.PaletteMismatchError, match="is not the palette the checkpoint's tokens were made"):
         train.train_and_evaluate(fashion_config(image_size=8, total_steps=20), str(workdir))
     assert _snapshot(workdir) == before
     os.remove(workdir / "palette.npy")
@@ -512,15 +512,15 @@ def test_a_missing_palette_is_refitted_and_used_only_if_it_is_the_checkpoints(tm
     train.train_and_evaluate(fashion_config(image_size=8, total_steps=10), str(workdir))
     own = (workdir / "palette.npy").read_bytes()
     os.remove(workdir / "palette.npy")
-    fit = runtime._fit_palette
-    monkeypatch.setattr(runtime, "_fit_palette", lambda config, source: fit(config, source)[::-1].copy())
+    fit = palette._fit_palette
+    monkeypatch.setattr(palette, "_fit_palette", lambda config, source: fit(config, source)[::-1].copy())
     before = _snapshot(workdir)
     with pytest.raises(
-        runtime.PaletteMismatchError, match=r"palette.npy is missing.*refitting on the train split gave"
+        palette.PaletteMismatchError, match=r"palette.npy is missing.*refitting on the train split gave"
     ):
         train.train_and_evaluate(fashion_config(image_size=8, total_steps=20), str(workdir))
     assert _snapshot(workdir) == before
-    monkeypatch.setattr(runtime, "_fit_palette", fit)
+    monkeypatch.setattr(palette, "_fit_palette", fit)
     assert train.train_and_evaluate(fashion_config(image_size=8, total_steps=20), str(workdir))["step"] == 20
     assert (workdir / "palette.npy").read_bytes() == own
 

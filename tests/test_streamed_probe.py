@@ -93,11 +93,11 @@ def test_the_probe_runs_streamed_end_to_end(tmp_path):
     config = fashion_config(evals__probe__solver="sgd", evals__probe__sgd_epochs=3, evals__probe__train_examples=400)
     config.evals.probe.test_examples = 100
     setup = steps.make_setup(config, sharding.make_mesh(config), train=False)
-    from igpt_jax import runtime
+    from igpt_jax import palette
     from igpt_jax.data import get_source
 
     source = get_source(config)
-    clusters = runtime.load_or_fit_palette(config, lambda: source, runtime.storage.path(tmp_path))
+    clusters = palette.load_or_fit_palette(config, lambda: source, storage.path(tmp_path))
     params = steps.init_params(setup)
     probe = protocol.LinearProbe(
         config, config.evals.probe, setup, jnp.asarray(clusters), setup.mesh, storage.path(tmp_path), "probe"

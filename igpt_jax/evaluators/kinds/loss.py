@@ -130,7 +130,7 @@ class Evaluator:
             f"config.data.dataset={self.config.data.dataset!r}"
         )  # fmt: skip
         problems = [sources.split_problem(self.source, key, self.split)]
-        colours = runtime.tokens_palette(self.source)  # only a data set of tokens that carries its palette has one
+        colours = palette.tokens_palette(self.source)  # only a data set of tokens that carries its palette has one
         if problems[0] is None and colours is not None:  # the run's palette is read (or fitted) for that one only
             problems.append(palette_problem(where, self.source, colours, self.rt.clusters))
         return [problem for problem in problems if problem]
