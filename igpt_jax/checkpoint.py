@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state, palette and config: saves that fail loudly, restores that never lose work.
 
 Layout: workdir/checkpoints/<step>/ (Orbax's step folders; only finalized ones count) with items `state`, `config`
-and `palette_fingerprint` (the SHA-256 of the workdir's palette.npy, the palette's one copy: restore checks it;
-checkpoints of earlier versions hold a `palette` copy instead, still read); the workdir may be local or gs://
+and `palette_fingerprint` (the SHA-256 of the workdir's palette.npy, the palette's one copy: restore checks it);
+the workdir may be local or gs://
 (Orbax goes through etils.epath and tensorstore). Restoring takes an abstract target that carries the *current*
 shardings, so a run saved on 8 devices resumes on 4.
 
@@ -74,7 +74,6 @@ class CheckpointReadError(errors.RunFailedError, RuntimeError):
 class Restored:
     step: int
     state: Any  # the full train state, or {'step', 'params'} when plan.params_only
-    palette: np.ndarray | None  # a copy of the palette, in checkpoints of earlier versions only
     plan: resume.Plan
     palette_fingerprint: str | None = None  # palette.fingerprint of the colours its tokens were made with
 
@@ -148,7 +147,6 @@ class Checkpointer:
         )
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(),
-            "palette": ocp.PyTreeCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
             "palette_fingerprint": ocp.JsonCheckpointHandler(),
         }
@@ -241,9 +239,6 @@ class Checkpointer:
                     partial_restore=plan.params_only,
                 )
             }
-            has_palette = "palette" in saved_items
-            if has_palette:
-                items["palette"] = ocp.args.PyTreeRestore()
             if "palette_fingerprint" in saved_items:
                 items["palette_fingerprint"] = ocp.args.JsonRestore()
             args = ocp.args.Composite(**items)
@@ -252,12 +247,9 @@ class Checkpointer:
             )
             if restored is None:
                 continue
-            copy = np.asarray(restored["palette"]["clusters"]) if has_palette else None
-            if "palette_fingerprint" in saved_items:
-                fingerprint = restored["palette_fingerprint"]["sha256"]
-            else:
-                fingerprint = None if copy is None else palette.fingerprint(copy)
-            return Restored(candidate, restored["state"], copy, plan, fingerprint)
+            recorded = restored.get("palette_fingerprint")
+            fingerprint = None if recorded is None else recorded["sha256"]
+            return Restored(candidate, restored["state"], plan, fingerprint)
         if step is not None:
             raise CheckpointReadError(f"checkpoint {self.directory / str(step)} is broken (see the warning above)")
         return None
@@ -277,9 +269,7 @@ class Checkpointer:
         config = None
         if "config" in names:
             config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        palette_items = {
-            name for name in ("palette", "palette_fingerprint") if (self.directory / str(step) / name).exists()
-        }
+        palette_items = {name for name in ("palette_fingerprint",) if (self.directory / str(step) / name).exists()}
         return resume.leaves_by_path(tree), config, palette_items
 
     def _read(self, step: int, what: str, read: Callable[[], Any], set_aside: bool = True) -> Any:

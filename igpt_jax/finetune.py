@@ -91,7 +91,7 @@ def start_from_pretrained(
         pretrained,
         lambda: get_source(pretrained),
         pretrained_ckpt.directory.parent,
-        restored.palette,
+        None,
         restored.palette_fingerprint,
         write=False,
     )

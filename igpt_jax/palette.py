@@ -189,12 +189,12 @@ def load_or_fit_palette(
     write: bool = True,
 ) -> np.ndarray | None:
     """The run's palette. Its one copy is the workdir's palette.npy, written once, before the first checkpoint;
-    checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: an earlier
-    version's checkpoint copy, or a pretrained run's), else config.data.palette, else fitted by k-means on a sample of
-    the train split (a data set of tokens: the palette its tokens index, when it carries one, else none); palette.npy is
-    written when missing (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops
-    (PaletteMismatchError, naming both) when the colours differ from the fingerprint the restored checkpoint
-    `recorded` or from config.data.palette, and when a checkpoint exists but no palette does."""
+    checkpoints record its fingerprint. Read from palette.npy, else from `saved` (a palette handed over: a pretrained
+    run's, to fine-tuning), else config.data.palette, else fitted by k-means on a sample of the train split (a data set
+    of tokens: the palette its tokens index, when it carries one, else none); palette.npy is written when missing
+    (`write`). The data source (`source()`) is only opened when there is no palette yet. Stops (PaletteMismatchError,
+    naming both) when the colours differ from the fingerprint the restored checkpoint `recorded` or from
+    config.data.palette, and when a checkpoint exists but no palette does."""
     path = directory / layout.PALETTE
     missing = (
         f"{path} is missing, and the checkpoint's tokens were made with the palette whose SHA-256 is "

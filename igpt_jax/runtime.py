@@ -45,7 +45,7 @@ class Runtime:
     checkpointer: checkpoint.Checkpointer
     state: steps.State  # {'step', 'params', 'opt_state'} for training, {'step', 'params'} otherwise
     lock: run_lock.RunLock
-    saved_palette: np.ndarray | None = None  # a palette handed over: an earlier version's checkpoint copy, a start's
+    saved_palette: np.ndarray | None = None  # a palette handed over by the start (a pretrained run's)
     saved_fingerprint: str | None = None  # the restored checkpoint's record of its palette (palette.fingerprint)
 
     @property
@@ -110,8 +110,8 @@ def for_training(
 def _restore_or_start(
     ckpt: checkpoint.Checkpointer, setup: steps.Setup, start: StartFn
 ) -> tuple[steps.State, np.ndarray | None, str | None]:
-    """(state, a palette copy, the palette's fingerprint) from the newest checkpoint that fits and reads, or from
-    `start`."""
+    """(state, the palette `start` hands over, the palette's fingerprint): from the newest checkpoint that fits and
+    reads (whose palette is the workdir's palette.npy), or from `start`."""
     restored = ckpt.restore_latest(setup.abstract_state)
     if restored is None:
         return (*start(setup), None)
@@ -122,7 +122,7 @@ def _restore_or_start(
         state = steps.with_fresh_optimizer(setup, state["step"], state["params"])
         log.warning("config.restore='params': restored the parameters and step %d, new optimizer state", restored.step)
     log.info("resumed from %s/%d", ckpt.directory, restored.step)
-    return state, restored.palette, restored.palette_fingerprint
+    return state, None, restored.palette_fingerprint
 
 
 @contextlib.contextmanager
@@ -141,9 +141,7 @@ def for_checkpoint(
         restored = read_params(ckpt, setup)
         with jax.set_mesh(mesh):  # once, around everything the mode runs
             state = restored.state
-            yield Runtime(
-                config, directory, mesh, setup, ckpt, state, lock, restored.palette, restored.palette_fingerprint
-            )
+            yield Runtime(config, directory, mesh, setup, ckpt, state, lock, None, restored.palette_fingerprint)
         ckpt.close()
     finally:
         lock.release()

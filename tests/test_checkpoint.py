@@ -1,6 +1,6 @@
 """The Checkpointer on its own, in seconds (tests/test_recovery.py runs it inside real runs): what a restore returns,
 which step it picks, how many it keeps, a failed save's message, reads retried before a verdict, the palette a step
-was trained with, checkpoints of an earlier version, and the one-line causes it reports."""
+was trained with, and the one-line causes it reports."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_the_newest_step_comes_back_as_saved_with_its_palettes_fingerprint(tmp_p
     assert (restored.step, ckpt.latest_step()) == (20, 20) and _equal(restored.state, _at(state, 20, setup))
     assert older.step == 10 and _equal(older.state, _at(state, 10, setup))
     assert restored.plan == resume.Plan(params_only=False, accepted_changes=[])
-    assert restored.palette is None and restored.palette_fingerprint == palette.fingerprint(CLUSTERS)
+    assert restored.palette_fingerprint == palette.fingerprint(CLUSTERS)
     leaf = restored.state["params"]["wte"]
     assert leaf.sharding == setup.abstract_state["params"]["wte"].sharding  # onto the current layout
 
@@ -242,24 +242,6 @@ def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(
     ckpt.close()
 
 
-def test_a_checkpoint_of_an_earlier_version_brings_its_palette_copy(tmp_path, setup, state):
-    """Before the fingerprint, a step held a copy of the palette: it is returned, and its fingerprint is the copy's."""
-    manager = ocp.CheckpointManager(
-        tmp_path / "checkpoints",
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "palette": ocp.PyTreeCheckpointHandler(),
-                       "config": ocp.JsonCheckpointHandler()},
-    )  # fmt: skip
-    items = {"state": ocp.args.PyTreeSave(_at(state, 5, setup)), "palette": ocp.args.PyTreeSave({"clusters": CLUSTERS})}
-    manager.save(5, args=ocp.args.Composite(**items, config=ocp.args.JsonSave(resume.as_saved(setup.config))))
-    manager.wait_until_finished()
-    manager.close()
-    ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
-    restored = ckpt.restore_latest(setup.abstract_state)
-    ckpt.close()
-    np.testing.assert_array_equal(restored.palette, CLUSTERS)
-    assert restored.palette_fingerprint == palette.fingerprint(CLUSTERS) and restored.step == 5
-
-
 def test_a_step_saved_without_a_palette_has_no_fingerprint_and_one_without_state_metadata_is_broken(
     tmp_path, setup, state
 ):
@@ -268,7 +250,7 @@ def test_a_step_saved_without_a_palette_has_no_fingerprint_and_one_without_state
     ckpt.close()
     ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
     restored = ckpt.restore_latest(setup.abstract_state)
-    assert (restored.step, restored.palette, restored.palette_fingerprint) == (7, None, None)
+    assert (restored.step, restored.palette_fingerprint) == (7, None)
     assert not (tmp_path / "checkpoints" / "7" / "palette_fingerprint").exists()
     os.remove(tmp_path / "checkpoints" / "7" / "state" / "_METADATA")
     with pytest.raises(FileNotFoundError, match="no readable metadata for the state"):
