@@ -33,13 +33,9 @@ class Stopped(Exception):  # noqa: N818 - not an error: the stop the user asked 
 
 
 class StopRequest:
-    """Remembers SIGTERM and SIGINT while installed (between `__init__` and `restore`). A stop signal that arrived
-    during start-up but whose StoppedOutsideTheWork some library caught on its way out (a bare `except:`, a
-    finalizer) is raised again here, the last moment before the first step."""
+    """Remembers SIGTERM and SIGINT while installed (between `__init__` and `restore`)."""
 
     def __init__(self):
-        if _START_UP_SIGNALS:
-            raise _START_UP_SIGNALS[-1]
         self.signal: signal.Signals | None = None
         self.stopping = False  # every process agreed to stop (set by `agreed`)
         self.saving = False  # set by the loop while the final save runs: a second Ctrl-C then aborts it
@@ -80,10 +76,6 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
-# The stops outside_the_work's handler raised: StopRequest raises the newest again if it was swallowed.
-_START_UP_SIGNALS: list[StoppedOutsideTheWork] = []
-
-
 class StoppedOutsideTheWork(BaseException):  # noqa: N818 - not an error: the stop the user asked for
     """Raised by `outside_the_work`'s handler wherever the main thread is. A BaseException, as KeyboardInterrupt is,
     so that no `except Exception` on the way out (a logging handler's, a library's) swallows it."""
@@ -102,13 +94,11 @@ def outside_the_work(what: str = "the run") -> Iterator[None]:
 
     def handle(signum, frame):
         sig = signal.Signals(signum)
-        stop = StoppedOutsideTheWork(
+        raise StoppedOutsideTheWork(
             f"stopped on request ({sig.name}) while {what} was starting or finishing: nothing was lost (no step "
             "had trained since its checkpoint); relaunch the same command to continue",
             EXIT_CODES[sig],
         )
-        _START_UP_SIGNALS.append(stop)
-        raise stop
 
     previous = {
         sig: signal.signal(sig, handle)
@@ -118,6 +108,5 @@ def outside_the_work(what: str = "the run") -> Iterator[None]:
     try:
         yield
     finally:
-        _START_UP_SIGNALS.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
