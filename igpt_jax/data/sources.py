@@ -326,6 +326,13 @@ def split_problem(source: Source, key: str, split: str) -> str | None:
     return None if problem is None else f"{key}={split!r}: {problem}"
 
 
+def with_dataset(config: ml_collections.ConfigDict, dataset: str) -> ml_collections.ConfigDict:
+    """A copy of `config` reading `dataset` (an evaluator's own data set, under the run's other settings)."""
+    config = config.copy_and_resolve_references()
+    config.data.dataset = dataset
+    return config
+
+
 def get_source(config: ml_collections.ConfigDict) -> Source:
     problem = unknown("config.data.dataset", config.data.dataset, config.data.data_dir)
     if problem:
@@ -346,4 +353,5 @@ __all__ = [
     "split_problem",
     "splits",
     "unknown",
+    "with_dataset",
 ]

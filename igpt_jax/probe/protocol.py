@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 
 from igpt_jax import defaults, palette, steps
-from igpt_jax.data import get_source
+from igpt_jax.data import get_source, sources
 from igpt_jax.data.sources import HELDOUT_PERCENT
 from igpt_jax.evaluators import base
 from igpt_jax.probe import attentive, cache, features, linear, streamed
@@ -62,8 +62,7 @@ def params_digest(params) -> str:
 
 def source_of(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict):
     """(the config the probe's data is read under, its source): the run's config with the entry's data set."""
-    data_config = config.copy_and_resolve_references()
-    data_config.data.dataset = entry.dataset
+    data_config = sources.with_dataset(config, entry.dataset)
     return data_config, get_source(data_config)
 
 

@@ -33,10 +33,8 @@ def split_of(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict
 def data_config(config: ml_collections.ConfigDict, entry: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config an entry's data is read under: the run's, with the entry's own data set when it names one."""
     if not entry.dataset or entry.dataset == config.data.dataset:
-        return config
-    config = config.copy_and_resolve_references()
-    config.data.dataset = entry.dataset
-    return config
+        return config  # the run's own source serves it
+    return sources.with_dataset(config, entry.dataset)
 
 
 def palette_problem(where: str, source: Source, colours, clusters) -> str | None:
