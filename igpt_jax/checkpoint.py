@@ -134,6 +134,12 @@ def _agree(ok: bool, corrupt: bool) -> tuple[bool, bool]:
     return bool(every[:, 0].all()), bool(every[:, 1].any())
 
 
+def saved_steps(workdir: epath.Path) -> list[int]:
+    """The workdir's finalized checkpoint steps, oldest first, as Orbax counts them (a save still in flight is not
+    one), read without opening a CheckpointManager: it creates folders and, with several processes, waits on all."""
+    return sorted(ocp.utils.checkpoint_steps(workdir / layout.CHECKPOINTS))
+
+
 class Checkpointer:
     def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict):
         self.directory = workdir / layout.CHECKPOINTS

@@ -67,13 +67,13 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
 
 def _newest_checkpoint(workdir: str) -> str:
     """What a stop without saving left: the newest checkpoint, or that there is none yet."""
-    from igpt_jax import storage
+    from igpt_jax import checkpoint, storage
 
-    folder = storage.path(workdir) / layout.CHECKPOINTS
-    saved = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    directory = storage.path(workdir)
+    saved = checkpoint.saved_steps(directory)
     if not saved:
         return "no checkpoint had been written yet: a relaunch starts from step 0"
-    return f"the newest checkpoint, {folder / str(saved[-1])}, is intact"
+    return f"the newest checkpoint, {directory / layout.CHECKPOINTS / str(saved[-1])}, is intact"
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -131,7 +131,7 @@ def for_checkpoint(
 ) -> Iterator[Runtime]:
     """A trained model's parameters, under its checkpoint's own recipe; raises NoCheckpointError without one."""
     directory = storage.path(workdir)
-    if not (directory / layout.CHECKPOINTS).exists():
+    if not checkpoint.saved_steps(directory):
         raise _no_checkpoint(directory)  # before the lock: a mistyped workdir is not created
     lock = run_lock.acquire_everywhere(directory)
     try:
@@ -159,21 +159,19 @@ def checkpoint_recipe(
 ) -> tuple[ml_collections.ConfigDict, checkpoint.Checkpointer]:
     """`config` under the recipe of the workdir's newest checkpoint (or config.checkpoint_step's), and a Checkpointer
     that reads it. Raises NoCheckpointError without one."""
-    if not (directory / layout.CHECKPOINTS).exists():
+    saved = checkpoint.saved_steps(directory)
+    if not saved:
         raise _no_checkpoint(directory)
-    ckpt = checkpoint.Checkpointer(directory, config)
-    step = config.checkpoint_step or ckpt.latest_step()
-    if step is None:
-        raise _no_checkpoint(directory)
-    if step not in ckpt.manager.all_steps():  # only a chosen step can be absent
-        ckpt.close()
+    step = config.checkpoint_step or saved[-1]
+    if step not in saved:  # only a chosen step can be absent
         raise NoCheckpointError(
             f"config.checkpoint_step={step}: {directory / layout.CHECKPOINTS} holds no step {step}; it holds "
-            f"{sorted(ckpt.manager.all_steps())} (0 or left out: the newest)"
+            f"{saved} (0 or left out: the newest)"
         )
-    saved = ckpt.saved_config(step)
-    if saved is not None:
-        config, taken = resume.with_recipe_of(saved, config)
+    ckpt = checkpoint.Checkpointer(directory, config)
+    recipe = ckpt.saved_config(step)
+    if recipe is not None:
+        config, taken = resume.with_recipe_of(recipe, config)
         for change in taken:
             log.warning("using checkpoint %d's recipe: %s", step, change)
     ckpt.config = config  # compared with what the checkpoint holds: the recipe now agrees
