@@ -175,9 +175,9 @@ SCHEMA: dict[str, Key] = {
                          "(pip install wandb; WANDB_MODE=offline and the like apply)"),
     "wandb.entity": Key("", Free("a W&B entity, or '' (yours)"), STEERS, "the W&B team or user"),
     "wandb.name": Key("", Free("a name, or '' (the workdir's folder name)"), STEERS, "the run's name in W&B"),
-    "restore": Key("all", Choices(_registry("igpt_jax.resume", "RESTORE_MODES")), STEERS,
+    "restore": Key("all", Choices(_registry("igpt_jax.workdir.resume", "RESTORE_MODES")), STEERS,
                    "what a relaunch restores: 'all' (step, parameters, optimizer state) or 'params' (which also "
-                   "accepts changed recipe keys; igpt_jax/resume.py)"),
+                   "accepts changed recipe keys; igpt_jax/workdir/resume.py)"),
     "checkpoint_step": Key(0, Range(_integer_at_least(0), "an integer >= 0 (0: the newest checkpoint)"), STEERS,
                            "the checkpoint eval, probe, sample and finetune read; 0: the newest"),
     "objective": Key("ar", Choices(_registry("igpt_jax.objectives", "OBJECTIVES")), RECIPE,

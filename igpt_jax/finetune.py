@@ -27,11 +27,12 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import checkpoint, evaluators, layout, metrics, palette, runtime, steps, storage, train
+from igpt_jax import evaluators, metrics, palette, runtime, steps, train
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import HELDOUT_PERCENT
 from igpt_jax.evaluators import runner
 from igpt_jax.evaluators.kinds import loss
+from igpt_jax.workdir import checkpoint, layout, storage
 
 log = logging.getLogger(__name__)
 

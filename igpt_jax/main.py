@@ -17,7 +17,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from igpt_jax import config_checks, configs, defaults, errors, layout
+from igpt_jax import config_checks, configs, defaults, errors
+from igpt_jax.workdir import layout
 
 
 class Mode(NamedTuple):
@@ -48,7 +49,8 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
     """Runs a mode; every known way for it to stop becomes one line and an exit status."""
     module_name, _, function = MODES[mode].target.partition(":")
     mode_fn = getattr(importlib.import_module(module_name), function)
-    from igpt_jax import interrupts, storage
+    from igpt_jax import interrupts
+    from igpt_jax.workdir import storage
 
     try:
         with interrupts.outside_the_work(f"--mode={mode}"):
@@ -67,7 +69,7 @@ def _run_mode(mode: str, config: ml_collections.ConfigDict, workdir: str) -> Non
 
 def _newest_checkpoint(workdir: str) -> str:
     """What a stop without saving left: the newest checkpoint, or that there is none yet."""
-    from igpt_jax import checkpoint, storage
+    from igpt_jax.workdir import checkpoint, storage
 
     directory = storage.path(workdir)
     saved = checkpoint.saved_steps(directory)
@@ -284,7 +286,7 @@ def use_compilation_cache(setting: str, workdir: str) -> str | None:
     returns the folder, or None when it is off."""
     import jax
 
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     if setting == "auto":
         setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.fspath(

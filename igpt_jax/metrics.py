@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import hardware, layout, storage, wandb_run
+from igpt_jax import hardware, wandb_run
 from igpt_jax.defaults import tokens_per_image
+from igpt_jax.workdir import layout, storage
 
 
 def attention_flops_per_token(config: ml_collections.ConfigDict) -> float:

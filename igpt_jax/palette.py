@@ -23,8 +23,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from igpt_jax import errors, layout, storage
-from igpt_jax.workdir import DamagedFileError
+from igpt_jax import errors
+from igpt_jax.workdir import layout, storage
+from igpt_jax.workdir.config_file import DamagedFileError
 
 if TYPE_CHECKING:
     from igpt_jax.data.sources import Source

@@ -17,7 +17,7 @@ import tempfile
 import jax
 import ml_collections
 
-from igpt_jax import layout, storage
+from igpt_jax.workdir import layout, storage
 
 log = logging.getLogger(__name__)
 

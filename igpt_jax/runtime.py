@@ -25,9 +25,10 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpt_jax import checkpoint, errors, layout, palette, resume, run_lock, sharding, steps, storage
+from igpt_jax import errors, palette, sharding, steps
 from igpt_jax.data import get_source
 from igpt_jax.data.sources import Source
+from igpt_jax.workdir import checkpoint, layout, resume, run_lock, storage
 
 log = logging.getLogger(__name__)
 

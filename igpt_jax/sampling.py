@@ -28,11 +28,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from igpt_jax import defaults, palette, plots, sharding, steps, storage
+from igpt_jax import defaults, palette, plots, sharding, steps
 from igpt_jax import model as model_lib
 from igpt_jax.data import preprocess, splits
 from igpt_jax.data.sources import Source
 from igpt_jax.evaluators import base
+from igpt_jax.workdir import storage
 
 SAMPLE_KEY = 0x73_61_6D_70  # folded into sample.seed's key: no training or evaluation key is the same
 

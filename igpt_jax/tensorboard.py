@@ -18,7 +18,7 @@ from etils import epath
 from PIL import Image
 from tensorboardX import SummaryWriter, record_writer
 
-from igpt_jax import storage
+from igpt_jax.workdir import storage
 
 
 class _StoreFile:

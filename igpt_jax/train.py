@@ -20,23 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from igpt_jax import (
-    attention,
-    checkpoint,
-    defaults,
-    distributed,
-    interrupts,
-    layout,
-    metrics,
-    profiling,
-    run_lock,
-    runtime,
-    sharding,
-    steps,
-    workdir,
-)
+from igpt_jax import attention, defaults, distributed, interrupts, metrics, profiling, runtime, sharding, steps
 from igpt_jax.data import pipeline, splits
 from igpt_jax.evaluators import base, runner
+from igpt_jax.workdir import checkpoint, config_file, layout, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +118,7 @@ def loop(rt: runtime.Runtime) -> dict:
     # --- data (every split the run and its evaluators will read, checked now), palette and config.json
     runner.check_data(rt, chosen, {"config.data.train_split": splits(config)[0]})
     source, clusters, clusters_device = rt.source, rt.clusters, rt.clusters_device
-    workdir.write_config(directory, config, first_step)
+    config_file.write_config(directory, config, first_step)
 
     # --- steps, and the same program on every process (checked before the first collective can hang on it)
     train_step = steps.make_train_step(setup)
@@ -150,7 +137,7 @@ def loop(rt: runtime.Runtime) -> dict:
                 layout.METRICS_SUPERSEDED,
             )
     writer = metrics.MetricsWriter(directory, resumed_step=first_step, config=config)
-    writer.text(first_step, "config", f"```json\n{workdir.config_text(config)}```")  # TensorBoard's Text tab
+    writer.text(first_step, "config", f"```json\n{config_file.config_text(config)}```")  # TensorBoard's Text tab
     tokens_per_step = config.batch_size * defaults.tokens_per_image(config)
     flops_per_step = metrics.flops_per_token(config) * tokens_per_step
     ceiling = loss_ceiling(config)
@@ -257,7 +244,7 @@ def loop(rt: runtime.Runtime) -> dict:
         watchdog.close()  # after the final save: a save that hangs is still caught
         stop_request.restore()
     if jax.process_index() == 0:
-        print(workdir.summary(directory), flush=True)
+        print(config_file.summary(directory), flush=True)
         if shown:
             print(f"igpt: samples: {', '.join(shown)}", flush=True)
     return last

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from igpt_jax import storage
+from igpt_jax.workdir import storage
 
 
 def run_id(workdir: str | os.PathLike) -> str:

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import override, tiny_config
 
-from igpt_jax import checkpoint, palette, resume, sharding, steps, storage
+from igpt_jax import palette, sharding, steps
+from igpt_jax.workdir import checkpoint, resume, storage
 
 CLUSTERS = np.linspace(-1, 1, 48, dtype=np.float32).reshape(16, 3)
 
@@ -99,7 +100,7 @@ def test_a_broken_step_is_left_in_place_for_a_mode_that_only_reads_and_a_step_as
 ):
     ckpt = _saved(tmp_path, setup, state)
     (tmp_path / "checkpoints" / "20" / "state" / "_METADATA").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.checkpoint"):
         restored = ckpt.restore_latest(setup.abstract_state, set_aside=False)
     assert restored.step == 10 and sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
     (line,) = [r.getMessage() for r in caplog.records]
@@ -109,7 +110,7 @@ def test_a_broken_step_is_left_in_place_for_a_mode_that_only_reads_and_a_step_as
         ckpt.restore_latest(setup.abstract_state, step=20, set_aside=False)
     assert str(error.value) == f"checkpoint {tmp_path}/checkpoints/20 is broken (see the warning above)"
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.checkpoint"):
         assert ckpt.restore_latest(setup.abstract_state).step == 10  # a run sets it aside
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"checkpoint {tmp_path}/checkpoints/20 is broken (JSONDecodeError: ")
@@ -123,7 +124,7 @@ def test_the_config_of_a_broken_step_reads_as_none_and_leaves_it_in_place(tmp_pa
     """saved_config serves relaunch checks, which only read: a broken step is never moved by them."""
     ckpt = _saved(tmp_path, setup, state)
     (tmp_path / "checkpoints" / "20" / "state" / "_METADATA").write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="igpt_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.checkpoint"):
         assert ckpt.saved_config(10) is not None and ckpt.saved_config(20) is None
     assert (
         sorted(os.listdir(tmp_path / "checkpoints")) == ["10", "20"]
@@ -219,7 +220,7 @@ def test_a_read_is_retried_after_each_delay_then_stops_naming_the_checkpoint(
     with pytest.raises(checkpoint.CheckpointReadError) as error, caplog.at_level(logging.WARNING):
         ckpt._read(10, "arrays", unavailable)
     assert slept == list(checkpoint.RETRY_DELAYS) == [1.0, 3.0]
-    assert [r.getMessage() for r in caplog.records if r.name == "igpt_jax.checkpoint"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "igpt_jax.workdir.checkpoint"] == [
         f"reading checkpoint 10 (arrays) failed (ValueError: UNAVAILABLE: connection reset by peer); retrying in {s}s"
         for s in (1, 3)
     ]

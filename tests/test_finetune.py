@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from helpers import fashion_config, read_metrics, tiny_config
 
-from igpt_jax import finetune, objectives, palette, runtime, sharding, steps, storage
+from igpt_jax import finetune, objectives, palette, runtime, sharding, steps
 from igpt_jax import model as model_lib
+from igpt_jax.workdir import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

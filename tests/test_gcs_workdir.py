@@ -155,7 +155,7 @@ def test_a_gs_workdir_that_cannot_be_used_stops_at_once_naming_it_and_why(gcs, t
     ],
 )
 def test_the_likely_cause_of_a_refused_gs_location_is_named(monkeypatch, error, words):
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     monkeypatch.setattr(storage.socket, "create_connection", lambda *a, **k: type("C", (), {"close": lambda s: 0})())
 

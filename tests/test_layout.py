@@ -1,5 +1,5 @@
-"""The workdir's file names are stated once, in igpt_jax/layout.py: no other module of the package spells one as a
-literal (a Hugging Face folder's own config.json, in convert/huggingface.py, is another folder's layout)."""
+"""The workdir's file names are stated once, in igpt_jax/workdir/layout.py: no other module of the package spells one
+as a literal (a Hugging Face folder's own config.json, in convert/huggingface.py, is another folder's layout)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-from igpt_jax import layout
+from igpt_jax.workdir import layout
 
 # Names the workdir's layout gives that mean nothing else in the package (mode names and config keys such as
 # "finetune" and "compile", and the model's "probe_features" output, are other things spelt alike).
@@ -51,8 +51,8 @@ def test_the_workdirs_file_names_are_spelt_in_layout_only():
     found = []
     for path in sorted((ROOT / "igpt_jax").rglob("*.py")):
         relative = str(path.relative_to(ROOT))
-        if relative == "igpt_jax/layout.py":
+        if relative == "igpt_jax/workdir/layout.py":
             continue
         found += [(relative, name) for name in _literals(path) & NAMES if (relative, name) not in ELSEWHERE]
-    assert not found, f"ask igpt_jax/layout.py for these: {found}"
-    assert _literals(ROOT / "igpt_jax" / "layout.py") | {layout.record("probe")} >= NAMES
+    assert not found, f"ask igpt_jax/workdir/layout.py for these: {found}"
+    assert _literals(ROOT / "igpt_jax" / "workdir" / "layout.py") | {layout.record("probe")} >= NAMES

@@ -250,7 +250,7 @@ def test_on_gcs_tensorboard_reads_back_scalars_images_text_and_the_purge_on_resu
     a relaunch from step 2 redoing 3 and 4) are what tensorboard's own reader makes of a local copy of the bucket."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     workdir = storage.path(gcs_here)
     first = metrics.MetricsWriter(workdir, enabled=True)
@@ -283,7 +283,7 @@ def test_on_gcs_tensorboard_reads_back_scalars_images_text_and_the_purge_on_resu
 def test_on_gcs_a_forced_flush_makes_every_row_durable(gcs_here):
     """An object store is rewritten whole at a flush, so unforced flushes wait min_flush_seconds; the forced one
     before each checkpoint save uploads every row written so far, metrics.jsonl and TensorBoard alike."""
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     workdir = storage.path(gcs_here)
     writer = metrics.MetricsWriter(workdir, enabled=True)

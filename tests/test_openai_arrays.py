@@ -71,7 +71,7 @@ def test_a_missing_array_says_how_openai_fetches_it(trained, tmp_path):
 
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_rows_read_by_index_are_the_files_rows_locally_and_on_gs(where, tmp_path, request):
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     rng = np.random.default_rng(0)
     tokens, labels = rng.integers(0, 16, (30, 64)).astype(np.int64), rng.integers(0, 10, 30)  # the config's 16 colours

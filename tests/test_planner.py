@@ -16,9 +16,10 @@ import jax
 import pytest
 from helpers import override, read_metrics, run_main, tiny_config
 
-from igpt_jax import hardware, layout, metrics
+from igpt_jax import hardware, metrics
 from igpt_jax.planning import compiled, mode
 from igpt_jax.planning import report as report_lib
+from igpt_jax.workdir import layout
 
 pytest.importorskip("libtpu", reason="the compile-only planner needs libtpu (pip install igpt_jax[plan])")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -298,7 +299,7 @@ def test_a_program_the_compiler_refuses_for_memory_is_a_verdict_with_the_sizes_i
 
 
 def test_a_compile_holds_the_workdirs_lock_and_a_held_workdir_is_refused_before_compiling(tmp_path, monkeypatch):
-    from igpt_jax import run_lock, storage
+    from igpt_jax.workdir import run_lock, storage
 
     planned = []
     monkeypatch.setattr(report_lib, "plan", lambda config: planned.append(config) or {"fits": True})

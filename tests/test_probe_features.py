@@ -11,10 +11,11 @@ import pytest
 from helpers import fashion_config
 from tolerances import float32_pair, transformer_terms
 
-from igpt_jax import palette, sharding, steps, storage
+from igpt_jax import palette, sharding, steps
 from igpt_jax.data import get_source
 from igpt_jax.evaluators import base
 from igpt_jax.probe import cache, features, linear, protocol, streamed
+from igpt_jax.workdir import storage
 
 
 def _probe(config, tmp_path, name="probe"):

@@ -7,7 +7,8 @@ import jax
 import pytest
 from helpers import fashion_config
 
-from igpt_jax import config_checks, storage, train
+from igpt_jax import config_checks, train
+from igpt_jax.workdir import storage
 
 
 def _traces(workdir: str) -> list[storage.Path]:

@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from helpers import cli_flags, fashion_config, read_metrics
 
-from igpt_jax import checkpoint, palette, sharding, steps, storage, train
-from igpt_jax import workdir as workdir_lib
+from igpt_jax import palette, sharding, steps, train
+from igpt_jax.workdir import checkpoint, config_file, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = cli_flags(image_size=8, embed_dim=32, total_steps=20, eval_every=20, checkpoint_every=10, warmup=3)
@@ -553,7 +553,7 @@ def test_a_damaged_workdir_file_stops_the_relaunch_naming_it_and_the_way_on_work
     (workdir / name).write_bytes(WORKDIR_DAMAGES[damage](original))
     before = _snapshot(workdir)
     config = fashion_config(image_size=8, total_steps=20)
-    with pytest.raises(workdir_lib.DamagedFileError) as error:
+    with pytest.raises(config_file.DamagedFileError) as error:
         train.train_and_evaluate(config, str(workdir))
     message = str(error.value)
     assert message.startswith(f"{workdir / name} is damaged (") and "\n" not in message

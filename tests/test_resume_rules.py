@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from helpers import fashion_config
 
-from igpt_jax import resume, sharding, steps
+from igpt_jax import sharding, steps
 from igpt_jax.configs import base
+from igpt_jax.workdir import resume
 
 
 def _tree(config) -> dict:

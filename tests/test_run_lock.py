@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from igpt_jax import run_lock, storage
+from igpt_jax.workdir import run_lock, storage
 
 DEAD_PID = 2**22 + 12345  # above the kernel's largest pid_max: no such process
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
@@ -56,7 +56,7 @@ def now(monkeypatch) -> float:
 def _takes_over(tmp_path, caplog, **kwargs) -> str:
     """Acquires over the lock in place and returns the reason the warning gave."""
     lock = _lock(tmp_path, **kwargs)
-    with caplog.at_level(logging.WARNING, logger="igpt_jax.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.run_lock"):
         lock.acquire()
     try:
         assert _read(tmp_path)["token"] == lock._token
@@ -251,7 +251,7 @@ def test_a_heartbeat_that_fails_to_write_is_tried_again_at_the_next_beat(tmp_pat
     first = _read(tmp_path)["heartbeat"]
     monkeypatch.setattr(storage, "write_bytes", flaky)
     try:
-        with caplog.at_level(logging.WARNING, logger="igpt_jax.run_lock"):
+        with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.run_lock"):
             deadline = time.time() + 10
             while _read(tmp_path)["heartbeat"] == first and time.time() < deadline:
                 time.sleep(0.02)
@@ -265,7 +265,7 @@ def test_a_heartbeat_that_fails_to_write_is_tried_again_at_the_next_beat(tmp_pat
 def test_a_holder_whose_lock_was_taken_over_knows_stops_beating_and_leaves_the_new_lock(tmp_path, caplog):
     lock = _lock(tmp_path, heartbeat_seconds=0.05)
     lock.acquire()
-    with caplog.at_level(logging.ERROR, logger="igpt_jax.run_lock"):
+    with caplog.at_level(logging.ERROR, logger="igpt_jax.workdir.run_lock"):
         new = _write_holder(tmp_path, host="pod-worker-7", pid=4242)
         deadline = time.time() + 10
         while not lock.lost and time.time() < deadline:
@@ -289,7 +289,7 @@ def test_release_removes_only_this_runs_lock_and_never_raises(tmp_path, monkeypa
     lock = _lock(tmp_path, heartbeat_seconds=3600)
     lock.acquire()
     monkeypatch.setattr(type(lock.path), "unlink", lambda self, missing_ok=False: 1 / 0)
-    with caplog.at_level(logging.WARNING, logger="igpt_jax.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="igpt_jax.workdir.run_lock"):
         lock.release()  # a failure to remove it is logged, never raised over why the run ended
     assert [r.getMessage() for r in caplog.records] == [
         f"could not release the workdir lock {tmp_path / 'lock.json'}: division by zero"

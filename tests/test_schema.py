@@ -8,7 +8,8 @@ import dataclasses
 
 import pytest
 
-from igpt_jax import config_checks, defaults, resume
+from igpt_jax import config_checks, defaults
+from igpt_jax.workdir import resume
 
 
 def _entry_problems(dotted: str, key, value) -> list[str]:

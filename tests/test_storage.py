@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gcs_emulator import BUCKET, free_port
 
-from igpt_jax import storage
+from igpt_jax.workdir import storage
 
 
 def test_a_failed_write_keeps_the_old_content_and_names_the_file(tmp_path, monkeypatch):

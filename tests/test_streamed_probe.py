@@ -11,8 +11,9 @@ import pytest
 from helpers import fashion_config
 from tolerances import float32_chain
 
-from igpt_jax import sharding, steps, storage
+from igpt_jax import sharding, steps
 from igpt_jax.probe import linear, protocol, streamed
+from igpt_jax.workdir import storage
 
 
 def _clustered(n: int, d: int = 64, classes: int = 10, seed: int = 0):

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from helpers import fashion_config, read_metrics
 
-from igpt_jax import checkpoint, sharding, steps, storage, train
+from igpt_jax import sharding, steps, train
 from igpt_jax.configs import igpt_l
 from igpt_jax.data import get_source, order, pipeline
+from igpt_jax.workdir import checkpoint, storage
 
 
 def _train_losses(workdir) -> dict[int, float]:

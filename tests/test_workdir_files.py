@@ -9,7 +9,8 @@ import os
 
 from helpers import fashion_config
 
-from igpt_jax import metrics, storage, tensorboard, workdir
+from igpt_jax import metrics, tensorboard
+from igpt_jax.workdir import config_file, storage
 
 
 def test_write_bytes_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -118,10 +119,10 @@ def test_metrics_writer_appends_after_the_kept_rows(tmp_path):
 
 def test_config_json_keeps_the_previous_recipe(tmp_path):
     directory = storage.path(tmp_path)
-    workdir.write_config(directory, fashion_config(total_steps=10), 0)
-    workdir.write_config(directory, fashion_config(total_steps=10), 0)  # unchanged: no history entry
+    config_file.write_config(directory, fashion_config(total_steps=10), 0)
+    config_file.write_config(directory, fashion_config(total_steps=10), 0)  # unchanged: no history entry
     assert not (tmp_path / "config_history").exists()
-    workdir.write_config(directory, fashion_config(total_steps=20), 10)
+    config_file.write_config(directory, fashion_config(total_steps=20), 10)
     assert json.loads((tmp_path / "config.json").read_text())["total_steps"] == 20
     (old,) = os.listdir(tmp_path / "config_history")
     assert old.endswith("-step10.json")

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each module the README reports a score for, with the test files that claim to guard it. A file that does not exist
 # at the measured revision is left out (and said so), so an older commit can be measured with the same table.
 GUARDS: dict[str, tuple[str, ...]] = {
-    "igpt_jax/checkpoint.py": ("tests/test_checkpoint.py", "tests/test_recovery.py"),
+    "igpt_jax/workdir/checkpoint.py": ("tests/test_checkpoint.py", "tests/test_recovery.py"),
     "igpt_jax/defaults.py": (
         "tests/test_defaults.py",
         "tests/test_config_and_cli.py",
@@ -54,12 +54,12 @@ GUARDS: dict[str, tuple[str, ...]] = {
     "igpt_jax/planning/report.py": ("tests/test_planner.py",),
     "igpt_jax/probe/linear.py": ("tests/test_probe.py", "tests/test_streamed_probe.py", "tests/test_probe_features.py"),
     "igpt_jax/probe/streamed.py": ("tests/test_streamed_probe.py", "tests/test_probe_features.py"),
-    "igpt_jax/resume.py": ("tests/test_resume_rules.py", "tests/test_resume_process.py"),
-    "igpt_jax/run_lock.py": ("tests/test_run_lock.py", "tests/test_workdir_files.py"),
+    "igpt_jax/workdir/resume.py": ("tests/test_resume_rules.py", "tests/test_resume_process.py"),
+    "igpt_jax/workdir/run_lock.py": ("tests/test_run_lock.py", "tests/test_workdir_files.py"),
     "igpt_jax/sampling.py": ("tests/test_sampling.py",),
     "igpt_jax/sharding.py": ("tests/test_sharding_rules.py", "tests/test_train.py"),
     "igpt_jax/steps.py": ("tests/test_train.py", "tests/test_steps.py"),
-    "igpt_jax/storage.py": (
+    "igpt_jax/workdir/storage.py": (
         "tests/test_storage.py",
         "tests/test_workdir_files.py",
         "tests/test_gcs_workdir.py",

@@ -51,7 +51,7 @@ def to_huggingface(workdir: str | os.PathLike, out_dir: str | os.PathLike) -> st
     palette). AR checkpoints only: Hugging Face has no BERT ImageGPT."""
     from safetensors.numpy import save as safetensors_bytes
 
-    from igpt_jax import storage
+    from igpt_jax.workdir import storage
 
     params, config, clusters = read_workdir(str(workdir))
     if not objectives.get(config.objective).left_to_right:

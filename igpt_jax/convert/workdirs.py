@@ -14,10 +14,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from igpt_jax import defaults, layout, runtime, steps, storage
+from igpt_jax import defaults, runtime, steps
 from igpt_jax import model as model_lib
-from igpt_jax import workdir as workdir_lib
 from igpt_jax.convert.common import ConversionError
+from igpt_jax.workdir import config_file, layout, storage
 
 
 def write(
@@ -49,7 +49,7 @@ def write(
     with runtime.for_training(config, path, devices, start=imported) as rt:
         if rt.step != 0:
             raise ConversionError(f"{path} already holds checkpoint {rt.step}: nothing was written")
-        workdir_lib.write_config(path, config, 0)
+        config_file.write_config(path, config, 0)
         rt.checkpointer.save(0, rt.state, rt.clusters)
         rt.checkpointer.close()
     return str(path / layout.CHECKPOINTS / "0")

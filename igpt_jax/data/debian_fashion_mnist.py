@@ -13,7 +13,7 @@ import os
 import struct
 from pathlib import Path
 
-from igpt_jax import storage
+from igpt_jax.workdir import storage
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Modification times of the upstream files (2017-08-31), from their gzip headers.

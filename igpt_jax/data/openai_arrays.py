@@ -18,8 +18,9 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from igpt_jax import palette, storage
+from igpt_jax import palette
 from igpt_jax.defaults import tokens_per_image
+from igpt_jax.workdir import storage
 
 # config.data.*_split names and OpenAI's file infixes (its run.py reads trX/vaX/teX as train, valid and test).
 SPLIT_FILES = {"train": "tr", "validation": "va", "test": "te"}

@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from igpt_jax import errors, storage
+from igpt_jax import errors
+from igpt_jax.workdir import storage
 
 log = logging.getLogger(__name__)
 

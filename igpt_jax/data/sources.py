@@ -21,9 +21,10 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
-from igpt_jax import errors, storage
+from igpt_jax import errors
 from igpt_jax.data import openai_arrays, preprocess
 from igpt_jax.defaults import tokens_per_image
+from igpt_jax.workdir import storage
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import ml_collections
 
-from igpt_jax import layout, objectives
+from igpt_jax import objectives
 from igpt_jax.data import sources
+from igpt_jax.workdir import layout
 
 
 @dataclasses.dataclass(frozen=True)

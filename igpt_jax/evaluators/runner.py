@@ -18,9 +18,10 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import config_checks, evaluators, interrupts, metrics, runtime, storage
+from igpt_jax import config_checks, evaluators, interrupts, metrics, runtime
 from igpt_jax.data import sources
 from igpt_jax.evaluators import base
+from igpt_jax.workdir import storage
 
 log = logging.getLogger(__name__)
 

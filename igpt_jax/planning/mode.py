@@ -9,9 +9,10 @@ import json
 import jax
 import ml_collections
 
-from igpt_jax import hardware, layout, metrics, run_lock, storage
+from igpt_jax import hardware, metrics
 from igpt_jax.planning import report as report_lib
 from igpt_jax.planning import search
+from igpt_jax.workdir import layout, run_lock, storage
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

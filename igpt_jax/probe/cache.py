@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import layout, storage
+from igpt_jax.workdir import layout, storage
 
 SPEC = "spec.json"
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "uint8": np.uint8}

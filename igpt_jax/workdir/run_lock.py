@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from igpt_jax import errors, layout, storage
+from igpt_jax import errors
+from igpt_jax.workdir import layout, storage
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import errors, layout, palette, resume, storage
+from igpt_jax import errors, palette
+from igpt_jax.workdir import layout, resume, storage
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import jax
 import ml_collections
 from etils import epath
 
-from igpt_jax import errors, layout, resume, storage
+from igpt_jax import errors
+from igpt_jax.workdir import layout, resume, storage
 
 
 class DamagedFileError(errors.UsageError, ValueError):
