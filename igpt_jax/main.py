@@ -216,7 +216,7 @@ class _QuietLibraries(std_logging.Filter):
     each: a failed save is reported by igpt_jax with its cause, not by 40 lines of Orbax's thread tracebacks."""
 
     # asyncio: "Task exception was never retrieved" with its traceback, for an Orbax write still in flight when a
-    # failed save was abandoned (a full disk: one run in a few)
+    # failed save (a full disk) was abandoned
     NOISY = ("orbax", "tensorstore", "etils", "absl/logging", "gcsfs", "asyncio")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
@@ -232,8 +232,8 @@ class _QuietLibraries(std_logging.Filter):
 def _quiet_closed_loops(unraisable) -> None:
     """sys.unraisablehook: after a failed save, tensorstore's writes still in flight finish in its own threads and
     call back into the asyncio loop Orbax has closed; each callback's RuntimeError has nowhere to go and Python would
-    print it as a traceback of its own (a full disk gave up to 39 of them above igpt's one line). Those go to the
-    debug log; anything else unraisable is printed as usual."""
+    print it as a traceback of its own, dozens of them above igpt's one line. Those go to the debug log; anything
+    else unraisable is printed as usual."""
     error = unraisable.exc_value
     if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
         logging.debug("after a failed save, a library callback found its event loop closed")
