@@ -16,6 +16,7 @@ import faulthandler
 import hashlib
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -26,6 +27,21 @@ import numpy as np
 from igpt_jax import errors
 
 log = logging.getLogger(__name__)
+
+# How a collective or the coordination service reports that another process of the run is gone (killed, crashed,
+# preempted): gloo's and NCCL's broken connections, the coordination service's heartbeat and barriers. An operation
+# that failed this way failed because of that process, not because of anything this one can fix.
+_LOST_PROCESS = re.compile(
+    r"Gloo \w+ failed|NCCL (error|failure)|another task died|task (has )?(died|disconnected)|"
+    r"[Bb]arrier (timed out|failed)|coordination service"
+)
+
+
+def lost_a_process(error_text: str) -> bool:
+    """True when an error's text says another process of a multi-process run is gone (no single-process error
+    speaks of gloo, NCCL, tasks or the coordination service)."""
+    return _LOST_PROCESS.search(error_text) is not None
+
 
 # Environment variables by which JAX's cluster detection recognises a multi-process launch.
 _AUTO_DETECTED = {

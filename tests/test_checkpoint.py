@@ -289,6 +289,28 @@ def test_a_failed_save_is_reported_by_the_next_check_naming_the_step_the_cause_a
     assert sorted(s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == ["10"]  # 20 never finalized
 
 
+def test_a_save_another_process_broke_off_says_so_instead_of_blaming_the_storage(tmp_path, setup, state, monkeypatch):
+    """A peer killed during a multi-process save breaks Orbax's collective on the survivor; its way on is to relaunch
+    every process, not to fix a storage that did nothing wrong."""
+    ckpt = _saved(tmp_path, setup, state, at=(10,))
+
+    def peer_gone(*args, **kwargs):
+        raise RuntimeError(
+            "UNKNOWN: Gloo AllGather failed: [external/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by peer "
+            "[127.0.0.1]:14730"
+        )
+
+    monkeypatch.setattr(ckpt.manager, "save", peer_gone)
+    with pytest.raises(checkpoint.CheckpointSaveError) as error:
+        ckpt.save(20, _at(state, 20, setup), CLUSTERS)
+    message = str(error.value)
+    assert "Gloo AllGather failed" in message and "storage" not in message
+    assert message.endswith(
+        ". Stopped; checkpoint 10 is intact. Another process of the run stopped during the save (its own log says "
+        "why); relaunch every process with the same command to resume from the newest checkpoint."
+    )
+
+
 def test_nothing_is_pending_before_a_save_and_a_save_in_flight_is_left_alone(tmp_path, setup, state):
     ckpt = checkpoint.Checkpointer(storage.path(tmp_path), setup.config)
     ckpt.check_saves()  # nothing saved yet

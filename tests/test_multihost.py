@@ -135,7 +135,9 @@ def test_a_dead_process_stops_the_other_within_the_timeout(tmp_path):
     print(f"survivor exited with {returncode} {took:.1f}s after its peer was killed (heartbeat {heartbeat}s)")
     assert returncode != 0
     assert took < heartbeat + 15
-    assert "another task died" in (tmp_path / "p0.log").read_text()
+    # the heartbeat's report, or the checkpoint save the peer broke off (when it was killed during one) saying so
+    log = (tmp_path / "p0.log").read_text()
+    assert "another task died" in log or "Another process of the run stopped during the save" in log, log[-2000:]
 
 
 def test_processes_running_different_programs_stop_with_a_message(tmp_path):

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax import errors, palette
+from igpt_jax import distributed, errors, palette
 from igpt_jax.workdir import layout, resume, storage
 
 log = logging.getLogger(__name__)
@@ -196,9 +196,15 @@ class Checkpointer:
             saved = None
         kept = _intact(saved)
         why = cause(error) if error is not None else "Orbax did not finalize it (see its log above)"
+        if error is not None and distributed.lost_a_process(" ".join(map(str, _chain(error)))):
+            way_on = (
+                "Another process of the run stopped during the save (its own log says why); relaunch every process "
+                "with the same command to resume from the newest checkpoint."
+            )
+        else:
+            way_on = "Fix the storage and relaunch the same command to resume from the newest one."
         return CheckpointSaveError(
-            f"saving checkpoint {step} to {self.directory / str(step)} failed: {why}. Stopped; {kept}. "
-            "Fix the storage and relaunch the same command to resume from the newest one."
+            f"saving checkpoint {step} to {self.directory / str(step)} failed: {why}. Stopped; {kept}. {way_on}"
         )
 
     def close(self) -> None:
