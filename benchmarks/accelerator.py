@@ -21,8 +21,9 @@ adds Hugging Face's side of the sampling comparison when it sees the same kind o
 2-core CPU, with every field present. Records the load average before and after: a busy host slows PyTorch more than
 XLA and so flatters the ratio.
 
-Usage: python benchmarks/accelerator.py [--quick] [--steps 10] [--repeats 10] [--out results.json] [--markdown t.md]
-Prints one JSON object.
+Usage: python benchmarks/accelerator.py [--quick] [--parts train,attention,sampling] [--steps 10] [--repeats 10]
+[--out results.json] [--markdown t.md]. Prints one JSON object; --out is also written after each case (`complete`
+false until the end), so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -286,16 +288,9 @@ def sampling_case(shape: Shape, rounds: int, platform_name: str) -> dict:
     return row | {"ratio_ours_over_hugging_face": images_per_sec["ours"] / images_per_sec["hugging_face"]}
 
 
-def markdown(result: dict) -> str:
-    """The README's table: train rows, the attention crossover, sampling."""
-    d = result["device"]
-    lines = [
-        f"{d['device_kind']} x {d['count']} ({d['platform']}), {result['date']}, jax {result['versions']['jax']}",
-        "",
-        "| model | kernel | batch | step | tokens/s | MFU |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in result["train"]:
+def _train_table(rows: list[dict]) -> list[str]:
+    lines = ["| model | kernel | batch | step | tokens/s | MFU |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['kernel']} | {r['batch']} | {r['error'][:60]} | | |")
         else:
@@ -303,37 +298,54 @@ def markdown(result: dict) -> str:
                 f"| {r['model']} | {r['ran']} | {r['batch']} | {1e3 * r['seconds_per_step']:.1f} ms | "
                 f"{r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f}% |"
             )
-    a = result["attention"]
+    return lines
+
+
+def _attention_table(a: dict) -> list[str]:
     names = list(a["ms"])
-    lines += ["", "| tokens | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    lines = ["| tokens | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
     for length in a["lengths"]:
         cells = [a["ms"][n][length] for n in names]
         lines.append(
             f"| {length:,} | " + " | ".join(f"{c:.2f} ms" if isinstance(c, float) else "-" for c in cells) + " |"
         )
-    s = result["sampling"]
+    return lines
+
+
+def _sampling_line(s: dict) -> list[str]:
     ratio = s.get("ratio_ours_over_hugging_face")
-    lines += [
-        "",
+    return [
         f"Sampling {s['model']}, {s['batch']} images of {s['tokens_per_image']} tokens ({s['dtype']}): "
         + ", ".join(f"{k} {v:.2f} images/s" for k, v in s["images_per_sec"].items())
-        + (f" ({ratio:.1f}x)" if ratio else f" (Hugging Face: {s['hugging_face']})"),
+        + (f" ({ratio:.1f}x)" if ratio else f" (Hugging Face: {s['hugging_face']})")
     ]
+
+
+SECTIONS = {"train": _train_table, "attention": _attention_table, "sampling": _sampling_line}
+
+
+def markdown(result: dict) -> str:
+    """The README's table: the device, then each part measured (train rows, the attention crossover, sampling)."""
+    d = result["device"]
+    lines = [f"{d['device_kind']} x {d['count']} ({d['platform']}), {result['date']}, jax {result['versions']['jax']}"]
+    for part, section in SECTIONS.items():
+        if part in result:
+            lines += ["", *section(result[part])]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, every field: a check of the script")
-    parser.add_argument("--steps", type=int, default=10, help="timed train steps per model and kernel")
-    parser.add_argument("--repeats", type=int, default=10, help="timed attention calls per kernel and length")
-    parser.add_argument("--rounds", type=int, default=2, help="timed sampling rounds per side")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--markdown", default=None, help="also write the README's table here")
-    args = parser.parse_args()
+PARTS = tuple(SECTIONS)  # measured in this order
+
+
+def write_progress(result: dict, out: str | None) -> None:
+    """The result so far to --out (`complete` false): a run cut short by a time limit keeps what it measured."""
+    if out:
+        Path(out).write_text(json.dumps(result | {"complete": False}, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The parts asked for, in order, each case written to --out as it ends."""
     plan = QUICK if args.quick else FULL
-    if args.quick:
-        args.steps, args.repeats, args.rounds = min(args.steps, 2), min(args.repeats, 3), 1
     load_before = os.getloadavg()
     start = time.perf_counter()
     device = jax.devices()[0]
@@ -343,6 +355,7 @@ def main() -> None:
     result = {
         "benchmark": "accelerator",
         "quick": args.quick,
+        "parts": list(args.parts),
         "date": datetime.date.today().isoformat(),
         "device": {"platform": platform_name, "device_kind": device.device_kind, "count": jax.device_count()},
         "peak_flops": peak,
@@ -351,17 +364,50 @@ def main() -> None:
         "auto_now": {
             str(length): attention.resolve("auto", platform_name, 1, length, jnp.bfloat16) for length in plan["lengths"]
         },
-        "train": [train_case(shape, kernel, args.steps, peak) for shape in plan["train"] for kernel in names],
-        "attention": attention_case(names, plan["lengths"], plan["attention_tokens"], args.repeats),
-        "sampling": sampling_case(plan["sampling"], args.rounds, platform_name),
+        "versions": _versions(),
     }
-    result |= {
+    if "train" in args.parts:
+        result["train"] = []
+        for shape in plan["train"]:
+            for kernel in names:
+                result["train"].append(train_case(shape, kernel, args.steps, peak))
+                write_progress(result, args.out)
+    if "attention" in args.parts:
+        result["attention"] = attention_case(names, plan["lengths"], plan["attention_tokens"], args.repeats)
+        write_progress(result, args.out)
+    if "sampling" in args.parts:
+        result["sampling"] = sampling_case(plan["sampling"], args.rounds, platform_name)
+    return result | {
+        "complete": True,
         "seconds": time.perf_counter() - start,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "cpu_count": os.cpu_count(),
-        "versions": _versions(),
     }
+
+
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, every field: a check of the script")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"which to measure, in this order: {', '.join(PARTS)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per model and kernel")
+    parser.add_argument("--repeats", type=int, default=10, help="timed attention calls per kernel and length")
+    parser.add_argument("--rounds", type=int, default=2, help="timed sampling rounds per side")
+    parser.add_argument("--out", default=None, help="the JSON, written after each case as well as at the end")
+    parser.add_argument("--markdown", default=None, help="also write the README's table here")
+    args = parser.parse_args(argv)
+    args.parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; allowed: {', '.join(PARTS)}")
+    if args.quick:
+        args.steps, args.repeats, args.rounds = min(args.steps, 2), min(args.repeats, 3), 1
+    return args
+
+
+def main() -> None:
+    args = arguments()
+    result = run(args)
     if args.markdown:
         Path(args.markdown).write_text(markdown(result))
     report.emit(result, args.out)

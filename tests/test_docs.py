@@ -9,6 +9,7 @@ parsed and their config checked here, as igpt would before running them (RUN_BY 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -410,7 +411,8 @@ def test_the_accelerator_benchmark_runs_quick_without_tensorflow(tmp_path):
     out = tmp_path / "accelerator.json"
     _ok(run_doc(command("benchmarks/accelerator.py"), here, "--quick", "--out", str(out), env=env))
     result = json.loads(out.read_text())
-    assert result["quick"] and result["device"]["platform"] == "cpu" and result["kernels"] == ["xla", "blockwise"]
+    assert result["quick"] and result["complete"] and result["parts"] == ["train", "attention", "sampling"]
+    assert result["device"]["platform"] == "cpu" and result["kernels"] == ["xla", "blockwise"]
     assert [(r["model"].split()[0], r["kernel"]) for r in result["train"]] == [
         (model, kernel) for model in ("igpt_s", "igpt_m") for kernel in ("xla", "blockwise")
     ]
@@ -421,6 +423,43 @@ def test_the_accelerator_benchmark_runs_quick_without_tensorflow(tmp_path):
     sampling = result["sampling"]
     assert min(sampling["images_per_sec"].values()) > 0 and sampling["ratio_ours_over_hugging_face"] > 0
     assert (here / "accelerator.md").read_text().startswith("cpu x 1 (cpu)")
+
+
+def _accelerator_benchmark(monkeypatch):
+    spec = importlib.util.spec_from_file_location("accelerator_benchmark", ROOT / "benchmarks" / "accelerator.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_accelerator_run_cut_short_keeps_every_case_it_finished(tmp_path, monkeypatch):
+    """Device time is lent by the minute: a run stopped by its time limit (here, during the attention part) leaves
+    --out holding each train case measured so far, marked incomplete; --parts picks what to measure."""
+    bench = _accelerator_benchmark(monkeypatch)
+    out = tmp_path / "accelerator.json"
+    measured = []
+
+    def train_case(shape, kernel, n_steps, peak):
+        on_disk = json.loads(out.read_text())["train"] if out.exists() else []
+        assert on_disk == measured  # every case before this one is already written
+        row = {"model": shape.name, "kernel": kernel, "ran": kernel, "batch": 8, "seconds_per_step": 0.01}
+        measured.append(row | {"tokens_per_sec": 1e4, "mfu": 0.5})
+        return measured[-1]
+
+    def cut_short(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "train_case", train_case)
+    monkeypatch.setattr(bench, "attention_case", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(bench.arguments(["--quick", "--parts=train,attention", "--out", str(out)]))
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["parts"] == ["train", "attention"]
+    assert result["train"] == measured and len(measured) == 2 * len(bench.kernels("cpu")) and "attention" not in result
+    assert bench.markdown(result).count("\n| igpt_") == len(measured)  # a table of what there is
+    with pytest.raises(SystemExit):
+        bench.arguments(["--parts=train,speed"])
 
 
 @pytest.mark.slow  # about a minute: mutmut's clean run of the guarding tests, then two mutants
