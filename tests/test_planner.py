@@ -17,7 +17,7 @@ import pytest
 from helpers import override, read_metrics, run_main, tiny_config
 
 from igpt_jax import hardware, metrics
-from igpt_jax.planning import compiled, mode
+from igpt_jax.planning import compiled, mode, search
 from igpt_jax.planning import report as report_lib
 from igpt_jax.workdir import layout
 
@@ -170,6 +170,23 @@ def test_the_search_finds_the_remat_policy_that_makes_it_fit(tmp_path):
     assert (
         "search 2/2: remat=full microbatches=1 mesh=fsdp: " in result.stderr and ", fits (compiled in " in result.stderr
     )
+
+
+def test_the_search_takes_the_reports_compile_for_the_configured_setting(monkeypatch):
+    """The search's setting that is the configuration itself is not compiled again (minutes for a large model): the
+    report's three compiles (memory, the 1- and 2-layer costs) and one for the other setting, and the two give the
+    configured setting the same memory."""
+    config = override(tiny_config(image_size=8), batch_size=16, data__dataset="synthetic", model__attention="xla")
+    config.compile.update(topology="v5p:2x2x1", search_remat="none,full", search_microbatches="1", search_meshes="fsdp")
+    compiles = []
+    compile_step = compiled.compile_step
+    monkeypatch.setattr(compiled, "compile_step", lambda t: compiles.append(t.config.model.remat) or compile_step(t))
+    report = report_lib.plan(config)
+    devices = hardware.topology_devices("v5p:2x2x1")
+    rows = {r["remat"]: r for r in search.search(config, devices, configured=report)}
+    assert sorted(compiles) == ["full", "none", "none", "none"]
+    assert rows["none"]["gib_per_device"] * hardware.GIB == report["bytes_per_device"]["total"]
+    assert rows["full"]["gib_per_device"] != rows["none"]["gib_per_device"]
 
 
 V5P_PEAK, V5P_BANDWIDTH, V5P_HBM = 459e12, 2765e9, 95 * 2**30  # Google's v5p figures: bf16 dense, HBM bytes/s, GiB

@@ -7,6 +7,7 @@ compiles of the same step, 1 and 2 layers on one microbatch: cost = c1 + (L - 1)
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -66,6 +67,16 @@ def cost(compiled) -> tuple[float, float]:
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
+
+
+def same_program(a: Target, b: Target) -> bool:
+    """Whether two targets compile to the same program: the same config over the same mesh of the same devices."""
+
+    def program(t: Target) -> str:
+        mesh = {"axes": dict(t.mesh.shape), "devices": [str(d) for d in t.mesh.devices.flat]}
+        return json.dumps({"config": t.config.to_dict(), "mesh": mesh}, sort_keys=True, default=str)
+
+    return program(a) == program(b)
 
 
 def memory(t: Target):

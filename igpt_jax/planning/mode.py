@@ -25,7 +25,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         report = report_lib.plan(config)
         if config.compile.search:
             devices = hardware.topology_devices(config.compile.topology, config.compile.num_slices)
-            report["search"] = search.search(config, devices)
+            report["search"] = search.search(config, devices, configured=report)
         if jax.process_index() == 0:
             storage.write_text(directory / layout.COMPILE_REPORT, json.dumps(report, indent=2) + "\n")
             row = {k: v for k, v in report_lib.flat(report).items() if k != "search"}
