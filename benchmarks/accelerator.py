@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -339,8 +338,7 @@ PARTS = tuple(SECTIONS)  # measured in this order
 
 def write_progress(result: dict, out: str | None) -> None:
     """The result so far to --out (`complete` false): a run cut short by a time limit keeps what it measured."""
-    if out:
-        Path(out).write_text(json.dumps(result | {"complete": False}, indent=2) + "\n")
+    report.write(result | {"complete": False}, out)
 
 
 def run(args: argparse.Namespace) -> dict:

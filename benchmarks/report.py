@@ -7,7 +7,11 @@ from pathlib import Path
 
 
 def emit(result: dict, out: str | None) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
+    write(result, out)
+
+
+def write(result: dict, out: str | None) -> None:
+    """The JSON to --out, when given (also a long benchmark's result so far)."""
     if out:
-        Path(out).write_text(text + "\n")
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
