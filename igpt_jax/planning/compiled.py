@@ -71,12 +71,12 @@ def cost(compiled) -> tuple[float, float]:
 
 def same_program(a: Target, b: Target) -> bool:
     """Whether two targets compile to the same program: the same config over the same mesh of the same devices."""
+    return _program(a) == _program(b)
 
-    def program(t: Target) -> str:
-        mesh = {"axes": dict(t.mesh.shape), "devices": [str(d) for d in t.mesh.devices.flat]}
-        return json.dumps({"config": t.config.to_dict(), "mesh": mesh}, sort_keys=True, default=str)
 
-    return program(a) == program(b)
+def _program(t: Target) -> str:
+    mesh = {"axes": dict(t.mesh.shape), "devices": [str(d) for d in t.mesh.devices.flat]}
+    return json.dumps({"config": t.config.to_dict(), "mesh": mesh}, sort_keys=True, default=str)
 
 
 def memory(t: Target):
